@@ -1,0 +1,3 @@
+from longva_cli.cli import main
+
+main()

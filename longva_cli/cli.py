@@ -1,0 +1,70 @@
+"""The `longva` executable: a Typer app whose commands live one per module.
+
+Each module exposes `command`, a thin Typer function that parses and validates its
+arguments and then calls a plain Python function of the same module. Heavy libraries
+(torch, transformers) are imported inside those functions so `longva --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+
+import typer
+
+from longva_cli import __version__
+from longva_cli import ask, download, recipes_cmd
+from longva_cli.errors import LongVAError
+
+app = typer.Typer(
+    name="longva",
+    help="LongVA: ask questions about hour-long videos, run V-NIAH, train and serve long-context video models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"longva {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """LongVA: ask questions about hour-long videos, run V-NIAH, train and serve long-context video models."""
+
+
+app.command("ask", no_args_is_help=True)(ask.command)
+app.command("download")(download.command)
+app.add_typer(recipes_cmd.app, name="recipes")
+
+
+def fail(message: str, code: int = 1) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main() -> None:
+    """Run the CLI; user-facing errors become one line on stderr and a non-zero exit."""
+    try:
+        app()
+    except LongVAError as err:
+        fail(str(err), err.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted; finished work was kept, run the same command again to continue.", 130)
+    except MemoryError:
+        fail("out of memory; use fewer frames, a smaller --prefill-chunk, or a machine with more memory.")
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            fail("the disk is full; free some space (finished results were kept) and run the command again.")
+        if err.errno == errno.EPIPE:
+            sys.exit(0)  # the reader of our stdout went away (e.g. `| head`): not an error
+        where = f" ({err.filename})" if err.filename else ""
+        fail(f"{err.strerror or err}{where}.")

@@ -1,0 +1,235 @@
+"""Reading and writing checkpoints in the hub layout of `lmms-lab/LongVA-7B`.
+
+One set of sharded safetensors holds all three parts under the original key names:
+
+    model.embed_tokens / model.layers.{i}.* / model.norm / lm_head   Qwen2, as transformers names it
+    model.mm_projector.{0,2}.{weight,bias}                            the projector
+    model.vision_tower.vision_tower.vision_model.*                    CLIP's vision model
+
+transformers loads the language model and the tower from those files itself (so sharding,
+dtype, device maps and quantisation are its own, well-tested code); we only say which keys
+belong to which part. Loading is strict: a missing key is an error, never a random weight.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionModel, Qwen2ForCausalLM
+
+from longva_cli.errors import LongVAError
+from longva_cli.model.config import (
+    MultimodalConfig,
+    language_config,
+    multimodal_config,
+    read_config,
+    vision_settings,
+)
+from longva_cli.model.modeling import LongVAForCausalLM, build_projector
+
+TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
+PROJECTOR_PREFIX = "model.mm_projector."
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class _LanguageModel(Qwen2ForCausalLM):
+    # The projector and tower share the files; they are loaded separately below.
+    _keys_to_ignore_on_load_unexpected = [r"^model\.mm_projector\.", r"^model\.vision_tower\."]
+
+
+class _VisionTower(CLIPVisionModel):
+    # After the key mapping, everything still under model./lm_head belongs to the other parts.
+    _keys_to_ignore_on_load_unexpected = [r"^model\.", r"^lm_head\."]
+
+
+def weight_map(folder: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file, from the index or the single file."""
+    folder = Path(folder)
+    if (folder / INDEX_FILE).is_file():
+        return json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+    if (folder / SINGLE_FILE).is_file():
+        from safetensors import safe_open
+
+        with safe_open(folder / SINGLE_FILE, framework="pt") as f:
+            return {key: SINGLE_FILE for key in f.keys()}
+    if list(folder.glob("*.bin")):
+        raise LongVAError(f"{folder} holds PyTorch .bin weights; LongVA checkpoints are safetensors: re-download or convert it.")
+    raise LongVAError(f"{folder} has no weights ({SINGLE_FILE} or {INDEX_FILE}); the download may be incomplete: run `longva download` again.")
+
+
+def missing_files(folder: Path) -> list[str]:
+    """What a LongVA checkpoint folder lacks among config, weights and tokenizer files."""
+    folder = Path(folder)
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if (folder / INDEX_FILE).is_file():
+        index = json.loads((folder / INDEX_FILE).read_text())
+        missing += sorted({f for f in index["weight_map"].values() if not (folder / f).is_file()})
+    elif not (folder / SINGLE_FILE).is_file():
+        missing.append(f"{SINGLE_FILE} or {INDEX_FILE}")
+    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
+        missing.append("tokenizer.json (or vocab.json + merges.txt)")
+    if not (folder / "tokenizer_config.json").is_file():
+        missing.append("tokenizer_config.json")
+    return missing
+
+
+def _read_tensors(folder: Path, files: dict[str, str], prefix: str) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    tensors = {}
+    for name in sorted(set(files[k] for k in files if k.startswith(prefix))):
+        with safe_open(Path(folder) / name, framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefix):
+                    tensors[key.removeprefix(prefix)] = f.get_tensor(key)
+    return tensors
+
+
+def _strict(part: str, folder: Path, info: dict) -> None:
+    if info["missing_keys"] or info["mismatched_keys"]:
+        bad = sorted(info["missing_keys"]) or sorted(str(k) for k in info["mismatched_keys"])
+        raise LongVAError(
+            f"{folder} does not match the LongVA layout: the {part} weights lack or mis-shape {len(bad)} tensors (first: {bad[0]})."
+        )
+
+
+def load_longva(
+    folder: Path,
+    *,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    device: torch.device | str = "cpu",
+    device_map: str | dict | None = None,
+    quantization_config=None,
+) -> LongVAForCausalLM:
+    """The LongVA model in a checkpoint folder, strictly loaded, ready for inference."""
+    from transformers.utils import logging as transformers_logging
+
+    # transformers warns that a `llava_qwen` config feeds a Qwen2/CLIP class: that is the design.
+    transformers_logging.set_verbosity_error()
+    folder = Path(folder)
+    raw = read_config(folder)
+    mm = multimodal_config(raw)
+    vision_config, _ = vision_settings(mm)
+    files = weight_map(folder)
+    absent = sorted({f for f in files.values() if not (folder / f).is_file()})
+    if absent:
+        raise LongVAError(f"{folder} lacks the weight file {absent[0]}; run `longva download` again to complete it.")
+
+    language_model, info = _LanguageModel.from_pretrained(
+        folder,
+        config=language_config(raw),
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        device_map=device_map if device_map is not None else device,
+        quantization_config=quantization_config,
+        output_loading_info=True,
+    )
+    _strict("language model", folder, info)
+    home = language_model.get_input_embeddings().weight.device
+
+    # Flash-attention is for the long text sequence; the tower's 577-token images gain nothing.
+    tower_attn = "sdpa" if attn_implementation == "flash_attention_2" else attn_implementation
+    if any(k.startswith(TOWER_PREFIX) for k in files):
+        vision_tower, info = _VisionTower.from_pretrained(
+            folder,
+            config=vision_config,
+            key_mapping={"^" + TOWER_PREFIX.replace(".", r"\."): ""},
+            dtype=dtype,
+            attn_implementation=tower_attn,
+            device_map=home,
+            output_loading_info=True,
+        )
+        _strict("vision tower", folder, info)
+    else:
+        # A checkpoint that froze its tower may leave it out: take it from mm_vision_tower.
+        vision_tower = _load_separate_tower(mm, dtype, tower_attn, home)
+
+    projector = build_projector(mm, language_model.config.hidden_size)
+    state = _read_tensors(folder, files, PROJECTOR_PREFIX)
+    try:
+        projector.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise LongVAError(
+            f"{folder} does not match the LongVA layout: the projector weights ({PROJECTOR_PREFIX}*) are missing or mis-shaped."
+        ) from None
+    projector.to(device=home, dtype=dtype)
+
+    model = LongVAForCausalLM(language_model, vision_tower, projector, mm)
+    return model.eval()
+
+
+def _load_separate_tower(mm: MultimodalConfig, dtype, attn_implementation, device) -> CLIPVisionModel:
+    from huggingface_hub import snapshot_download
+
+    source = Path(mm.vision_tower).expanduser()
+    if not source.is_dir():
+        try:
+            source = Path(snapshot_download(mm.vision_tower, local_files_only=True))
+        except Exception:  # noqa: BLE001
+            raise LongVAError(
+                f"the checkpoint has no vision tower weights and {mm.vision_tower} is not downloaded; run `longva download {mm.vision_tower}`."
+            ) from None
+    return CLIPVisionModel.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, device_map=device)
+
+
+def build_longva(language_config_, vision_config, mm: MultimodalConfig, attn_implementation: str = "sdpa") -> LongVAForCausalLM:
+    """A randomly initialised LongVA from configs (for tiny test models and fresh training)."""
+    import copy
+
+    language_model = Qwen2ForCausalLM._from_config(copy.deepcopy(language_config_), attn_implementation=attn_implementation)
+    vision_tower = CLIPVisionModel._from_config(copy.deepcopy(vision_config), attn_implementation=attn_implementation)
+    projector = build_projector(mm, language_config_.hidden_size)
+    return LongVAForCausalLM(language_model, vision_tower, projector, mm)
+
+
+def hub_config_fields(mm: MultimodalConfig) -> dict:
+    """The `mm_*` fields of config.json, named as the original writes them."""
+    return {
+        "mm_vision_tower": mm.vision_tower,
+        "mm_hidden_size": mm.mm_hidden_size,
+        "mm_projector_type": mm.projector_type,
+        "mm_vision_select_layer": mm.select_layer,
+        "mm_vision_select_feature": mm.select_feature,
+        "mm_patch_merge_type": mm.patch_merge_type,
+        "image_aspect_ratio": mm.image_aspect_ratio,
+        "image_grid_pinpoints": [list(p) for p in mm.image_grid_pinpoints],
+        "mm_spatial_pool_stride": mm.pool_stride,
+        "mm_spatial_pool_mode": mm.pool_mode,
+        "mm_tunable_parts": mm.tunable_parts,
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "tokenizer_model_max_length": mm.tokenizer_model_max_length,
+        "tokenizer_padding_side": "right",
+        **mm.extra,
+    }
+
+
+def hub_state_dict(model: LongVAForCausalLM) -> dict[str, torch.Tensor]:
+    """All weights under the original key names."""
+    state = dict(model.language_model.state_dict())
+    state.update({PROJECTOR_PREFIX + k: v for k, v in model.mm_projector.state_dict().items()})
+    state.update({TOWER_PREFIX + k.removeprefix("vision_model."): v for k, v in model.vision_tower.state_dict().items()})
+    return state
+
+
+def save_longva(model: LongVAForCausalLM, tokenizer, folder: Path, max_shard_size: str | int = "5GB") -> None:
+    """Write a checkpoint that `load_longva` and the original LLaVA-NeXT code both load."""
+    from huggingface_hub import save_torch_state_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in hub_state_dict(model).items()}
+    save_torch_state_dict(state, folder, max_shard_size=max_shard_size)
+    config = model.language_model.config.to_dict()
+    config.update(hub_config_fields(model.mm))
+    config.update(model_type="llava_qwen", architectures=["LlavaQwenForCausalLM"])
+    config.pop("_name_or_path", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)

@@ -1,0 +1,187 @@
+"""Reading a LongVA `config.json` (`model_type: llava_qwen`) into the three parts it describes.
+
+The hub config is Qwen2's config with LLaVA's `mm_*` fields added. The CLIP tower's own
+config and image-processor settings are not in it: the original fetched them from the hub id
+in `mm_vision_tower`. We read them from there when that folder is at hand, and otherwise use
+the built-in values of `openai/clip-vit-large-patch14-336`, so a checkpoint folder alone
+suffices offline.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from longva_cli.errors import LongVAError
+
+CLIP_L_336 = "openai/clip-vit-large-patch14-336"
+
+# openai/clip-vit-large-patch14-336, vision half of its config.json.
+CLIP_L_336_VISION = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    num_channels=3,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=768,
+)
+
+
+@dataclass(frozen=True)
+class ImageProcessing:
+    """CLIP's preprocessing: shortest edge -> `resize`, centre crop `crop`, then normalise."""
+
+    resize: int = 336
+    crop: int = 336
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @property
+    def mean_color(self) -> tuple[int, int, int]:
+        """The pad colour of `expand2square`: the mean as 0-255 ints, (122, 116, 104) for CLIP."""
+        return tuple(int(m * 255) for m in self.mean)
+
+
+@dataclass(frozen=True)
+class MultimodalConfig:
+    """The `mm_*` fields of a LongVA config that the inference path uses."""
+
+    vision_tower: str = CLIP_L_336
+    mm_hidden_size: int = 1024
+    projector_type: str = "mlp2x_gelu"
+    select_layer: int = -2
+    select_feature: str = "patch"
+    patch_merge_type: str = "unires"
+    image_aspect_ratio: str = "anyres"
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+    pool_stride: int = 2
+    pool_mode: str = "average"
+    tokenizer_model_max_length: int | None = None
+    tunable_parts: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def projector_depth(self) -> int:
+        if self.projector_type == "linear":
+            return 1
+        match = re.fullmatch(r"mlp(\d+)x_gelu", self.projector_type)
+        if not match:
+            raise LongVAError(
+                f"projector type {self.projector_type!r} is not supported; LongVA uses mlp2x_gelu (linear and mlpNx_gelu also load)."
+            )
+        return int(match.group(1))
+
+
+def parse_pinpoints(value, patch: int = 336) -> tuple[tuple[int, int], ...]:
+    """`[[w, h], ...]`, or LLaVA-NeXT's range string "(1x1),...,(6x6)" expanded to pixel sizes."""
+    if isinstance(value, str):
+        grids = re.findall(r"\((\d+)x(\d+)\)", value)
+        if len(grids) != 2:
+            raise LongVAError(f"image_grid_pinpoints {value!r} is neither a list of sizes nor a range like (1x1),...,(6x6).")
+        (w0, h0), (w1, h1) = [(int(a), int(b)) for a, b in grids]
+        return tuple((i * patch, j * patch) for i in range(w0, w1 + 1) for j in range(h0, h1 + 1))
+    return tuple((int(w), int(h)) for w, h in value)
+
+
+def read_config(folder: Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise LongVAError(f"{folder} is not a LongVA checkpoint: it has no config.json.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LongVAError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); re-download the checkpoint.") from None
+
+
+def multimodal_config(raw: dict) -> MultimodalConfig:
+    """The multimodal settings of a config dict, checked against what this implementation supports."""
+    if "mm_vision_tower" not in raw and "mm_hidden_size" not in raw:
+        kind = raw.get("model_type", "unknown")
+        raise LongVAError(
+            f"this checkpoint (model_type {kind}) has no vision tower settings (mm_vision_tower); it is a text-only model, not LongVA."
+        )
+    defaults = MultimodalConfig()
+    known = {
+        "mm_vision_tower", "mm_hidden_size", "mm_projector_type", "mm_vision_select_layer",
+        "mm_vision_select_feature", "mm_patch_merge_type", "image_aspect_ratio", "image_grid_pinpoints",
+        "mm_spatial_pool_stride", "mm_spatial_pool_mode", "tokenizer_model_max_length", "mm_tunable_parts",
+    }
+    mm = MultimodalConfig(
+        vision_tower=raw.get("mm_vision_tower") or defaults.vision_tower,
+        mm_hidden_size=raw.get("mm_hidden_size", defaults.mm_hidden_size),
+        projector_type=raw.get("mm_projector_type") or defaults.projector_type,
+        select_layer=raw.get("mm_vision_select_layer", defaults.select_layer),
+        select_feature=raw.get("mm_vision_select_feature") or defaults.select_feature,
+        patch_merge_type=raw.get("mm_patch_merge_type") or defaults.patch_merge_type,
+        image_aspect_ratio=raw.get("image_aspect_ratio") or defaults.image_aspect_ratio,
+        image_grid_pinpoints=parse_pinpoints(raw["image_grid_pinpoints"]) if raw.get("image_grid_pinpoints") else defaults.image_grid_pinpoints,
+        pool_stride=raw.get("mm_spatial_pool_stride") or defaults.pool_stride,
+        pool_mode=raw.get("mm_spatial_pool_mode") or defaults.pool_mode,
+        tokenizer_model_max_length=raw.get("tokenizer_model_max_length"),
+        tunable_parts=raw.get("mm_tunable_parts") or "",
+        extra={k: v for k, v in raw.items() if k.startswith("mm_") and k not in known},
+    )
+    mm.projector_depth  # noqa: B018 - raises early for an unsupported projector
+    if mm.select_feature != "patch":
+        raise LongVAError(f"mm_vision_select_feature {mm.select_feature!r} is not supported; LongVA pools the 24x24 patch grid (\"patch\").")
+    if mm.pool_mode not in ("average", "max"):
+        raise LongVAError(f"mm_spatial_pool_mode {mm.pool_mode!r} is not supported; use average (LongVA) or max.")
+    return mm
+
+
+def language_config(raw: dict):
+    """Qwen2's config from the checkpoint's config dict (unknown LLaVA keys are kept as attributes)."""
+    from transformers import Qwen2Config
+
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
+    return Qwen2Config(**fields)
+
+
+def _tower_folder(tower: str) -> Path | None:
+    """The local folder holding the tower's config: a path, or the hub cache's snapshot of an id."""
+    path = Path(tower).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", tower):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(tower, local_files_only=True, allow_patterns=["*.json"]))
+        except Exception:  # noqa: BLE001 - any miss in the cache means "not at hand"
+            return None
+    return None
+
+
+def vision_settings(mm: MultimodalConfig) -> tuple["CLIPVisionConfig", ImageProcessing]:  # noqa: F821
+    """The CLIP vision config and preprocessing for `mm_vision_tower`, offline when need be."""
+    from transformers import CLIPVisionConfig
+
+    folder = _tower_folder(mm.vision_tower)
+    if folder is None:
+        # Checkpoints trained elsewhere often name the tower by a path on the trainer's disk;
+        # the basename still says which CLIP it is.
+        if Path(mm.vision_tower).name != Path(CLIP_L_336).name:
+            raise LongVAError(
+                f"the vision tower {mm.vision_tower} named in config.json is not available offline; run `longva download {mm.vision_tower}` or fix mm_vision_tower."
+            )
+        return CLIPVisionConfig(**CLIP_L_336_VISION), ImageProcessing()
+    raw = json.loads((folder / "config.json").read_text())
+    vision = CLIPVisionConfig(**raw.get("vision_config", raw))
+    processing = ImageProcessing()
+    preprocessor = folder / "preprocessor_config.json"
+    if preprocessor.is_file():
+        pre = json.loads(preprocessor.read_text())
+        size, crop = pre.get("size", 336), pre.get("crop_size", 336)
+        processing = ImageProcessing(
+            resize=size["shortest_edge"] if isinstance(size, dict) else int(size),
+            crop=crop["height"] if isinstance(crop, dict) else int(crop),
+            mean=tuple(pre.get("image_mean", processing.mean)),
+            std=tuple(pre.get("image_std", processing.std)),
+        )
+    return vision, processing

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+# Tests never reach the hub: a lookup that would download must fail at once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from media import write_image, write_video  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random LongVA checkpoint in the exact hub layout (sharded safetensors, real key names)."""
+    from longva_cli.model.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny-longva")
+
+
+@pytest.fixture(scope="session")
+def tiny_longva(tiny_checkpoint):
+    from longva_cli.model.longva import LongVA
+
+    return LongVA.from_pretrained(str(tiny_checkpoint), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def video_file(tmp_path_factory) -> Path:
+    return write_video(tmp_path_factory.mktemp("media") / "clip.mp4", frames=30)
+
+
+@pytest.fixture(scope="session")
+def image_file(tmp_path_factory) -> Path:
+    return write_image(tmp_path_factory.mktemp("media") / "photo.png")
