@@ -9,8 +9,7 @@ import typer
 
 from longva_cli.console import progress, stderr
 from longva_cli.errors import LongVAError
-
-DEFAULT_MODEL = "lmms-lab/LongVA-7B-DPO"
+from longva_cli.hub import DEFAULT_MODEL
 
 
 def check_media(path: Path) -> str:
@@ -43,7 +42,7 @@ def ask(
     device_map: str | None = None,
     quantize: str | None = None,
     revision: str | None = None,
-    prefill_chunk: int = 8192,
+    prefill_chunk: int = 4096,
     stream: bool = True,
 ):
     """Load `model`, answer `question` about `media`; stream text to stdout when `stream`.
@@ -119,7 +118,7 @@ def command(
     device_map: str = typer.Option(None, "--device-map", help="'auto' splits the model across all visible GPUs."),
     quantize: str = typer.Option(None, "--quantize", help="4bit or 8bit (bitsandbytes, CUDA only)."),
     revision: str = typer.Option(None, "--revision", help="Hub revision of the model."),
-    prefill_chunk: int = typer.Option(8192, "--prefill-chunk", help="Tokens per prefill step; smaller uses less memory."),
+    prefill_chunk: int = typer.Option(4096, "--prefill-chunk", help="Tokens per prefill step; smaller uses less memory."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (answer, counts, timings) and nothing else on stdout."),
 ) -> None:
     """Answer a question about a video or an image.

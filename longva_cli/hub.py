@@ -22,6 +22,8 @@ ALIASES: dict[str, tuple[str, str, str]] = {
     "v_niah_needles": ("lmms-lab/v_niah_needles", "dataset", "the five V-NIAH needle images and questions"),
 }
 
+DEFAULT_MODEL = "lmms-lab/LongVA-7B-DPO"
+
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 

@@ -256,3 +256,12 @@ def test_kv_cache_estimate_counts_layers_heads_and_dtype():
     longva_7b = SimpleNamespace(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, num_hidden_layers=28, head_dim=None)
     # 3000 frames x 144 tokens in bf16: 2 x 28 layers x 4 heads x 128 dims x 2 bytes = 57,344 bytes a token.
     assert kv_cache_bytes(longva_7b, 432_000, torch.bfloat16) == 432_000 * 57_344
+
+
+def test_sliding_window_is_off_when_the_config_disables_it(tiny_checkpoint, tiny_longva):
+    # The tiny config, like LongVA's, says sliding_window 131072 with use_sliding_window false.
+    raw = read_config(tiny_checkpoint)
+    assert raw["use_sliding_window"] is False and raw["sliding_window"] == 131072
+    config = tiny_longva.model.config
+    assert config.sliding_window is None
+    assert set(config.layer_types) == {"full_attention"}

@@ -25,7 +25,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-DEFAULT_PREFILL_CHUNK = 8192
+DEFAULT_PREFILL_CHUNK = 4096
 
 
 @dataclass

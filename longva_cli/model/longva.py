@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from longva_cli.errors import LongVAError
+from longva_cli.hub import DEFAULT_MODEL
 from longva_cli.model import media as media_io
 from longva_cli.model.config import ImageProcessing, vision_settings
 from longva_cli.model.generation import DEFAULT_PREFILL_CHUNK, SamplingSettings, generate, stream_text
@@ -27,7 +28,6 @@ from longva_cli.model.modeling import LongVAForCausalLM
 from longva_cli.model.processing import preprocess, unires_crops
 from longva_cli.model.prompt import DEFAULT_SYSTEM, END_OF_TURN, question_prompt, tokenize_segments
 
-DEFAULT_MODEL = "lmms-lab/LongVA-7B-DPO"
 DEFAULT_FRAMES = 32
 VISION_BATCH = 16  # frames decoded, preprocessed and encoded together: bounds memory at any length
 

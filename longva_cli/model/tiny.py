@@ -129,6 +129,12 @@ def write_tiny_checkpoint(folder: Path, *, seed: int = 0, max_shard_size: str | 
         for param in model.mm_projector.parameters():
             param.normal_(0, 0.2)
     save_longva(model, None, folder, max_shard_size=max_shard_size)
+    # Written as the released config.json is: a window size with the window switched off, and
+    # no `layer_types` (a field of newer transformers), so loading has to derive them.
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("layer_types", None)
+    config.update(sliding_window=131072, use_sliding_window=False, max_window_layers=28)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     save_tiny_tokenizer(build_tiny_tokenizer(language.vocab_size), folder)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [483, 481], "bos_token_id": 481}, indent=2))
     tower_folder.mkdir(exist_ok=True)
