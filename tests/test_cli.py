@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
 import pytest
 
 from media import write_video
@@ -82,6 +83,11 @@ def bad_media(tmp_path_factory):
     (folder / "not-an-image.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" * 10)
     (folder / "empty.mp4").write_bytes(b"")
     (folder / "notes.txt").write_text("hello")
+    zero = av.open(str(folder / "zero-frames.mkv"), mode="w")  # a video stream with no frames in it
+    stream = zero.add_stream("mpeg4", rate=10)
+    stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+    zero.start_encoding()  # writes the header; no frame follows
+    zero.close()
     return folder
 
 
@@ -93,6 +99,7 @@ def bad_media(tmp_path_factory):
         (["{bad}/not-an-image.jpg", "Q?"], "not-an-image.jpg"),
         (["{bad}/empty.mp4", "Q?"], "empty"),
         (["{bad}/notes.txt", "Q?"], "neither an image nor a video"),
+        (["{bad}/zero-frames.mkv", "Q?"], "no frames"),
         (["{video}", "Q?", "--frames", "0"], "--frames must be at least 1"),
         (["{video}", "Q?", "--frames", "-3"], "--frames must be at least 1"),
         (["{video}", "Q?", "--fps", "0"], "--fps must be positive"),

@@ -265,3 +265,12 @@ def test_sliding_window_is_off_when_the_config_disables_it(tiny_checkpoint, tiny
     config = tiny_longva.model.config
     assert config.sliding_window is None
     assert set(config.layer_types) == {"full_attention"}
+
+
+def test_ask_warns_when_the_kv_cache_will_not_fit(tiny_longva, video_file, monkeypatch):
+    import longva_cli.model.longva as longva_module
+
+    monkeypatch.setattr(longva_module, "available_memory", lambda device: 1000)
+    warnings = []
+    tiny_longva.ask(video_file, "Q?", frames=2, temperature=0, max_new_tokens=1, on_warning=warnings.append)
+    assert len(warnings) == 1 and "KV cache" in warnings[0]

@@ -93,6 +93,8 @@ def probe_video(path: Path) -> None:
     try:
         with av.open(str(path)) as container:
             has_video = bool(container.streams.video)
+    except av.EOFError:
+        raise LongVAError(f"{path} ends before its first video frame: it has no frames or is truncated.") from None
     except av.FFmpegError:
         raise LongVAError(f"{path} is neither an image nor a video that can be decoded; check the file.") from None
     if not has_video:
@@ -111,7 +113,8 @@ def open_video(path: Path) -> Video:
         with _quiet_native_stderr():
             reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=0)
     except Exception:  # noqa: BLE001 - decord raises DECORDError/RuntimeError for anything it cannot open
-        raise LongVAError(f"{path} is neither an image nor a video that can be decoded; check the file.") from None
+        # The container and its video stream were fine (probed above): the frames are not.
+        raise LongVAError(f"{path} has a video stream but no decodable frames; the file may be empty or truncated.") from None
     if len(reader) == 0:
         raise LongVAError(f"{path} has no video frames; give a video with at least one frame.")
     return Video(path, len(reader), float(reader.get_avg_fps()), reader)
