@@ -274,3 +274,13 @@ def test_ask_warns_when_the_kv_cache_will_not_fit(tiny_longva, video_file, monke
     warnings = []
     tiny_longva.ask(video_file, "Q?", frames=2, temperature=0, max_new_tokens=1, on_warning=warnings.append)
     assert len(warnings) == 1 and "KV cache" in warnings[0]
+
+
+def test_prefill_chunks_shrink_with_sequence_length_under_sdpa(tiny_longva):
+    from longva_cli.model.generation import bounded_chunk
+
+    lm = tiny_longva.model.language_model
+    assert bounded_chunk(lm, 10_000, 4096) == 4096
+    assert bounded_chunk(lm, 74_000, 4096) == (1 << 26) // 74_000  # 906 on CPU
+    assert bounded_chunk(lm, 10**9, 4096) == 128
+    assert bounded_chunk(lm, 10**9, 7) == 7

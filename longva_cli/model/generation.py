@@ -26,6 +26,11 @@ from transformers import (
 )
 
 DEFAULT_PREFILL_CHUNK = 4096
+# SDPA and eager attention build a [chunk, seq] mask for each chunk (and on CPU float scores
+# beside it, ~6 bytes an element measured): cap chunk x seq so that memory stays near the
+# KV cache. At 74K tokens on CPU, chunks of 1024 instead of 4096 cut peak memory from 1.8 GB
+# to 0.8 GB and ran faster. Flash-attention materialises neither.
+MASK_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 31}
 
 
 @dataclass
@@ -58,12 +63,21 @@ def prefill(language_model, embeds: torch.Tensor, chunk: int = DEFAULT_PREFILL_C
     """Run [seq, d] embeddings into a fresh KV cache; return it and the last position's logits [vocab]."""
     cache = DynamicCache(config=language_model.config)
     decoder = language_model.model
+    chunk = bounded_chunk(language_model, embeds.shape[0], chunk)
     hidden = None
     for start in range(0, embeds.shape[0], chunk):
         piece = embeds[start : start + chunk].unsqueeze(0)  # [1, chunk, d]
         hidden = decoder(inputs_embeds=piece, cache=cache, use_cache=True).last_hidden_state
     logits = language_model.lm_head(hidden[:, -1:])  # [1, 1, vocab]
     return cache, logits[0, -1].float()
+
+
+def bounded_chunk(language_model, total: int, requested: int) -> int:
+    """The prefill chunk to use for a `total`-token sequence (see MASK_ELEMENTS)."""
+    if language_model.config._attn_implementation == "flash_attention_2":
+        return requested
+    budget = MASK_ELEMENTS["cuda" if language_model.device.type == "cuda" else "cpu"]
+    return min(requested, max(128, budget // max(total, 1)))
 
 
 @torch.inference_mode()
