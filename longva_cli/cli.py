@@ -14,6 +14,7 @@ import typer
 
 from longva_cli import __version__
 from longva_cli import ask, download, recipes_cmd
+from longva_cli.train import extend_text
 from longva_cli.errors import LongVAError
 
 app = typer.Typer(
@@ -44,6 +45,7 @@ def root(
 app.command("ask", no_args_is_help=True)(ask.command)
 app.command("download")(download.command)
 app.add_typer(recipes_cmd.app, name="recipes")
+app.command("extend-text", no_args_is_help=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(extend_text.command)
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -21,7 +21,9 @@ from longva_cli.errors import LongVAError
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 # recipes/<folder>/*.yaml is validated against the schema named here ("module:Class").
-SCHEMAS: dict[str, str] = {}
+SCHEMAS: dict[str, str] = {
+    "extend-text": "longva_cli.train.extend_text:ExtendTextRecipe",
+}
 
 Schema = TypeVar("Schema")
 
