@@ -1,0 +1,173 @@
+"""`longva eval`: the Typer sub-app. `longva eval --tasks ...` runs lmms-eval in this process;
+`longva eval local ...` scores multiple-choice video QA from a folder, without the hub."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import typer
+
+from longva_cli.console import progress, stderr
+from longva_cli.errors import LongVAError
+from longva_cli.eval.local import DEFAULT_EVAL_MODEL
+
+INSTALL_HINT = (
+    "lmms-eval is not installed; run `pip install 'longva[eval]'` and then, on a machine without a GPU, "
+    "`pip uninstall -y torchvision` (lmms-eval pulls a torchvision that does not import next to the CPU torch), "
+    "or use `longva eval local` which needs neither."
+)
+
+app = typer.Typer(
+    no_args_is_help=True,
+    invoke_without_command=True,
+)
+
+
+@app.callback()
+def lmms_command(
+    ctx: typer.Context,
+    tasks: str = typer.Option(None, "--tasks", help="Comma-separated lmms-eval task names, e.g. videomme,mme."),
+    model: str = typer.Option(DEFAULT_EVAL_MODEL, "--model", "-m", help="Checkpoint folder, hub id or short name."),
+    frames: int = typer.Option(32, "--frames", "-n", help="Frames sampled uniformly from each video (144 tokens each)."),
+    output: Path = typer.Option(Path("runs/eval"), "--output", "-o", help="Folder for results.json and per-task samples."),
+    limit: int = typer.Option(None, "--limit", help="Only the first N documents of each task (for a quick check)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (multi-GPU: launch with `accelerate launch -m lmms_eval`)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
+    attn: str = typer.Option("auto", "--attn", help="auto, sdpa, eager or flash_attention_2."),
+    conv_template: str = typer.Option("qwen_1_5", "--conv-template", help="Chat template; LongVA was trained with qwen_1_5."),
+    revision: str = typer.Option(None, "--revision", help="Hub revision of the model."),
+    include_path: Path = typer.Option(None, "--include-path", help="A folder of your own lmms-eval task YAML files."),
+    stop_on_degenerate: bool = typer.Option(
+        True, "--stop-on-degenerate/--no-stop-on-degenerate", help="Stop when too many answers are empty or '!!!!' (else warn)."
+    ),
+) -> None:
+    """Benchmark LongVA through lmms-eval, or on local multiple-choice video QA.
+
+    With --tasks, lmms-eval runs the named tasks in this process with LongVA as the model
+    (qwen_1_5 template, bfloat16 on GPUs, a guard against degenerate answers); results.json
+    records the scores with the versions, model revision, frames and dtype. Needs the `eval`
+    extra. The same model is `--model longva_cli` in lmms-eval's own command line.
+
+    `longva eval local --help` describes the offline evaluator (Video-MME layout or JSONL).
+
+    examples:
+      longva eval --tasks videomme,mme --model lmms-lab/LongVA-7B --frames 32 --output runs/eval
+      longva eval --tasks videomme --limit 20 --no-stop-on-degenerate
+      lmms-eval --model longva_cli --model_args pretrained=lmms-lab/LongVA-7B,max_frames_num=32 --tasks videomme
+      longva eval local --data ~/datasets/Video-MME --model lmms-lab/LongVA-7B --frames 64
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if not tasks:
+        raise LongVAError("give --tasks (lmms-eval task names) or use `longva eval local --data FOLDER`; see `longva eval --help`.")
+    if frames < 1:
+        raise LongVAError(f"--frames must be at least 1, got {frames}.")
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    run_lmms_eval = import_lmms_runner()
+    results = run_lmms_eval(
+        names, model=model, frames=frames, output=output, limit=limit, device=device, dtype=dtype, attn=attn,
+        conv_template=conv_template, revision=revision, stop_on_degenerate=stop_on_degenerate, include_path=include_path,
+    )
+    if results is not None:
+        print_task_table(results)
+        stderr.print(f"results: {output / 'results.json'}")
+
+
+def print_task_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("task", "metric", "value", title="lmms-eval results")
+    for task, metrics in results["results"].items():
+        for metric, value in metrics.items():
+            if metric == "alias" or "stderr" in metric:
+                continue
+            shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+            table.add_row(task, metric.split(",")[0], shown)
+    Console().print(table)
+
+
+@app.command("local", no_args_is_help=True)
+def local_command(
+    data: Path = typer.Option(..., "--data", "-d", help="Video-MME folder (annotations + data/ videos) or a JSONL file."),
+    model: str = typer.Option(DEFAULT_EVAL_MODEL, "--model", "-m", help="Checkpoint folder, hub id or short name."),
+    frames: int = typer.Option(32, "--frames", "-n", help="Frames sampled uniformly from each video (144 tokens each)."),
+    output: Path = typer.Option(None, "--output", "-o", help="Run folder (default runs/eval-local/<data>-<frames>f); rerun to resume."),
+    annotations: Path = typer.Option(None, "--annotations", "-a", help="Annotation file (parquet, JSON or JSONL) when not found in --data."),
+    prompt: str = typer.Option("videomme", "--prompt", help="videomme (Video-MME's own prompt) or lmms-eval (the harness's wording)."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Most tokens per answer (Video-MME uses 16)."),
+    limit: int = typer.Option(None, "--limit", help="Only the first N questions."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
+    attn: str = typer.Option("auto", "--attn", help="auto, sdpa, eager or flash_attention_2."),
+    revision: str = typer.Option(None, "--revision", help="Hub revision of the model."),
+    stop_on_degenerate: bool = typer.Option(
+        True, "--stop-on-degenerate/--no-stop-on-degenerate", help="Stop when too many answers are empty, '!!!!' or unparseable (else warn)."
+    ),
+    degenerate_threshold: float = typer.Option(0.3, "--degenerate-threshold", help="Share of broken answers that trips the guard."),
+    degenerate_min_samples: int = typer.Option(10, "--degenerate-min-samples", help="Answers seen before the guard may trip."),
+) -> None:
+    """Score multiple-choice video QA from local files: no hub, no lmms-eval.
+
+    Reads the Video-MME layout (an annotation parquet or JSON at the root or in videomme/,
+    videos in data/{videoID}.mp4 or .mkv) or a JSONL file with one question a line:
+    {"video": "clips/a.mp4", "question": "...", "options": ["...", "..."], "answer": "B"}
+    (optional "id", "category", "duration"; paths relative to the file). Answers are greedy
+    with Video-MME's prompt; each video is encoded once for all its questions. Every answer
+    is appended to samples.jsonl at once, so running the same command again continues where
+    it stopped. Prints accuracy overall, by duration and by category, and writes results.json.
+
+    examples:
+      longva eval local --data ~/datasets/Video-MME --model lmms-lab/LongVA-7B --frames 64
+      longva eval local --data my-questions.jsonl --frames 32 --output runs/mine
+      longva eval local --data ~/datasets/Video-MME --limit 30 --dtype float16 --no-stop-on-degenerate
+    """
+    from longva_cli.eval.local import evaluate_local
+
+    results = evaluate_local(
+        data, model=model, frames=frames, output=output, annotations=annotations, prompt=prompt,
+        max_new_tokens=max_new_tokens, limit=limit, device=device, dtype=dtype, attn=attn, revision=revision,
+        stop_on_degenerate=stop_on_degenerate, degenerate_threshold=degenerate_threshold,
+        degenerate_min_samples=degenerate_min_samples,
+        on_warning=lambda message: stderr.print(f"[bold red]warning:[/bold red] {message}"),
+        progress=progress(unit="questions"),
+    )
+    print_local_table(results)
+    folder = Path(results["samples_file"]).parent
+    stderr.print(f"results: {folder / 'results.json'}; answers: {results['samples_file']}")
+
+
+def print_local_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = results["summary"]
+    table = Table("group", "correct", "total", "accuracy %", title="local multiple-choice accuracy")
+
+    def row(name: str, score: dict) -> None:
+        shown = "-" if score["accuracy"] is None else f"{score['accuracy']:.1f}"
+        table.add_row(name, str(score["correct"]), str(score["total"]), shown)
+
+    row("overall", summary["overall"])
+    for field in ("duration", "category", "domain"):
+        for name, score in summary.get(field, {}).items():
+            row(f"{field}: {name}", score)
+    Console().print(table)
+    if results["skipped"]:
+        stderr.print(f"[yellow]{len(results['skipped'])} question(s) skipped:[/yellow]")
+        for item in results["skipped"][:10]:
+            stderr.print(f"  {item['id']}: {item['reason']}")
+        if len(results["skipped"]) > 10:
+            stderr.print(f"  ... and {len(results['skipped']) - 10} more (see results.json)")
+
+
+def import_lmms_runner():
+    """`run_lmms_eval`, or one sentence on how to install lmms-eval when it is missing or broken."""
+    if importlib.util.find_spec("lmms_eval") is None:
+        raise LongVAError(INSTALL_HINT)
+    try:
+        from longva_cli.eval.lmms import run_lmms_eval
+    except (ImportError, RuntimeError, AttributeError) as err:  # a torchvision built for another torch fails here
+        raise LongVAError(f"lmms-eval is installed but does not import ({type(err).__name__}: {str(err).splitlines()[0]}); {INSTALL_HINT.split('; ', 1)[1]}") from None
+    return run_lmms_eval

@@ -1,0 +1,329 @@
+"""LongVA as an lmms-eval model (`--model longva_cli`), built on the same `LongVA` core as `ask`.
+
+    lmms-eval --model longva_cli --model_args pretrained=lmms-lab/LongVA-7B,max_frames_num=32 --tasks videomme
+
+What differs from lmms-eval's own `longva` model, each a cause of scores users could not
+reproduce:
+- the chat template is qwen_1_5 unless told otherwise (the harness defaulted to vicuna_v1);
+- weights load in bfloat16 on GPUs (float16 overflows into `!!!!` answers) and a guard
+  stops the run when answers turn degenerate;
+- `loglikelihood` returns the summed log-probability of the continuation (the harness
+  returned the mean loss, a positive number), with logits only at continuation positions.
+
+This is the only module that imports lmms_eval; the entry point in pyproject.toml names
+`longva_cli.eval:lmms_manifest`, which points lmms-eval's registry here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+
+from longva_cli.errors import LongVAError
+from longva_cli.eval.answers import DegenerateGuard, degenerate_kind
+from longva_cli.eval.local import DEFAULT_EVAL_MODEL
+from longva_cli.eval.report import run_info, write_json
+from longva_cli.model.generation import DEFAULT_PREFILL_CHUNK, prefill
+from longva_cli.model.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, Turn, chat_prompt
+
+log = logging.getLogger("longva.eval")
+
+CONV_TEMPLATES = ("qwen_1_5",)
+# Arguments of lmms-eval's own `longva` model that people copy from the original command
+# lines; they change nothing here (one decoder, one pooling, one prompt path).
+IGNORED_ARGS = {
+    "model_name", "video_decode_backend", "token_strategy", "truncation", "truncate_context", "use_cache",
+    "device_map", "max_batch_size", "mm_spatial_pool_stride", "mm_spatial_pool_mode", "customized_config",
+}
+
+
+class _StopString(Exception):
+    """Raised from the text callback once a stop string has been generated."""
+
+
+class LongVALmms(lmms):
+    """lmms-eval's interface over `LongVA`: one request at a time, one replica per process."""
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str = DEFAULT_EVAL_MODEL,
+        max_frames_num: int = 32,
+        conv_template: str = "qwen_1_5",
+        device: str | None = None,
+        dtype: str = "auto",
+        attn_implementation: str = "auto",
+        batch_size: int | str = 1,
+        revision: str | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        stop_on_degenerate: bool = True,
+        degenerate_threshold: float = 0.3,
+        degenerate_min_samples: int = 10,
+        longva=None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        unknown = set(kwargs) - IGNORED_ARGS
+        if unknown:
+            raise LongVAError(
+                f"unknown model_args {', '.join(sorted(unknown))}; longva_cli takes pretrained, max_frames_num, conv_template, "
+                "device, dtype, attn_implementation, revision, prefill_chunk, stop_on_degenerate."
+            )
+        if kwargs:
+            log.info("ignoring %s (lmms-eval `longva` settings with no effect here)", ", ".join(sorted(kwargs)))
+        if conv_template not in CONV_TEMPLATES:
+            raise LongVAError(f"conv_template {conv_template!r} is not supported; LongVA was trained with qwen_1_5.")
+        if int(max_frames_num) < 1:
+            raise LongVAError(f"max_frames_num must be at least 1, got {max_frames_num}.")
+        if str(batch_size) not in ("1", "auto"):
+            log.warning("batch_size %s: longva_cli answers one request at a time", batch_size)
+
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator()
+        if self.accelerator.num_processes > 1:
+            # Data parallel as lmms-eval expects: every rank holds its own replica and gets
+            # its share of the requests from the evaluator.
+            device = f"cuda:{self.accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
+            self._rank = self.accelerator.process_index
+            self._world_size = self.accelerator.num_processes
+        if longva is None:
+            from longva_cli.hub import locate_model
+            from longva_cli.model.longva import LongVA
+
+            self.model_path = locate_model(str(pretrained), revision=revision, allow_download=True)
+            longva = LongVA.from_pretrained(
+                str(self.model_path), device=device or "auto", dtype=dtype, attn_implementation=attn_implementation
+            )
+            longva.name = str(pretrained)
+        else:
+            self.model_path = None
+        self.longva = longva
+        self.pretrained = str(pretrained)
+        self.max_frames_num = int(max_frames_num)
+        self.conv_template = conv_template
+        self.prefill_chunk = int(prefill_chunk)
+        self.stop_on_degenerate = stop_on_degenerate
+        self.guard = DegenerateGuard(float(degenerate_threshold), int(degenerate_min_samples))
+        self._warned: set[str] = set()
+        self._last_visuals: tuple[object, list] | None = None
+
+    # ---- what lmms-eval reads -----------------------------------------------------------------
+
+    @property
+    def model(self):
+        return self.longva.model
+
+    @property
+    def tokenizer(self):
+        return self.longva.tokenizer
+
+    @property
+    def config(self):
+        return self.longva.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.longva.model.device
+
+    @property
+    def batch_size(self) -> int:
+        return 1
+
+    # ---- building inputs -----------------------------------------------------------------------
+
+    def visuals_of(self, request: Instance) -> list:
+        """The request's images or video paths, encoded; the last video is kept for the next question."""
+        _, _, doc_to_visual, doc_id, task, split = request.args
+        items = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
+        items = [item for item in (items or []) if item is not None]
+        key = tuple(items) if items and all(isinstance(item, str) for item in items) else None
+        if key is not None and self._last_visuals and self._last_visuals[0] == key:
+            return self._last_visuals[1]
+        visuals = []
+        for item in items:
+            if isinstance(item, str):
+                visuals.append(self.longva.encode_media(item, frames=self.max_frames_num))
+            elif hasattr(item, "convert"):  # a PIL image
+                visuals.append(self.longva.encode_image(item.convert("RGB")))
+            else:
+                raise LongVAError(f"{task}: visual input of type {type(item).__name__} is not supported (images and videos only).")
+        if key is not None:
+            self._last_visuals = (key, visuals)
+        return visuals
+
+    def prompt(self, context: str, visuals: list) -> str:
+        """qwen_1_5 prompt with one `<image>` per visual, placed first unless the task placed them."""
+        if visuals and IMAGE_PLACEHOLDER not in context:
+            context = f"{IMAGE_PLACEHOLDER}\n" * len(visuals) + context
+        return chat_prompt([Turn("user", context)], system=DEFAULT_SYSTEM)
+
+    def sampling(self, gen_kwargs: dict):
+        """The task's generation kwargs as core settings; temperature 0 or do_sample false is greedy."""
+        if int(gen_kwargs.get("num_beams", 1) or 1) > 1:
+            self._warn_once("num_beams", "beam search is not supported; decoding with one beam")
+        temperature = float(gen_kwargs.get("temperature", 0) or 0)
+        if gen_kwargs.get("do_sample") is False:
+            temperature = 0.0
+        top_p = gen_kwargs.get("top_p")
+        return self.longva.sampling_settings(
+            max_new_tokens=int(gen_kwargs.get("max_new_tokens", 1024)),
+            temperature=temperature,
+            top_p=None if top_p is None or float(top_p) >= 1.0 else float(top_p),
+            top_k=gen_kwargs.get("top_k"),
+        )
+
+    # ---- the three request types -----------------------------------------------------------------
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        from tqdm import tqdm
+
+        answers = []
+        for request in tqdm(requests, disable=self.rank != 0, desc="longva generate"):
+            context, gen_kwargs = request.args[0], dict(request.args[1] or {})
+            until = gen_kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            visuals = self.visuals_of(request)
+            embeds, _ = self.longva.prompt_embeds(self.prompt(context, visuals), visuals)
+            text = self.generate(embeds, self.sampling(gen_kwargs), until)
+            answers.append(text)
+            self.check_degenerate(text)
+        return answers
+
+    def generate(self, embeds: torch.Tensor, sampling, until: list[str]) -> str:
+        """Greedy or sampled text, cut at the first stop string (generation ends once one appears)."""
+        streamed: list[str] = []
+
+        def on_text(piece: str) -> None:
+            streamed.append(piece)
+            if until and any(stop in "".join(streamed) for stop in until):
+                raise _StopString
+
+        try:
+            text, _ = self.longva.generate_text(embeds, sampling, on_text=on_text, prefill_chunk=self.prefill_chunk)
+        except _StopString:
+            text = "".join(streamed)
+        for stop in until:
+            text = text.split(stop, 1)[0]
+        return text.strip()
+
+    @torch.inference_mode()
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """log P(continuation | context) by teacher forcing: the context is prefilled in chunks,
+        and logits are computed only where continuation tokens are predicted."""
+        from tqdm import tqdm
+
+        results = []
+        language_model = self.longva.model.language_model
+        for request in tqdm(requests, disable=self.rank != 0, desc="longva loglikelihood"):
+            context, target, _, doc_id, task, split = request.args
+            continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
+            visuals = self.visuals_of(request)
+            embeds, _ = self.longva.prompt_embeds(self.prompt(context, visuals), visuals)
+            ids = self.tokenizer(continuation, add_special_tokens=False).input_ids
+            if not ids:
+                results.append((0.0, True))
+                continue
+            cache, last = prefill(language_model, embeds, self.prefill_chunk)  # last: [vocab], predicts ids[0]
+            logits = [last[None]]
+            if len(ids) > 1:
+                known = torch.tensor([ids[:-1]], device=self.longva.model.device)  # [1, n-1]
+                logits.append(language_model(input_ids=known, cache=cache, use_cache=True).logits[0].float())
+            logits = torch.cat(logits)  # [n, vocab]
+            targets = torch.tensor(ids, device=logits.device)
+            logprob = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum()
+            greedy = bool((logits.argmax(dim=-1) == targets).all())
+            results.append((float(logprob), greedy))
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("longva_cli does not support multi-round generation tasks.")
+
+    # ---- the degenerate-output guard -------------------------------------------------------------
+
+    def check_degenerate(self, text: str) -> None:
+        self.guard.add(text, degenerate_kind(text, None, multiple_choice=False))
+        if not self.guard.tripped:
+            return
+        if self.stop_on_degenerate:
+            raise LongVAError(f"stopped: {self.guard.message()}; pass stop_on_degenerate=False to finish anyway.")
+        self._warn_once("degenerate", self.guard.message())
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            from longva_cli.console import stderr
+
+            stderr.print(f"[bold red]warning:[/bold red] {message}")
+
+
+def run_lmms_eval(
+    tasks: list[str],
+    *,
+    model: str = DEFAULT_EVAL_MODEL,
+    frames: int = 32,
+    output: Path = Path("runs/eval"),
+    limit: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    attn: str = "auto",
+    conv_template: str = "qwen_1_5",
+    revision: str | None = None,
+    stop_on_degenerate: bool = True,
+    include_path: Path | None = None,
+    longva=None,
+) -> dict | None:
+    """lmms-eval's `simple_evaluate` with a `LongVALmms`; writes results.json and samples_<task>.jsonl.
+
+    `include_path` adds a folder of your own task YAML files. Returns what results.json holds
+    (None on ranks other than 0, which write nothing).
+    """
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from longva_cli.eval import LMMS_MODEL_ID
+
+    # Task prompts may differ per model name; use ours, as `lmms-eval --model longva_cli` does.
+    task_manager = TaskManager("WARNING", include_path=str(include_path) if include_path else None, model_name=LMMS_MODEL_ID)
+    unknown = [name for name in tasks if not task_manager.match_tasks([name])]
+    if unknown:
+        raise LongVAError(f"unknown lmms-eval task(s) {', '.join(unknown)}; `lmms-eval --tasks list` shows the names.")
+    lm = LongVALmms(
+        pretrained=model, max_frames_num=frames, conv_template=conv_template, device=device, dtype=dtype,
+        attn_implementation=attn, revision=revision, stop_on_degenerate=stop_on_degenerate, longva=longva,
+    )
+    results = simple_evaluate(
+        model=lm, tasks=tasks, limit=limit, batch_size=1, device=str(lm.device), log_samples=True,
+        task_manager=task_manager, bootstrap_iters=0,
+    )
+    if results is None or lm.rank != 0:
+        return None
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    for task, samples in (results.get("samples") or {}).items():
+        path = output / f"samples_{task}.jsonl"
+        path.write_text("".join(json.dumps(sample, ensure_ascii=False, default=str) + "\n" for sample in samples))
+    record = {
+        "results": results.get("results", {}),
+        "n-samples": results.get("n-samples"),
+        "degenerate": lm.guard.to_dict(),
+        "run": run_info(
+            model=model,
+            model_path=lm.model_path,
+            frames=frames,
+            dtype=str(lm.longva.model.dtype).removeprefix("torch."),
+            with_lmms_eval=True,
+            tasks=tasks,
+            limit=limit,
+            conv_template=conv_template,
+        ),
+    }
+    write_json(output / "results.json", record)
+    return record
