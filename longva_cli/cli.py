@@ -15,7 +15,7 @@ import typer
 from longva_cli import __version__
 from longva_cli import ask, download, recipes_cmd
 from longva_cli.eval import cli as eval_cli
-from longva_cli.train import extend_text
+from longva_cli.train import align, extend_text
 from longva_cli.errors import LongVAError
 
 app = typer.Typer(
@@ -48,6 +48,7 @@ app.command("download")(download.command)
 app.add_typer(recipes_cmd.app, name="recipes")
 app.add_typer(eval_cli.app, name="eval")
 app.command("extend-text", no_args_is_help=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(extend_text.command)
+app.command("align", no_args_is_help=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(align.command)
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -23,6 +23,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # recipes/<folder>/*.yaml is validated against the schema named here ("module:Class").
 SCHEMAS: dict[str, str] = {
     "extend-text": "longva_cli.train.extend_text:ExtendTextRecipe",
+    "align": "longva_cli.train.align:AlignRecipe",
 }
 
 Schema = TypeVar("Schema")

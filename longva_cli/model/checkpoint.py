@@ -210,21 +210,43 @@ def hub_config_fields(mm: MultimodalConfig) -> dict:
     }
 
 
-def hub_state_dict(model: LongVAForCausalLM) -> dict[str, torch.Tensor]:
-    """All weights under the original key names."""
-    state = dict(model.language_model.state_dict())
-    state.update({PROJECTOR_PREFIX + k: v for k, v in model.mm_projector.state_dict().items()})
-    state.update({TOWER_PREFIX + k.removeprefix("vision_model."): v for k, v in model.vision_tower.state_dict().items()})
+def hub_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`LongVAForCausalLM.state_dict()` names (`language_model.*`, `mm_projector.*`,
+    `vision_tower.*`) -> the original key names. A training engine's extra `model.` prefix is
+    accepted, so gathered ZeRO-3 weights map too."""
+    state = {}
+    for name, tensor in weights.items():
+        name = name.removeprefix("model.")
+        if name.startswith("language_model."):
+            state[name.removeprefix("language_model.")] = tensor
+        elif name.startswith("mm_projector."):
+            state[PROJECTOR_PREFIX + name.removeprefix("mm_projector.")] = tensor
+        elif name.startswith("vision_tower."):
+            state[TOWER_PREFIX + name.removeprefix("vision_tower.").removeprefix("vision_model.")] = tensor
+        else:
+            raise ValueError(f"weight {name} belongs to no LongVA part")
     return state
 
 
-def save_longva(model: LongVAForCausalLM, tokenizer, folder: Path, max_shard_size: str | int = "5GB") -> None:
-    """Write a checkpoint that `load_longva` and the original LLaVA-NeXT code both load."""
+def save_longva(
+    model: LongVAForCausalLM,
+    tokenizer,
+    folder: Path,
+    max_shard_size: str | int = "5GB",
+    weights: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write a checkpoint that `load_longva` and the original LLaVA-NeXT code both load.
+
+    `weights` (module names, e.g. gathered from a ZeRO-3 engine) replace `model.state_dict()`;
+    `model` then only supplies the configs.
+    """
     from huggingface_hub import save_torch_state_dict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in hub_state_dict(model).items()}
+    weights = model.state_dict() if weights is None else weights
+    # clone: views into one flat buffer (as engines keep them) would be saved whole
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in hub_state_dict(weights).items()}
     save_torch_state_dict(state, folder, max_shard_size=max_shard_size)
     config = model.language_model.config.to_dict()
     config.update(hub_config_fields(model.mm))

@@ -153,3 +153,19 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     if engine.zero_optimization_partition_weights():
         return engine._zero3_consolidated_16bit_state_dict()
     return engine.module.state_dict() if dist.get_rank() == 0 else None
+
+
+def quiet_libraries() -> None:
+    """DeepSpeed and transformers log setup details at INFO on every rank; keep warnings only."""
+    import logging
+
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # our own bar is the one to watch
+    # DeepSpeed still calls collectives that torch 2.13 renamed; nothing for a user to act on
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)

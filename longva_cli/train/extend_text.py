@@ -211,8 +211,9 @@ def extend_text(recipe: ExtendTextRecipe, resume: str | Path | None = None) -> d
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from longva_cli.train import sequence_parallel as sp
+    from longva_cli.train.engine import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     state = sp.init_distributed(par.sequence_parallel, par.backend)
     try:
         return _train(recipe, resume, state)
@@ -411,22 +412,6 @@ def _peak_host_memory_gb() -> float | None:
         return round(peak / (1e9 if sys.platform == "darwin" else 1e6), 3)
     except ImportError:  # Windows
         return None
-
-
-def _quiet_libraries() -> None:
-    """DeepSpeed and transformers log setup details at INFO on every rank; keep warnings only."""
-    import logging
-
-    for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # our own bar is the one to watch
-    # DeepSpeed still calls collectives that torch 2.13 renamed; nothing for a user to act on
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 # ---------------------------------------------------------------- CLI
