@@ -15,6 +15,7 @@ import typer
 from longva_cli import __version__
 from longva_cli import ask, download, recipes_cmd
 from longva_cli.eval import cli as eval_cli
+from longva_cli.serve import cli as serve_cli
 from longva_cli.train import align, extend_text
 from longva_cli.errors import LongVAError
 
@@ -47,6 +48,7 @@ app.command("ask", no_args_is_help=True)(ask.command)
 app.command("download")(download.command)
 app.add_typer(recipes_cmd.app, name="recipes")
 app.add_typer(eval_cli.app, name="eval")
+app.command("serve")(serve_cli.command)
 app.command("extend-text", no_args_is_help=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(extend_text.command)
 app.command("align", no_args_is_help=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(align.command)
 

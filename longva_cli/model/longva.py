@@ -316,8 +316,12 @@ class LongVA:
         on_text: Callable[[str], None] | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         timings: dict | None = None,
+        on_token: Callable[[int], None] | None = None,
     ) -> tuple[str, int]:
-        """Answer text (special tokens removed, stripped, as the original decodes) and its token count."""
+        """Answer text (special tokens removed, stripped, as the original decodes) and its token count.
+
+        `on_token` sees every generated id, also those whose text is held back (an exception
+        raised there stops generation: `serve` uses it to cancel)."""
         timings = {} if timings is None else timings
         started = time.perf_counter()
 
@@ -328,6 +332,8 @@ class LongVA:
         ids = []
         for token_id, text in stream_text(self.tokenizer, tokens):
             ids.append(token_id)
+            if on_token:
+                on_token(token_id)
             if on_text and text:
                 on_text(text)
         timings.setdefault("prefill_s", time.perf_counter() - started)

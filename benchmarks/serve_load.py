@@ -1,0 +1,184 @@
+"""Throughput and latency of `longva serve` under concurrent clients, and the server's peak memory.
+
+    python benchmarks/serve_load.py [--clients 1 4 16] [--requests 32] [--media video] [--frames 4] [--max-tokens 16]
+
+Starts `python -m longva_cli serve` on a tiny random checkpoint (or --model) on a free loopback
+port, then for each client count runs that many threads, each sending non-streaming chat
+completions back to back (`--requests` in all per level, a video given as a file:// URL under
+--media-root). Reports requests per second, p50/p95 latency, generated tokens per second and
+the server's peak resident memory (VmHWM from /proc/<pid>/status, after each level).
+
+Requests queue and run one at a time on the single model, so throughput stays flat as
+clients grow while latency grows with the queue: the figures show the queue's overhead, not
+batching. The table is printed and written under `## serve load` in benchmarks/RESULTS.md
+(`--no-record` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+HEADING = "## serve load"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(port: int, body: dict, timeout: float = 300) -> tuple[float, int]:
+    """(seconds, completion tokens) of one chat completion; raises on a non-200 answer."""
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {answer}")
+    return time.perf_counter() - started, answer["usage"]["completion_tokens"]
+
+
+def peak_memory_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def run_level(port: int, clients: int, total: int, body: dict) -> dict:
+    per_client = [total // clients + (1 if i < total % clients else 0) for i in range(clients)]
+
+    def client(count: int) -> list[tuple[float, int]]:
+        return [post(port, body) for _ in range(count)]
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        results = [r for batch in pool.map(client, per_client) for r in batch]
+    wall = time.perf_counter() - started
+    latencies = [seconds for seconds, _ in results]
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "rps": len(results) / wall,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p95_ms": 1000 * percentile(latencies, 0.95),
+        "tokens_per_s": sum(tokens for _, tokens in results) / wall,
+    }
+
+
+def record(table: str, command: str, notes: str) -> None:
+    """Replace (or add) this benchmark's section of RESULTS.md, leaving the others alone."""
+    section = f"{HEADING}\n\n{notes}\n\n```\n{command}\n```\n\n{table}\n"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    match = re.search(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
+    if match:
+        text = text[: match.start()] + section + ("\n" if match.end() < len(text) else "") + text[match.end() :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per level")
+    parser.add_argument("--requests", type=int, default=32, help="requests per level")
+    parser.add_argument("--media", choices=["video", "image", "text"], default="video")
+    parser.add_argument("--frames", type=int, default=4, help="video frames per request (144 tokens each)")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--model", help="checkpoint to serve (default: a tiny random one)")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the server (1 suits the tiny model)")
+    parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "tests"))
+    from media import write_image, write_video
+
+    with tempfile.TemporaryDirectory(prefix="longva-serve-bench-") as tmp:
+        tmp = Path(tmp)
+        model = args.model
+        if model is None:
+            from longva_cli.model.tiny import write_tiny_checkpoint
+
+            model = str(write_tiny_checkpoint(tmp / "tiny"))
+        media_dir = tmp / "media"
+        media_dir.mkdir()
+        video = write_video(media_dir / "clip.mp4", frames=60, width=320, height=180)
+        image = write_image(media_dir / "photo.png", 640, 360)
+        parts = {"video": [{"type": "video_url", "video_url": {"url": f"file://{video}"}}],
+                 "image": [{"type": "image_url", "image_url": {"url": f"file://{image}"}}], "text": []}[args.media]
+        body = {"messages": [{"role": "user", "content": parts + [{"type": "text", "text": "What happens?"}]}],
+                "max_tokens": args.max_tokens, "temperature": 0, "video": {"frames": args.frames}}
+
+        port = free_port()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
+        server = subprocess.Popen(
+            [sys.executable, "-m", "longva_cli", "serve", "--model", model, "--port", str(port), "--media-root", str(media_dir),
+             "--max-queue", "1024", "--max-tokens-limit", str(max(args.max_tokens, 1)), "--max-frames", str(args.frames),
+             "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    post(port, body)  # also the warm-up
+                    break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit("the server did not start") from None
+                    time.sleep(0.3)
+            post(port, body)
+            rows = []
+            for clients in args.clients:
+                row = run_level(port, clients, max(args.requests, clients), body)
+                row["peak_mib"] = peak_memory_mib(server.pid)
+                rows.append(row)
+                print(f"{clients} clients: {row['rps']:.1f} req/s", file=sys.stderr)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(30)
+
+    header = "| clients | requests | req/s | p50 ms | p95 ms | gen tok/s | server peak RSS MiB |\n|---:|---:|---:|---:|---:|---:|---:|"
+    lines = [f"| {r['clients']} | {r['requests']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['tokens_per_s']:.1f} | {r['peak_mib']:.0f} |" for r in rows]
+    table = "\n".join([header, *lines])
+    print(table)
+    if not args.no_record:
+        command = "python benchmarks/serve_load.py " + shlex.join(sys.argv[1:])
+        load = os.getloadavg()[0]
+        notes = (
+            f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, no GPU, load average {load:.1f} at the end (other jobs share the machine). "
+            f"Model: {'tiny random checkpoint' if args.model is None else args.model}; {args.media}"
+            f"{f' ({args.frames} frames = {args.frames * 144} visual tokens)' if args.media == 'video' else ''}, "
+            f"max_tokens {args.max_tokens}, greedy, non-streaming, server OMP_NUM_THREADS={args.threads}. "
+            "One model answers one request at a time: req/s is flat in the client count and latency grows with the queue."
+        )
+        record(table, command.strip(), notes)
+        print(f"recorded under '{HEADING}' in {RESULTS.relative_to(ROOT)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The `longva serve` command: parse and check the flags, then `app.serve` (imported late)."""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import os
+import socket
+from pathlib import Path
+from typing import List
+
+import typer
+
+from longva_cli.console import stderr
+from longva_cli.errors import LongVAError
+from longva_cli.hub import DEFAULT_MODEL
+
+
+def require_serve_extra() -> None:
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise LongVAError(f"`longva serve` needs {' and '.join(missing)}: pip install 'longva[serve]'.")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before a model that may take minutes to load, not after."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise LongVAError(f"--host {host!r} is not an address this machine can listen on.") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as err:
+            raise LongVAError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host.") from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def command(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint folder, hub id or short name."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface: set --api-key then)."),
+    port: int = typer.Option(8000, "--port", "-p", help="TCP port."),
+    served_model_name: str = typer.Option("longva", "--served-model-name", help="Model id in /v1/models and in requests' `model`."),
+    media_root: List[Path] = typer.Option([], "--media-root", help="Folder whose files requests may name as file:// URLs (repeatable; none: file:// is refused)."),
+    api_key: str = typer.Option(None, "--api-key", envvar="LONGVA_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (also from $LONGVA_API_KEY)."),
+    max_frames: int = typer.Option(256, "--max-frames", help="Most video frames one request may ask for (144 tokens each)."),
+    max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit", help="Most new tokens one request may ask for; also the default max_tokens."),
+    max_media: int = typer.Option(8, "--max-media", help="Most images and videos in one request."),
+    max_request_mb: float = typer.Option(64, "--max-request-mb", help="Largest request body in MiB (data: URLs are in it, base64 adds a third)."),
+    max_queue: int = typer.Option(32, "--max-queue", help="Requests that may wait for the model; more get 503."),
+    queue_timeout: float = typer.Option(300, "--queue-timeout", help="Seconds a request may wait for the model before it gets 503."),
+    ui: bool = typer.Option(False, "--ui", help="Also serve a chat page at /ui (upload a video or image, ask, read the streamed answer)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
+    attn: str = typer.Option("auto", "--attn", help="auto, sdpa, eager or flash_attention_2."),
+    device_map: str = typer.Option(None, "--device-map", help="'auto' splits the model across all visible GPUs."),
+    quantize: str = typer.Option(None, "--quantize", help="4bit or 8bit (bitsandbytes, CUDA only)."),
+    revision: str = typer.Option(None, "--revision", help="Hub revision of the model."),
+    prefill_chunk: int = typer.Option(4096, "--prefill-chunk", help="Tokens per prefill step; smaller uses less memory."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."),
+) -> None:
+    """Serve LongVA over an OpenAI-compatible HTTP API (chat completions with images and videos).
+
+    One model stays in memory and answers one request at a time; others wait in a queue.
+    Media come as data: URLs or, for folders named with --media-root, as file:// URLs.
+    Per-request video options go in a top-level "video" field: {"frames": 64} or {"fps": 1}.
+
+    examples:
+      longva serve --model lmms-lab/LongVA-7B-DPO --host 127.0.0.1 --port 8000
+      longva serve --media-root /data/videos --max-frames 128 --ui
+      curl localhost:8000/v1/models
+    """
+    require_serve_extra()
+    for name, value in (("--max-frames", max_frames), ("--max-tokens-limit", max_tokens_limit), ("--max-media", max_media),
+                        ("--max-queue", max_queue), ("--prefill-chunk", prefill_chunk)):
+        if value < 1:
+            raise LongVAError(f"{name} must be at least 1, got {value}.")
+    if not 0 < port < 65536:
+        raise LongVAError(f"--port must be between 1 and 65535, got {port}.")
+    if max_request_mb <= 0 or queue_timeout <= 0:
+        raise LongVAError("--max-request-mb and --queue-timeout must be positive.")
+    roots = []
+    for root in media_root:
+        resolved = root.expanduser().resolve()
+        if not resolved.is_dir():
+            raise LongVAError(f"--media-root {root} is not a folder.")
+        roots.append(resolved)
+    if api_key is not None and not api_key.strip():
+        raise LongVAError("--api-key is empty; give a key or leave the flag out.")
+    check_port_free(host, port)
+    if not is_loopback(host) and api_key is None:
+        stderr.print(f"[yellow]warning:[/yellow] listening on {host} without --api-key: anyone who can reach this port can use the model.")
+
+    from longva_cli.serve.app import ServeSettings, serve
+    from longva_cli.serve.openai_format import RequestLimits
+
+    settings = ServeSettings(
+        served_model_name=served_model_name,
+        model_aliases=(model, Path(model).name),
+        limits=RequestLimits(media_roots=tuple(roots), max_frames=max_frames, max_tokens=max_tokens_limit, max_media=max_media),
+        max_request_bytes=int(max_request_mb * 2**20),
+        api_key=api_key,
+        queue_timeout=queue_timeout,
+        max_queue=max_queue,
+        ui=ui,
+        prefill_chunk=prefill_chunk,
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the worker thread tokenizes; no fork warnings
+    serve(model, settings, host=host, port=port, device=device, dtype=dtype, attn=attn, device_map=device_map,
+          quantize=quantize, revision=revision, log_level=log_level)
