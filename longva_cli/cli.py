@@ -12,12 +12,12 @@ import sys
 
 import typer
 
-from longva_cli import __version__
-from longva_cli import ask, download, recipes_cmd
+from longva_cli import __version__, ask, download, recipes_cmd
+from longva_cli.errors import LongVAError
 from longva_cli.eval import cli as eval_cli
+from longva_cli.niah import cli as niah_cli
 from longva_cli.serve import cli as serve_cli
 from longva_cli.train import align, extend_text
-from longva_cli.errors import LongVAError
 
 app = typer.Typer(
     name="longva",
@@ -44,13 +44,17 @@ def root(
     """LongVA: ask questions about hour-long videos, run V-NIAH, train and serve long-context video models."""
 
 
+# Training commands take a recipe plus free-form dotted `key=value` overrides.
+RECIPE_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
 app.command("ask", no_args_is_help=True)(ask.command)
 app.command("download")(download.command)
-app.add_typer(recipes_cmd.app, name="recipes")
-app.add_typer(eval_cli.app, name="eval")
 app.command("serve")(serve_cli.command)
-app.command("extend-text", no_args_is_help=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(extend_text.command)
-app.command("align", no_args_is_help=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(align.command)
+app.add_typer(niah_cli.app, name="niah")
+app.command("extend-text", no_args_is_help=True, context_settings=RECIPE_ARGS)(extend_text.command)
+app.command("align", no_args_is_help=True, context_settings=RECIPE_ARGS)(align.command)
+app.add_typer(eval_cli.app, name="eval")
+app.add_typer(recipes_cmd.app, name="recipes")
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -24,6 +24,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SCHEMAS: dict[str, str] = {
     "extend-text": "longva_cli.train.extend_text:ExtendTextRecipe",
     "align": "longva_cli.train.align:AlignRecipe",
+    "niah": "longva_cli.niah.settings:NiahRecipe",
 }
 
 Schema = TypeVar("Schema")

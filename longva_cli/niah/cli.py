@@ -1,0 +1,191 @@
+"""`longva niah video|text|plot`: the Typer layer over `video.run_video`, `text.run_text` and `heatmap`.
+
+Every option defaults to None so that a flag given on the command line can be told apart
+from a default: defaults < recipe (`--recipe`) < stored settings (`--resume`) < flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import typer
+
+from longva_cli.console import stderr
+from longva_cli.errors import LongVAError
+
+app = typer.Typer(
+    help="Needle-in-a-haystack tests: V-NIAH on any long video, text NIAH on any text, and their heatmaps.",
+    no_args_is_help=True,
+)
+
+SCORING_HELP = "teacher-forced (the original: argmax equals the answer at every answer token) or generate (greedy answer, compared as text)."
+
+
+def settings_for(mode: str, recipe: str | None, resume: bool, flags: dict):
+    """The run's settings: defaults, then the recipe, then (--resume) the folder's, then flags."""
+    from longva_cli.niah.results import stored_settings
+    from longva_cli.niah.settings import NiahRecipe, TextSettings, VideoSettings
+    from longva_cli.recipes import build, load_recipe
+
+    schema = VideoSettings if mode == "video" else TextSettings
+    base = NiahRecipe()
+    if recipe is not None:
+        base = load_recipe(NiahRecipe, recipe)
+        if base.mode != mode:
+            raise LongVAError(f"recipe {recipe} is a {base.mode} recipe; run it with `longva niah {base.mode} --recipe {recipe}`.")
+    section = getattr(base, mode)
+    if resume:
+        folder = flags.get("output") or section.output
+        stored_mode, stored = stored_settings(Path(folder))
+        if stored_mode != mode:
+            raise LongVAError(f"{folder} holds a {stored_mode} run; resume it with `longva niah {stored_mode} --output {folder} --resume`.")
+        section = build(schema, stored)
+    given = {key: value for key, value in flags.items() if value is not None}
+    settings = dataclasses.replace(section, **given)
+    if settings.scoring not in ("teacher-forced", "generate"):
+        raise LongVAError(f"--scoring must be teacher-forced or generate, got {settings.scoring!r}.")
+    return settings
+
+
+def report(run) -> None:
+    """A rich table of the scores (depth down, size across) and where the files are."""
+    if run is None:  # not rank 0
+        return
+    from rich.table import Table
+
+    from longva_cli.niah.results import OUTPUT_KEYS, SIZE_KEYS
+    from longva_cli.niah.settings import depth_label, size_label
+
+    size_key = SIZE_KEYS[run.mode]
+    sizes = sorted({cell[size_key] for cell in run.cells})
+    depths = sorted({cell["depth"] for cell in run.cells})
+    scores = {(cell[size_key], cell["depth"]): cell["score"] for cell in run.cells}
+    table = Table(OUTPUT_KEYS[run.mode][1], *[size_label(s) for s in sizes], title=f"{run.mode} NIAH scores", caption=f"Average Accuracy: {run.average:.4f}")
+    for depth in depths:
+        table.add_row(f"{depth_label(depth):g}", *[f"{scores[(s, depth)]:.2f}" if (s, depth) in scores else "-" for s in sizes])
+    stderr.print(table)
+    if run.warning:
+        stderr.print(f"[yellow]note:[/yellow] {run.warning}")
+    stderr.print(f"results: {run.folder} (all_accuracies.json, avg_accuracy.txt, heatmap.png, results.jsonl)")
+    typer.echo(f"Average Accuracy: {run.average}")
+
+
+@app.command("video", no_args_is_help=False)
+def video_command(
+    haystack: Path | None = typer.Option(None, "--haystack", help="A long video you have (a film, a lecture); sampled at 1 frame a second."),
+    model: str | None = typer.Option(None, "--model", "-m", help="LongVA checkpoint folder, hub id or short name [default: lmms-lab/LongVA-7B]."),
+    needles: str | None = typer.Option(None, "--needles", help="v_niah_needles (the hub set) or a folder of images + needles.jsonl {image, question, answer}."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Run folder [default: runs/niah-video]; rerun the same command to continue."),
+    min_frames: int | None = typer.Option(None, "--min-frames", help="Smallest haystack, in frames [default: 200]."),
+    max_frames: int | None = typer.Option(None, "--max-frames", help="Largest haystack, in frames [default: 3000]."),
+    frame_step: int | None = typer.Option(None, "--frame-step", help="Step between haystack sizes [default: 200]."),
+    depth_step: float | None = typer.Option(None, "--depth-step", help="Step between needle depths from 0 to 1 [default: 0.2]."),
+    scoring: str | None = typer.Option(None, "--scoring", help=SCORING_HELP),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Longest generated answer (generate scoring) [default: 32]."),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where haystack embeddings are cached [default: ~/.cache/longva/niah]."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (under torchrun each rank takes its own GPU)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
+    attn: str | None = typer.Option(None, "--attn", help="auto, sdpa, eager or flash_attention_2."),
+    prefill_chunk: int | None = typer.Option(None, "--prefill-chunk", help="Tokens per forward chunk (memory vs speed) [default: 4096]."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Settings from a recipe (recipes/niah/*.yaml); flags override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output with the settings stored there."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results in --output and start over."),
+) -> None:
+    """V-NIAH: can the model find one needle image among N frames of a long video?
+
+    The haystack is your own video at 1 frame a second (144 tokens a frame, embedded once and
+    cached); each needle image goes in at frame int(depth * N). Scores, all_accuracies.json,
+    avg_accuracy.txt and heatmap.png follow the original benchmark. Each finished cell is
+    saved at once: run the same command again to continue after a crash. One sequence must
+    fit one GPU (3000 frames = 432K tokens fit 80 GB); under torchrun the cells are spread
+    over the GPUs.
+
+    examples:
+      longva download v_niah_needles
+      longva niah video --haystack movie.mp4 --model lmms-lab/LongVA-7B --output runs/niah-longva
+      longva niah video --haystack movie.mp4 --min-frames 200 --max-frames 3000 --frame-step 200 --depth-step 0.2
+      longva niah video --haystack movie.mp4 --needles my_needles/ --scoring generate
+      longva niah video --recipe recipes/niah/v-niah-longva-7b.yaml --haystack movie.mp4
+      torchrun --nproc-per-node 8 -m longva_cli niah video --haystack movie.mp4 --output runs/niah-8gpu
+    """
+    from longva_cli.niah.video import run_video
+
+    flags = {
+        "haystack": haystack, "model": model, "needles": needles, "output": output, "min_frames": min_frames, "max_frames": max_frames,
+        "frame_step": frame_step, "depth_step": depth_step, "scoring": scoring, "max_new_tokens": max_new_tokens, "cache_dir": cache_dir,
+        "device": device, "dtype": dtype, "attn": attn, "prefill_chunk": prefill_chunk,
+    }
+    report(run_video(settings_for("video", recipe, resume, flags), overwrite=overwrite))
+
+
+@app.command("text")
+def text_command(
+    model: str | None = typer.Option(None, "--model", "-m", help="Causal LM folder or hub id [default: lmms-lab/Qwen2-7B-Instrcuct-224K]."),
+    haystack: str | None = typer.Option(None, "--haystack", help="A folder of .txt files (repeated past the longest context), or synthetic [default]."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Run folder [default: runs/niah-text]; rerun the same command to continue."),
+    min_tokens: int | None = typer.Option(None, "--min-tokens", help="Shortest haystack in tokens [default: 32000]."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Longest haystack in tokens [default: 512000]."),
+    token_step: int | None = typer.Option(None, "--token-step", help="Step between haystack lengths [default: 32000]."),
+    depth_step: float | None = typer.Option(None, "--depth-step", help="Step between needle depths from 0 to 1 [default: 0.1]."),
+    samples: int | None = typer.Option(None, "--samples", help="Needle numbers per cell [default: 5]."),
+    distractors: int | None = typer.Option(None, "--distractors", help="Other cities' numbers hidden too, 0 to 6 [default: 0]."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the numbers and distractor places [default: 2024]."),
+    scoring: str | None = typer.Option(None, "--scoring", help=SCORING_HELP),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Longest generated answer (generate scoring) [default: 32]."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str | None = typer.Option(None, "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
+    attn: str | None = typer.Option(None, "--attn", help="auto, sdpa, eager or flash_attention_2."),
+    prefill_chunk: int | None = typer.Option(None, "--prefill-chunk", help="Tokens per forward chunk [default: 4096]."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Settings from a recipe (recipes/niah/*.yaml); flags override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output with the settings stored there."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results in --output and start over."),
+) -> None:
+    """Text NIAH: find "The special magic Singapore number is: NNNNNNN." in a long book.
+
+    The original LongVA text test (prompt, needle, distractors, teacher-forced scoring) on any
+    causal LM and any text; the needle goes after a sentence end found from the tokens' text,
+    so it works with Qwen2's tokenizer (the original's Llama period ids never matched it).
+
+    examples:
+      longva niah text --model lmms-lab/Qwen2-7B-Instrcuct-224K --haystack essays/ --max-tokens 512000 --distractors 3
+      longva niah text --model Qwen/Qwen2-7B-Instruct --max-tokens 128000 --token-step 16000 --output runs/niah-qwen2
+      longva niah text --recipe recipes/niah/text-qwen2-224k.yaml --haystack essays/
+    """
+    from longva_cli.niah.text import run_text
+
+    flags = {
+        "model": model, "haystack": haystack, "output": output, "min_tokens": min_tokens, "max_tokens": max_tokens, "token_step": token_step,
+        "depth_step": depth_step, "samples": samples, "distractors": distractors, "seed": seed, "scoring": scoring,
+        "max_new_tokens": max_new_tokens, "device": device, "dtype": dtype, "attn": attn, "prefill_chunk": prefill_chunk,
+    }
+    report(run_text(settings_for("text", recipe, resume, flags), overwrite=overwrite))
+
+
+@app.command("plot", no_args_is_help=True)
+def plot_command(
+    folder: Path = typer.Argument(..., help="A run folder (with all_accuracies.json) or the all_accuracies.json file."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Where to write the PNG [default: heatmap.png beside the scores]."),
+    title: str | None = typer.Option(None, "--title", help="A title above the heatmap."),
+) -> None:
+    """Redraw the heatmap from saved scores (the original's format: any all_accuracies.json).
+
+    examples:
+      longva niah plot runs/niah-longva
+      longva niah plot runs/niah-text/all_accuracies.json --output text-niah.png --title "Qwen2-7B-224K"
+    """
+    from longva_cli.niah.heatmap import draw_heatmap
+    from longva_cli.niah.results import ACCURACIES, HEATMAP
+
+    scores = folder if folder.is_file() else folder / ACCURACIES
+    if not scores.is_file():
+        raise LongVAError(f"{scores} does not exist; give a run folder of `longva niah video|text` or an all_accuracies.json file.")
+    try:
+        rows = json.loads(scores.read_text())
+    except json.JSONDecodeError:
+        raise LongVAError(f"{scores} is not valid JSON; rerun the NIAH command to write it again.") from None
+    if not rows or not isinstance(rows, list) or "Score" not in rows[0]:
+        raise LongVAError(f"{scores} holds no scores; expected a list of {{size, depth, Score}} rows.")
+    path = draw_heatmap(rows, output or scores.parent / HEATMAP, title)
+    stderr.print(f"heatmap: {path}")

@@ -1,0 +1,177 @@
+"""The loop over a NIAH grid: resumable, ordered for KV reuse, split over ranks.
+
+A grid is cells (size, depth); a cell is scored by several units (V-NIAH: one per needle;
+text: one per sample). Units run in the order that lets consecutive sequences share the
+longest prefix; each scored unit is appended to items.jsonl at once and a cell's line goes to
+results.jsonl as soon as its last unit is in, so a killed run loses at most the unit it was
+scoring, and a restart skips everything already written.
+
+Under torchrun every rank takes cells i % world_size of the sorted cell list (data parallel:
+one whole sequence per GPU) and appends to the same files under a lock; rank 0 writes the
+outputs once all ranks are done.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from longva_cli.niah.results import ITEMS, RESULTS, SIZE_KEYS, append_line, read_lines
+
+
+@dataclass(frozen=True)
+class Unit:
+    size: int  # frames (video) or haystack tokens (text)
+    depth: float
+    index: int  # needle (video) or sample (text) within the cell
+    order: tuple  # units run sorted by this, so that neighbours share long prefixes
+
+    @property
+    def cell(self) -> tuple[int, float]:
+        return (self.size, self.depth)
+
+
+class Ranks:
+    """This process's place among torchrun's ranks (one rank without torchrun)."""
+
+    def __init__(self) -> None:
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                # gloo carries only barriers here; a long timeout because rank 0 may spend an
+                # hour embedding the haystack while the others wait
+                dist.init_process_group("gloo", timeout=timedelta(days=7))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, requested: str) -> str:
+        """Each rank on its own GPU when the device is auto or plain cuda."""
+        import torch
+
+        if self.world > 1 and requested in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        return requested
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def my_cells(self, cells: list[tuple[int, float]]) -> set[tuple[int, float]]:
+        return set(sorted(cells)[self.rank :: self.world])
+
+
+def run_units(
+    units: list[Unit],
+    score: Callable[[Unit], dict],
+    folder: Path,
+    mode: str,
+    ranks: Ranks,
+    on_start: Callable[[int], None] | None = None,
+    on_unit: Callable[[], None] | None = None,
+) -> int:
+    """Score this rank's unfinished units in order; the number scored now."""
+    size_key = SIZE_KEYS[mode]
+    units_per_cell = Counter(unit.cell for unit in units)
+    finished = {(row[size_key], row["depth"]) for row in read_lines(folder / RESULTS)}
+    items: dict[tuple[int, float], dict[int, dict]] = {}
+    for row in read_lines(folder / ITEMS):
+        items.setdefault((row[size_key], row["depth"]), {})[row["index"]] = row
+
+    def finish_if_complete(cell: tuple[int, float]) -> None:
+        done = items.get(cell, {})
+        if cell in finished or len(done) < units_per_cell[cell]:
+            return
+        records = [{k: v for k, v in done[i].items() if k not in (size_key, "depth")} for i in sorted(done)]
+        score_value = sum(r["found"] for r in records) / len(records)
+        append_line(folder / RESULTS, {size_key: cell[0], "depth": cell[1], "score": score_value, "items": records})
+        finished.add(cell)
+
+    mine = ranks.my_cells(list(units_per_cell))
+    for cell in sorted(mine):
+        finish_if_complete(cell)  # all its units were written before a kill, its line was not
+    todo = [u for u in units if u.cell in mine and u.cell not in finished and u.index not in items.get(u.cell, {})]
+    todo.sort(key=lambda u: u.order)
+    if on_start:
+        on_start(len(todo))
+    for unit in todo:
+        record = {size_key: unit.size, "depth": unit.depth, "index": unit.index, **score(unit)}
+        append_line(folder / ITEMS, record)
+        items.setdefault(unit.cell, {})[unit.index] = record
+        finish_if_complete(unit.cell)
+        if on_unit:
+            on_unit()
+    return len(todo)
+
+
+def finished_cells(folder: Path, mode: str) -> list[dict]:
+    """The cell lines of results.jsonl (one per cell, the first if a cell was written twice)."""
+    size_key = SIZE_KEYS[mode]
+    cells = {}
+    for row in read_lines(folder / RESULTS):
+        cells.setdefault((row[size_key], row["depth"]), row)
+    return list(cells.values())
+
+
+@dataclass
+class GridRun:
+    """What a finished run reports (rank 0 only)."""
+
+    folder: Path
+    mode: str
+    cells: list[dict]
+    average: float
+    scored_now: int
+    tokens_forwarded: int
+    warning: str | None = None
+
+
+def score_grid(
+    units: list[Unit],
+    score: Callable[[Unit], dict],
+    folder: Path,
+    mode: str,
+    ranks: Ranks,
+    title: str,
+    tokens_forwarded: Callable[[], int] = lambda: 0,
+) -> GridRun | None:
+    """Run the units with a progress bar on rank 0, then (rank 0) write the output files."""
+    from longva_cli.console import progress
+    from longva_cli.niah.results import write_outputs
+
+    bar = progress(unit="needles" if mode == "video" else "samples") if ranks.main else None
+    task = None
+
+    def start(total: int) -> None:
+        nonlocal task
+        if bar:
+            task = bar.add_task(f"{mode} NIAH", total=total)
+
+    def advance() -> None:
+        if bar:
+            bar.advance(task)
+
+    if bar:
+        bar.start()
+    try:
+        scored = run_units(units, score, folder, mode, ranks, on_start=start, on_unit=advance)
+    finally:
+        if bar:
+            bar.stop()
+    ranks.barrier()
+    if not ranks.main:
+        return None
+    cells = finished_cells(folder, mode)
+    average, warning = write_outputs(folder, mode, cells, title)
+    return GridRun(folder, mode, cells, average, scored, tokens_forwarded(), warning)

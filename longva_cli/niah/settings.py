@@ -1,0 +1,143 @@
+"""Settings of a NIAH run (also the schema of `recipes/niah/*.yaml`) and the grids they span.
+
+A recipe holds one `mode` (video or text) and that mode's section:
+
+    mode: video
+    video:
+      haystack: movie.mp4
+      max_frames: 3000
+
+Command-line flags override the recipe; a run folder stores the result in settings.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+from longva_cli.errors import LongVAError
+
+Scoring = Literal["teacher-forced", "generate"]
+
+
+@dataclass
+class VideoSettings:
+    haystack: Path | None = None  # a long video; sampled at 1 frame a second
+    model: str = "lmms-lab/LongVA-7B"
+    needles: str = "v_niah_needles"  # the hub data set (`longva download v_niah_needles`) or a folder
+    output: Path = Path("runs/niah-video")
+    min_frames: int = 200
+    max_frames: int = 3000
+    frame_step: int = 200
+    depth_step: float = 0.2
+    scoring: Scoring = "teacher-forced"
+    max_new_tokens: int = 32  # generate scoring only
+    cache_dir: Path | None = None  # haystack embeddings; default ~/.cache/longva/niah
+    device: str = "auto"
+    dtype: str = "auto"
+    attn: str = "auto"
+    prefill_chunk: int = 4096
+
+
+@dataclass
+class TextSettings:
+    haystack: str = "synthetic"  # a folder of .txt files, or the built-in filler
+    model: str = "lmms-lab/Qwen2-7B-Instrcuct-224K"
+    output: Path = Path("runs/niah-text")
+    min_tokens: int = 32_000
+    max_tokens: int = 512_000
+    token_step: int = 32_000
+    depth_step: float = 0.1
+    samples: int = 5  # needle numbers per cell
+    distractors: int = 0  # 0..6 other cities' numbers at random places
+    seed: int = 2024
+    scoring: Scoring = "teacher-forced"
+    max_new_tokens: int = 32
+    device: str = "auto"
+    dtype: str = "auto"
+    attn: str = "auto"
+    prefill_chunk: int = 4096
+
+
+@dataclass
+class NiahRecipe:
+    mode: Literal["video", "text"] = "video"
+    video: VideoSettings = field(default_factory=VideoSettings)
+    text: TextSettings = field(default_factory=TextSettings)
+
+
+# Settings that do not change a single score: a run may continue with other values of these.
+RUNTIME_FIELDS = {"output", "cache_dir", "device", "attn", "prefill_chunk"}
+
+
+def identity(settings: VideoSettings | TextSettings) -> dict:
+    """The settings that decide the results, as plain JSON values (compared on resume)."""
+    values = {}
+    for item in fields(settings):
+        if item.name in RUNTIME_FIELDS:
+            continue
+        value = getattr(settings, item.name)
+        values[item.name] = str(value) if isinstance(value, Path) else value
+    if settings.scoring == "teacher-forced":
+        values.pop("max_new_tokens")
+    return values
+
+
+def size_grid(low: int, high: int, step: int, what: str) -> list[int]:
+    """low, low + step, ... up to high (inclusive), as the original's range(low, high + 1, step)."""
+    if step <= 0:
+        raise LongVAError(f"the {what} step must be positive, got {step}.")
+    if low < 1:
+        raise LongVAError(f"the smallest {what} count must be at least 1, got {low}.")
+    if low > high:
+        raise LongVAError(f"the smallest {what} count ({low}) is larger than the largest ({high}); swap them.")
+    return list(range(low, high + 1, step))
+
+
+DEPTH_STEPS = (0.1, 0.2, 0.5, 1.0)
+
+
+def depth_grid(step: float) -> list[float]:
+    """0, step, ..., 1. The step must divide 1 into tenths: the outputs label depths in whole tens
+    (the original's `round(depth * 100, -1)`), so 0.25 would print 25% as 20%."""
+    if not any(abs(step - allowed) < 1e-9 for allowed in DEPTH_STEPS):
+        raise LongVAError(f"the depth step {step} does not divide 1 into tenths; use 0.1, 0.2, 0.5 or 1.")
+    count = round(1 / step)
+    return [round(i / count, 6) for i in range(count + 1)]
+
+
+def depth_label(depth: float) -> float:
+    """The original's "Frame Depth" / "Document Depth": depth * 100 rounded to tens."""
+    return round(depth * 100, -1)
+
+
+def check_video(settings: VideoSettings) -> tuple[list[int], list[float]]:
+    """The (frame counts, depths) grid, or a LongVAError naming the bad setting."""
+    if settings.haystack is None:
+        raise LongVAError("give a haystack video with --haystack (any long video you have, e.g. a film).")
+    sizes = size_grid(settings.min_frames, settings.max_frames, settings.frame_step, "frame")
+    _check_common(settings)
+    return sizes, depth_grid(settings.depth_step)
+
+
+def check_text(settings: TextSettings) -> tuple[list[int], list[float]]:
+    sizes = size_grid(settings.min_tokens, settings.max_tokens, settings.token_step, "token")
+    if settings.samples < 1:
+        raise LongVAError(f"--samples must be at least 1, got {settings.samples}.")
+    if not 0 <= settings.distractors <= 6:
+        raise LongVAError(f"--distractors must be between 0 and 6 (one per city), got {settings.distractors}.")
+    _check_common(settings)
+    return sizes, depth_grid(settings.depth_step)
+
+
+def _check_common(settings: VideoSettings | TextSettings) -> None:
+    if settings.max_new_tokens < 1:
+        raise LongVAError(f"--max-new-tokens must be at least 1, got {settings.max_new_tokens}.")
+    if settings.prefill_chunk < 1:
+        raise LongVAError(f"--prefill-chunk must be at least 1, got {settings.prefill_chunk}.")
+
+
+def size_label(size: int) -> str:
+    """Heatmap column labels as in the paper's figures: 200 -> 0.2K, 1200 -> 1.2K, 32000 -> 32K (tiny grids: 6)."""
+    return str(size) if size < 100 else f"{size / 1000:g}K"

@@ -1,0 +1,461 @@
+"""`longva niah`: grids, file formats, exact KV reuse, resume, placement, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from media import write_image, write_video
+
+from longva_cli.errors import LongVAError
+from longva_cli.niah import results as niah_results
+from longva_cli.niah import scoring
+from longva_cli.niah.settings import TextSettings, VideoSettings, depth_grid, size_grid
+from longva_cli.niah.video import (
+    HAYSTACK_KEYS,
+    NEEDLE_KEYS,
+    VideoNeedlePrompts,
+    embed_haystack,
+    haystack_frame_ids,
+    load_haystack,
+    load_needles,
+    run_video,
+    stored_blocks,
+    video_units,
+)
+
+NEEDLES = [("\nWhat colour is the square? A. red B. blue", "B"), ("\nHow many mg does each tablet contain?", "200")]
+
+
+@pytest.fixture(scope="module")
+def haystack(tmp_path_factory) -> Path:
+    """60 frames at 10 fps: 6 frames at 1 frame a second, 160x96 (not square, so padding shows)."""
+    return write_video(tmp_path_factory.mktemp("niah") / "haystack.mp4", frames=60, fps=10)
+
+
+@pytest.fixture(scope="module")
+def needle_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("needles")
+    lines = []
+    for i, (question, answer) in enumerate(NEEDLES):
+        write_image(folder / f"needle{i}.png", 120 + 80 * i, 90)
+        lines.append(json.dumps({"image": f"needle{i}.png", "question": question, "answer": answer}))
+    (folder / "needles.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def video_settings(tmp_path_factory, tiny_checkpoint, haystack, needle_dir) -> VideoSettings:
+    root = tmp_path_factory.mktemp("runs")
+    return VideoSettings(
+        haystack=haystack, model=str(tiny_checkpoint), needles=str(needle_dir), output=root / "video",
+        min_frames=2, max_frames=6, frame_step=2, depth_step=0.2, cache_dir=root / "cache", device="cpu",
+    )
+
+
+@pytest.fixture(scope="module")
+def video_run(video_settings):
+    return run_video(video_settings)
+
+
+def cell_lines(folder: Path) -> list[dict]:
+    return niah_results.read_lines(folder / "results.jsonl")
+
+
+# ---- grids and formats --------------------------------------------------------------------
+
+
+def test_grids_follow_the_original_ranges():
+    assert size_grid(200, 3000, 200, "frame") == list(range(200, 3001, 200))
+    assert depth_grid(0.2) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert len(depth_grid(0.1)) == 11
+    for bad in (lambda: size_grid(2, 6, 0, "frame"), lambda: size_grid(8, 6, 2, "frame"), lambda: depth_grid(0.3), lambda: depth_grid(0)):
+        with pytest.raises(LongVAError):
+            bad()
+
+
+def test_video_run_writes_the_original_file_formats(video_run, video_settings):
+    folder = video_settings.output
+    rows = json.loads((folder / "all_accuracies.json").read_text())
+    assert all(list(row) == ["Num. Frame", "Frame Depth", "Score"] for row in rows)
+    assert sorted({row["Num. Frame"] for row in rows}) == [2, 4, 6]
+    assert sorted({row["Frame Depth"] for row in rows}) == [0, 20, 40, 60, 80, 100]
+    assert len(rows) == 18
+    average = sum(row["Score"] for row in rows) / len(rows)
+    assert (folder / "avg_accuracy.txt").read_text() == f"Average Accuracy: {average}\n"
+    assert video_run.average == average
+    cells = cell_lines(folder)
+    assert len(cells) == 18 and all(len(cell["items"]) == len(NEEDLES) for cell in cells)
+    item = cells[0]["items"][0]
+    assert {"found", "answer", "predicted", "answer_ids", "predicted_ids"} <= set(item)
+    assert cells[0]["score"] == sum(i["found"] for i in cells[0]["items"]) / len(NEEDLES)
+
+
+def test_heatmap_is_a_17_5_by_8_inch_png(video_run, video_settings, tmp_path):
+    from PIL import Image
+
+    path = video_settings.output / "heatmap.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(path).size == (1750, 800)  # 17.5 x 8 inches at matplotlib's 100 dpi
+    redrawn = tmp_path / "again.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "longva_cli", "niah", "plot", str(video_settings.output), "--output", str(redrawn)],
+        check=False, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert Image.open(redrawn).size == (1750, 800)
+
+
+# ---- exactness of the KV-reusing path ------------------------------------------------------
+
+
+def test_kv_reuse_scores_equal_a_naive_full_forward_on_every_cell(video_run, video_settings, tiny_longva, needle_dir):
+    """The run's per-needle predictions equal one plain forward over each whole sequence."""
+    from longva_cli.niah.video import (
+        content_hash,
+        haystack_cache_folder,
+        model_fingerprint,
+    )
+
+    needles = load_needles(str(needle_dir))
+    folder = haystack_cache_folder(
+        video_settings.cache_dir, content_hash(video_settings.haystack), model_fingerprint(Path(video_settings.model)),
+        tiny_longva.model.dtype, 144,
+    )
+    haystack = load_haystack(folder, 6, tiny_longva.model.device)
+    needle_embeds = tiny_longva.encode_frames([[n.image for n in needles]], len(needles), pad_to_square=True)
+    prompts = VideoNeedlePrompts(tiny_longva, haystack, needles, needle_embeds)
+    language_model = tiny_longva.model.language_model
+    naive_tokens = 0
+    for cell in cell_lines(video_settings.output):
+        for item in cell["items"]:
+            sequence = prompts.sequence(cell["num_frames"], cell["depth"], item["index"], with_answer=True)
+            naive = scoring.naive_teacher_forced(language_model, sequence.embed(0, len(sequence)), len(item["answer_ids"]))
+            assert item["predicted_ids"] == naive, (cell["num_frames"], cell["depth"], item["index"])
+            assert item["found"] == (naive == prompts.answer_ids(item["index"]))
+            naive_tokens += len(sequence)
+    assert video_run.tokens_forwarded < 0.7 * naive_tokens  # the shared prefixes were reused
+
+
+def test_chunked_cache_reuse_equals_naive_for_teacher_forcing_and_greedy(tiny_longva, needle_dir):
+    """Small prefill chunks, sequences in grid order, teacher-forced and generated ids both exact."""
+    from longva_cli.model.generation import SamplingSettings, generate
+
+    torch.manual_seed(0)
+    haystack = torch.randn(6, 144, tiny_longva.model.config.hidden_size)
+    needles = load_needles(str(needle_dir))
+    prompts = VideoNeedlePrompts(tiny_longva, haystack, needles, torch.randn(len(needles), 144, haystack.shape[-1]))
+    language_model = tiny_longva.model.language_model
+    cache = scoring.PrefixCache(language_model, chunk=256)  # sequences of 450-900 tokens: 2 to 4 chunks
+    units = sorted(video_units([3, 5], [0.0, 1.0], len(needles)), key=lambda u: u.order)
+    for unit in units:
+        sequence = prompts.sequence(unit.size, unit.depth, unit.index, with_answer=True)
+        answer = prompts.answer_ids(unit.index)
+        naive = scoring.naive_teacher_forced(language_model, sequence.embed(0, len(sequence)), len(answer))
+        assert scoring.teacher_forced(cache, sequence, answer) == naive
+    greedy_settings = SamplingSettings(max_new_tokens=6, temperature=0)
+    for unit in units[:3]:
+        prompt = prompts.sequence(unit.size, unit.depth, unit.index, with_answer=False)
+        expected = list(generate(language_model, prompt.embed(0, len(prompt)), greedy_settings, tiny_longva.stop_ids))
+        assert scoring.greedy(cache, prompt, tiny_longva.stop_ids, 6) == expected
+
+
+def test_generate_scoring_run_keeps_the_generated_text(video_run, video_settings, tmp_path):
+    settings = replace(video_settings, output=tmp_path / "generate", min_frames=2, max_frames=2, depth_step=1.0, scoring="generate", max_new_tokens=4)
+    run = run_video(settings)
+    items = [item for cell in cell_lines(settings.output) for item in cell["items"]]
+    assert run.scored_now == 4 and len(items) == 4
+    for item in items:
+        assert len(item["predicted_ids"]) <= 4
+        assert item["found"] == scoring.answer_matches(item["predicted"], item["answer"])
+
+
+def test_generate_scoring_compares_normalised_text():
+    assert scoring.answer_matches("B. UC San Diego", "B")
+    assert scoring.answer_matches("(b)", "B")
+    assert not scoring.answer_matches("a panda is there", "C")
+    assert scoring.answer_matches("The balloon is YELLOW!", "Yellow")
+    assert scoring.answer_matches("Each tablet: 200 mg.", "200")
+    assert not scoring.answer_matches("2000 mg", "200")
+
+
+# ---- haystack and needles -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frames, depth, index", [(5, 0.5, 2), (6, 0.2, 1), (4, 0.6, 2), (6, 1.0, 6), (2, 0.0, 0)])
+def test_needle_goes_in_at_int_depth_times_frames(tiny_longva, needle_dir, frames, depth, index):
+    needles = load_needles(str(needle_dir))
+    haystack = torch.randn(6, 144, tiny_longva.model.config.hidden_size)
+    needle_embeds = torch.randn(len(needles), 144, haystack.shape[-1])
+    prompts = VideoNeedlePrompts(tiny_longva, haystack, needles, needle_embeds)
+    sequence = prompts.sequence(frames, depth, 1, with_answer=True)
+    start = len(prompts.prefix[0]) + index * 144
+    assert np.array_equal(sequence.keys[start : start + 144], NEEDLE_KEYS + 144 + np.arange(144))
+    assert np.array_equal(sequence.keys[len(prompts.prefix[0]) : start], HAYSTACK_KEYS + np.arange(index * 144))
+    assert torch.equal(sequence.embed(start, start + 144), needle_embeds[1])
+    assert len(sequence) == len(prompts.prefix[0]) + (frames + 1) * 144 + len(prompts.questions[1][0]) + len(prompts.answers[1][0])
+
+
+def test_haystack_frames_are_1fps_padded_to_square_and_cached(tiny_longva, haystack, tmp_path):
+    from longva_cli.model import media
+
+    counts = []
+    embed_haystack(tiny_longva, haystack, 4, tmp_path, on_start=counts.append)
+    embed_haystack(tiny_longva, haystack, 6, tmp_path, on_start=counts.append)  # a larger grid adds 2 frames
+    embed_haystack(tiny_longva, haystack, 6, tmp_path, on_start=counts.append)  # all cached
+    assert counts == [4, 2, 0]
+    assert [(a, b) for a, b, _ in stored_blocks(tmp_path)] == [(0, 4), (4, 6)]
+    cached = load_haystack(tmp_path, 6, tiny_longva.model.device)
+    video = media.open_video(haystack)
+    ids = media.frame_ids_at_fps(video.num_frames, video.fps, 1.0)
+    assert ids == [0, 10, 20, 30, 40, 50]
+    padded = tiny_longva.encode_frames(video.batches(ids, 16), 6, pad_to_square=True)
+    assert torch.equal(cached, padded)
+    assert not torch.allclose(cached, tiny_longva.encode_frames(video.batches(ids, 16), 6))
+
+
+def test_a_video_shorter_than_the_grid_says_how_many_frames_it_has(haystack):
+    with pytest.raises(LongVAError, match="has 6 frames at 1 frame a second"):
+        haystack_frame_ids(haystack, 8)
+
+
+def test_needles_from_parquet_like_the_hub_set(tmp_path, needle_dir):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = []
+    for i in range(2):
+        buffer = io.BytesIO()
+        from PIL import Image
+
+        Image.open(needle_dir / f"needle{i}.png").save(buffer, format="PNG")
+        images.append({"bytes": buffer.getvalue(), "path": None})
+    table = pa.table({"image": images, "question": [q for q, _ in NEEDLES], "answer": [a for _, a in NEEDLES]})
+    (tmp_path / "data").mkdir()
+    pq.write_table(table, tmp_path / "data" / "test-00000-of-00001.parquet")
+    needles = load_needles(str(tmp_path))
+    assert [(n.question, n.answer) for n in needles] == NEEDLES
+    assert needles[1].image.size == (200, 90)
+
+
+# ---- resume -------------------------------------------------------------------------------
+
+
+def test_a_killed_run_resumes_without_losing_or_recomputing_a_cell(video_run, video_settings, tmp_path, monkeypatch):
+    settings = replace(video_settings, output=tmp_path / "run", max_frames=4, depth_step=0.5)
+    original = scoring.teacher_forced
+    calls = []
+
+    def dies_after_five(*args, **kwargs):
+        if len(calls) == 5:
+            raise RuntimeError("killed")
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "teacher_forced", dies_after_five)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_video(settings)
+    assert len(niah_results.read_lines(settings.output / "items.jsonl")) == 5
+    finished_before = cell_lines(settings.output)
+    assert len(finished_before) == 2  # the depth-0 cells finish first (the shared-prefix order)
+    with open(settings.output / "items.jsonl", "a") as handle:
+        handle.write('{"num_frames": 4, "dep')  # a write cut by the kill
+
+    calls.clear()
+    monkeypatch.setattr(scoring, "teacher_forced", lambda *a, **k: calls.append(1) or original(*a, **k))
+    resumed = run_video(settings)
+    assert len(calls) == 12 - 5 and resumed.scored_now == 7
+    cells = cell_lines(settings.output)
+    assert len(cells) == 6 and cells[:2] == finished_before
+    assert len({(c["num_frames"], c["depth"]) for c in cells}) == 6
+    full = {(c["num_frames"], c["depth"]): c for c in cell_lines(video_settings.output)}
+    for cell in cells:  # the cells both grids hold are identical
+        if (cell["num_frames"], cell["depth"]) in full:
+            assert cell == full[(cell["num_frames"], cell["depth"])]
+    assert run_video(settings).scored_now == 0
+
+
+def test_a_folder_of_other_settings_is_refused_unless_overwrite(tmp_path):
+    identity = {"model": "a", "max_frames": 6}
+    niah_results.prepare_folder(tmp_path, "video", {}, identity, overwrite=False)
+    niah_results.append_line(tmp_path / "results.jsonl", {"num_frames": 2, "depth": 0.0, "score": 1.0, "items": []})
+    with pytest.raises(LongVAError, match="other settings.*--overwrite"):
+        niah_results.prepare_folder(tmp_path, "video", {}, {**identity, "max_frames": 8}, overwrite=False)
+    assert niah_results.prepare_folder(tmp_path, "video", {}, identity, overwrite=False) == 1
+    assert niah_results.prepare_folder(tmp_path, "video", {}, {**identity, "max_frames": 8}, overwrite=True) == 0
+
+
+def test_ranks_split_cells_without_overlap():
+    from longva_cli.niah.grid import Ranks
+
+    cells = [(n, d) for n in (2, 4, 6) for d in (0.0, 0.5, 1.0)]
+    ranks = [Ranks() for _ in range(3)]
+    for index, rank in enumerate(ranks):
+        rank.rank, rank.world = index, 3
+    shares = [rank.my_cells(cells) for rank in ranks]
+    assert set().union(*shares) == set(cells) and sum(len(s) for s in shares) == len(cells)
+
+
+# ---- text NIAH ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_text_model(tmp_path_factory) -> Path:
+    from transformers import Qwen2ForCausalLM
+
+    from longva_cli.model.tiny import (
+        build_tiny_tokenizer,
+        save_tiny_tokenizer,
+        tiny_configs,
+    )
+
+    folder = tmp_path_factory.mktemp("text-model")
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(tiny_configs()[0]).save_pretrained(folder)
+    save_tiny_tokenizer(build_tiny_tokenizer(), folder)
+    return folder
+
+
+def text_prompts(tokenizer, distractors: int = 0):
+    from longva_cli.niah.text import TextNeedlePrompts, haystack_tokens, run_numbers
+
+    numbers, others = run_numbers(7, 2, distractors)
+    return TextNeedlePrompts(tokenizer, haystack_tokens(tokenizer, "synthetic", 600), numbers, others, seed=7)
+
+
+def test_text_needle_goes_after_the_first_sentence_end_past_the_depth():
+    from longva_cli.model.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    prompts = text_prompts(tokenizer)
+    for length, depth in [(300, 0.5), (400, 0.3), (600, 0.9)]:
+        book, at = prompts.book(length, depth, 0)
+        start = int(length * depth)
+        assert at > start and "." in tokenizer.decode([int(book[at - 1])])
+        assert not any("." in tokenizer.decode([int(t)]) for t in book[start : at - 1])
+        assert np.array_equal(book[at : at + len(prompts.needles[0])], prompts.needles[0])
+    assert prompts.book(300, 0.0, 0)[1] == 0  # depth 0: the very start, as the original
+
+
+def test_text_distractors_are_each_hidden_once():
+    from longva_cli.model.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    prompts = text_prompts(tokenizer, distractors=3)
+    book, _ = prompts.book(500, 0.4, 1)
+    assert len(book) == 500 + len(prompts.needles[1]) + sum(len(d) for d in prompts.distractors)
+    text = tokenizer.decode(book.tolist())
+    assert text.count("special magic") == 4
+    for city in ("New York", "London", "Paris"):
+        assert text.count(f"special magic {city} number") == 1
+    assert "Tokyo" not in text
+
+
+@pytest.fixture(scope="module")
+def text_settings(tiny_text_model, tmp_path_factory) -> TextSettings:
+    return TextSettings(
+        model=str(tiny_text_model), output=tmp_path_factory.mktemp("text") / "run", min_tokens=64, max_tokens=128,
+        token_step=64, depth_step=0.5, samples=2, distractors=1, device="cpu",
+    )
+
+
+def test_text_run_scores_equal_a_naive_forward_and_use_the_text_format(tiny_text_model, text_settings):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from longva_cli.niah.text import (
+        TextNeedlePrompts,
+        haystack_tokens,
+        run_numbers,
+        run_text,
+    )
+
+    settings = text_settings
+    run = run_text(settings)
+    rows = json.loads((settings.output / "all_accuracies.json").read_text())
+    assert [list(row) for row in rows] == [["Context Length", "Document Depth", "Score"]] * 6
+    assert (settings.output / "heatmap.png").is_file() and run.scored_now == 12
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_text_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_model)
+    numbers, others = run_numbers(settings.seed, 2, 1)
+    prompts = TextNeedlePrompts(tokenizer, haystack_tokens(tokenizer, "synthetic", 128), numbers, others, settings.seed)
+    for cell in cell_lines(settings.output):
+        for item in cell["items"]:
+            ids = prompts.token_ids(cell["context_length"], cell["depth"], item["index"], with_answer=True)
+            embeds = model.get_input_embeddings()(torch.from_numpy(ids))
+            assert item["predicted_ids"] == scoring.naive_teacher_forced(model, embeds, len(item["answer_ids"]))
+            assert item["answer"] == str(numbers[item["index"]]) and len(item["answer"]) == 7
+
+
+# ---- the command line ---------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "longva_cli", "niah", *args], check=False, capture_output=True, text=True, timeout=120)
+
+
+def test_bad_input_is_one_line_without_traceback(haystack, needle_dir, tmp_path):
+    no_answers = tmp_path / "needles"
+    no_answers.mkdir()
+    write_image(no_answers / "a.png")
+    (no_answers / "needles.jsonl").write_text(json.dumps({"image": "a.png", "question": "\nWhat?"}) + "\n")
+    grid = ["--min-frames", "2", "--max-frames", "6", "--frame-step", "2"]
+    cases = {
+        "give a haystack video": ["video", *grid],
+        "does not exist": ["video", "--haystack", str(tmp_path / "missing.mp4"), *grid],
+        "has no answer": ["video", "--haystack", str(haystack), "--needles", str(no_answers), *grid],
+        "has 6 frames at 1 frame a second": ["video", "--haystack", str(haystack), "--max-frames", "8", "--min-frames", "2", "--frame-step", "2"],
+        "larger than the largest": ["video", "--haystack", str(haystack), "--min-frames", "6", "--max-frames", "2"],
+        "step must be positive": ["text", "--token-step", "0"],
+        "does not divide 1": ["text", "--depth-step", "0.3"],
+        "between 0 and 6": ["text", "--distractors", "7"],
+    }
+    for expected, args in cases.items():
+        done = run_cli(*args, "--output", str(tmp_path / "out"))
+        assert done.returncode == 1, (args, done.stderr)
+        assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+
+
+def test_flags_override_the_recipe_and_resume_reads_the_folder(tmp_path):
+    from longva_cli.niah.cli import settings_for
+    from longva_cli.niah.results import prepare_folder
+    from longva_cli.niah.settings import identity
+    from longva_cli.recipes import to_dict
+
+    recipe = Path(__file__).parent.parent / "recipes" / "niah" / "v-niah-longva-7b.yaml"
+    settings = settings_for("video", str(recipe), False, {"max_frames": 1200, "output": tmp_path})
+    assert (settings.max_frames, settings.frame_step, settings.dtype) == (1200, 200, "bfloat16")
+    prepare_folder(tmp_path, "video", to_dict(settings), identity(settings), overwrite=False)
+    resumed = settings_for("video", None, True, {"output": tmp_path})
+    assert resumed == settings
+    with pytest.raises(LongVAError, match="video recipe"):
+        settings_for("text", str(recipe), False, {})
+
+
+def test_torchrun_ranks_split_the_cells_and_match_one_process(text_settings, tmp_path):
+    """Two gloo processes on CPU: each takes every other cell; the merged files equal a one-process run."""
+    if not (text_settings.output / "results.jsonl").is_file():
+        pytest.skip("needs the one-process text run above")
+    output = tmp_path / "two-ranks"
+    s = text_settings
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29613", "-m", "longva_cli",
+         "niah", "text", "--model", s.model, "--output", str(output), "--min-tokens", str(s.min_tokens), "--max-tokens",
+         str(s.max_tokens), "--token-step", str(s.token_step), "--depth-step", str(s.depth_step), "--samples", str(s.samples),
+         "--distractors", str(s.distractors), "--device", "cpu"],
+        check=False, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    one = {(c["context_length"], c["depth"]): c for c in cell_lines(text_settings.output)}
+    two = {(c["context_length"], c["depth"]): c for c in cell_lines(output)}
+    assert two == one
+    assert (output / "all_accuracies.json").read_text() == (text_settings.output / "all_accuracies.json").read_text()
