@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from longva_cli import options
 from longva_cli.console import progress, stderr
 from longva_cli.errors import LongVAError
 from longva_cli.hub import DEFAULT_MODEL
@@ -21,6 +22,16 @@ def check_media(path: Path) -> str:
         return "image"
     media.open_video(path)
     return "video"
+
+
+def load(model: str, *, attn: str = "auto", **options):
+    """`LongVA.from_pretrained` with a spinner and a one-line report on stderr (for CLI commands)."""
+    from longva_cli.model.longva import LongVA
+
+    with stderr.status(f"Loading {model}"):
+        longva = LongVA.from_pretrained(model, attn_implementation=attn, **options)
+    stderr.print(f"Loaded {model} in {longva.load_seconds:.1f}s on {longva.model.device} ({longva.model.dtype}).")
+    return longva
 
 
 def ask(
@@ -49,14 +60,9 @@ def ask(
 
     `frames` frames are sampled uniformly (32 when None); with `fps`, `frames` caps the count.
     """
-    from longva_cli.model.longva import LongVA
     from longva_cli.model.prompt import DEFAULT_SYSTEM
 
-    with stderr.status(f"Loading {model}"):
-        longva = LongVA.from_pretrained(
-            model, device=device, dtype=dtype, attn_implementation=attn, device_map=device_map, quantize=quantize, revision=revision
-        )
-    stderr.print(f"Loaded {model} in {longva.load_seconds:.1f}s on {longva.model.device} ({longva.model.dtype}).")
+    longva = load(model, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize, revision=revision)
 
     bar = progress(unit="frames", transient=True)
     task = None
@@ -112,13 +118,13 @@ def command(
     top_k: int = typer.Option(None, "--top-k", help="Top-k sampling (default: the checkpoint's generation config, else 50)."),
     seed: int = typer.Option(0, "--seed", help="Random seed for sampling."),
     system: str = typer.Option(None, "--system", help="System prompt (default: 'You are a helpful assistant.'; '' for none)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
-    attn: str = typer.Option("auto", "--attn", help="auto (flash-attention-2 when installed on CUDA, else sdpa), sdpa, eager, flash_attention_2."),
-    device_map: str = typer.Option(None, "--device-map", help="'auto' splits the model across all visible GPUs."),
-    quantize: str = typer.Option(None, "--quantize", help="4bit or 8bit (bitsandbytes, CUDA only)."),
-    revision: str = typer.Option(None, "--revision", help="Hub revision of the model."),
-    prefill_chunk: int = typer.Option(4096, "--prefill-chunk", help="Tokens per prefill step; smaller uses less memory."),
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
+    attn: options.Attention = "auto",
+    device_map: options.DeviceMap = None,
+    quantize: options.Quantize = None,
+    revision: options.Revision = None,
+    prefill_chunk: options.PrefillChunk = 4096,
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (answer, counts, timings) and nothing else on stdout."),
 ) -> None:
     """Answer a question about a video or an image.

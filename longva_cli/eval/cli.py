@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from longva_cli import options
 from longva_cli.console import progress, stderr
 from longva_cli.errors import LongVAError
 from longva_cli.eval.local import DEFAULT_EVAL_MODEL
@@ -32,11 +33,11 @@ def lmms_command(
     frames: int = typer.Option(32, "--frames", "-n", help="Frames sampled uniformly from each video (144 tokens each)."),
     output: Path = typer.Option(Path("runs/eval"), "--output", "-o", help="Folder for results.json and per-task samples."),
     limit: int = typer.Option(None, "--limit", help="Only the first N documents of each task (for a quick check)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (multi-GPU: launch with `accelerate launch -m lmms_eval`)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
-    attn: str = typer.Option("auto", "--attn", help="auto, sdpa, eager or flash_attention_2."),
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
+    attn: options.Attention = "auto",
     conv_template: str = typer.Option("qwen_1_5", "--conv-template", help="Chat template; LongVA was trained with qwen_1_5."),
-    revision: str = typer.Option(None, "--revision", help="Hub revision of the model."),
+    revision: options.Revision = None,
     include_path: Path = typer.Option(None, "--include-path", help="A folder of your own lmms-eval task YAML files."),
     stop_on_degenerate: bool = typer.Option(
         True, "--stop-on-degenerate/--no-stop-on-degenerate", help="Stop when too many answers are empty or '!!!!' (else warn)."
@@ -98,10 +99,10 @@ def local_command(
     prompt: str = typer.Option("videomme", "--prompt", help="videomme (Video-MME's own prompt) or lmms-eval (the harness's wording)."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Most tokens per answer (Video-MME uses 16)."),
     limit: int = typer.Option(None, "--limit", help="Only the first N questions."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
-    attn: str = typer.Option("auto", "--attn", help="auto, sdpa, eager or flash_attention_2."),
-    revision: str = typer.Option(None, "--revision", help="Hub revision of the model."),
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
+    attn: options.Attention = "auto",
+    revision: options.Revision = None,
     stop_on_degenerate: bool = typer.Option(
         True, "--stop-on-degenerate/--no-stop-on-degenerate", help="Stop when too many answers are empty, '!!!!' or unparseable (else warn)."
     ),

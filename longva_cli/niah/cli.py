@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from longva_cli import options
 from longva_cli.console import stderr
 from longva_cli.errors import LongVAError
 
@@ -85,10 +86,10 @@ def video_command(
     scoring: str | None = typer.Option(None, "--scoring", help=SCORING_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Longest generated answer (generate scoring) [default: 32]."),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where haystack embeddings are cached [default: ~/.cache/longva/niah]."),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (under torchrun each rank takes its own GPU)."),
-    dtype: str | None = typer.Option(None, "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
-    attn: str | None = typer.Option(None, "--attn", help="auto, sdpa, eager or flash_attention_2."),
-    prefill_chunk: int | None = typer.Option(None, "--prefill-chunk", help="Tokens per forward chunk (memory vs speed) [default: 4096]."),
+    device: options.Device = None,
+    dtype: options.Dtype = None,
+    attn: options.Attention = None,
+    prefill_chunk: options.PrefillChunk = None,
     recipe: str | None = typer.Option(None, "--recipe", "-r", help="Settings from a recipe (recipes/niah/*.yaml); flags override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output with the settings stored there."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results in --output and start over."),
@@ -134,10 +135,10 @@ def text_command(
     seed: int | None = typer.Option(None, "--seed", help="Seed of the numbers and distractor places [default: 2024]."),
     scoring: str | None = typer.Option(None, "--scoring", help=SCORING_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Longest generated answer (generate scoring) [default: 32]."),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str | None = typer.Option(None, "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
-    attn: str | None = typer.Option(None, "--attn", help="auto, sdpa, eager or flash_attention_2."),
-    prefill_chunk: int | None = typer.Option(None, "--prefill-chunk", help="Tokens per forward chunk [default: 4096]."),
+    device: options.Device = None,
+    dtype: options.Dtype = None,
+    attn: options.Attention = None,
+    prefill_chunk: options.PrefillChunk = None,
     recipe: str | None = typer.Option(None, "--recipe", "-r", help="Settings from a recipe (recipes/niah/*.yaml); flags override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output with the settings stored there."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results in --output and start over."),

@@ -451,14 +451,10 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Load `model` once and serve it until SIGINT/SIGTERM."""
+    from longva_cli.ask import load
     from longva_cli.console import stderr
-    from longva_cli.model.longva import LongVA
 
-    with stderr.status(f"Loading {model}"):
-        longva = LongVA.from_pretrained(
-            model, device=device, dtype=dtype, attn_implementation=attn, device_map=device_map, quantize=quantize, revision=revision
-        )
-    stderr.print(f"Loaded {model} in {longva.load_seconds:.1f}s on {longva.model.device} ({longva.model.dtype}).")
+    longva = load(model, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize, revision=revision)
     app = build_app(longva, settings)
     where = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     stderr.print(f"Serving {settings.served_model_name!r} at {where}/v1" + (f", chat page at {where}/ui" if settings.ui else ""), soft_wrap=True)

@@ -11,6 +11,7 @@ from typing import List
 
 import typer
 
+from longva_cli import options
 from longva_cli.console import stderr
 from longva_cli.errors import LongVAError
 from longva_cli.hub import DEFAULT_MODEL
@@ -60,13 +61,13 @@ def command(
     max_queue: int = typer.Option(32, "--max-queue", help="Requests that may wait for the model; more get 503."),
     queue_timeout: float = typer.Option(300, "--queue-timeout", help="Seconds a request may wait for the model before it gets 503."),
     ui: bool = typer.Option(False, "--ui", help="Also serve a chat page at /ui (upload a video or image, ask, read the streamed answer)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
-    attn: str = typer.Option("auto", "--attn", help="auto, sdpa, eager or flash_attention_2."),
-    device_map: str = typer.Option(None, "--device-map", help="'auto' splits the model across all visible GPUs."),
-    quantize: str = typer.Option(None, "--quantize", help="4bit or 8bit (bitsandbytes, CUDA only)."),
-    revision: str = typer.Option(None, "--revision", help="Hub revision of the model."),
-    prefill_chunk: int = typer.Option(4096, "--prefill-chunk", help="Tokens per prefill step; smaller uses less memory."),
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
+    attn: options.Attention = "auto",
+    device_map: options.DeviceMap = None,
+    quantize: options.Quantize = None,
+    revision: options.Revision = None,
+    prefill_chunk: options.PrefillChunk = 4096,
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."),
 ) -> None:
     """Serve LongVA over an OpenAI-compatible HTTP API (chat completions with images and videos).

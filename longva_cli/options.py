@@ -1,0 +1,21 @@
+"""Command-line options that several commands share, declared once so they read the same everywhere.
+
+Use as `device: Device = "auto"` in a Typer command's signature.
+"""
+
+from typing import Annotated, Optional
+
+import typer
+
+Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N (under torchrun each rank takes its own GPU).")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32.")]
+Attention = Annotated[
+    Optional[str],
+    typer.Option("--attn", help="auto (flash-attention-2 when installed on CUDA, else sdpa), sdpa, eager or flash_attention_2."),
+]
+DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="'auto' splits the model across all visible GPUs.")]
+Quantize = Annotated[Optional[str], typer.Option("--quantize", help="4bit or 8bit (bitsandbytes, CUDA only).")]
+Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit) of the model.")]
+PrefillChunk = Annotated[
+    Optional[int], typer.Option("--prefill-chunk", help="Tokens per prefill step (smaller uses less memory).")
+]
