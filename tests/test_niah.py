@@ -395,6 +395,17 @@ def test_text_run_scores_equal_a_naive_forward_and_use_the_text_format(tiny_text
             assert item["answer"] == str(numbers[item["index"]]) and len(item["answer"]) == 7
 
 
+def test_device_map_auto_runs_the_same_cells(video_run, video_settings, tmp_path):
+    # On a CPU accelerate keeps every layer on the one device; on GPUs the same path spreads one
+    # sequence's layers and KV cache over all of them.
+    settings = replace(video_settings, output=tmp_path / "device-map", device_map="auto", device="auto")
+    run_video(settings)
+    def predictions(folder):
+        return {(c["num_frames"], c["depth"]): [i["predicted_ids"] for i in c["items"]] for c in cell_lines(folder)}
+
+    assert predictions(settings.output) == predictions(video_settings.output)
+
+
 # ---- the command line ---------------------------------------------------------------------
 
 

@@ -87,6 +87,7 @@ def video_command(
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Longest generated answer (generate scoring) [default: 32]."),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where haystack embeddings are cached [default: ~/.cache/longva/niah]."),
     device: options.Device = None,
+    device_map: options.DeviceMap = None,
     dtype: options.Dtype = None,
     attn: options.Attention = None,
     prefill_chunk: options.PrefillChunk = None,
@@ -99,9 +100,9 @@ def video_command(
     The haystack is your own video at 1 frame a second (144 tokens a frame, embedded once and
     cached); each needle image goes in at frame int(depth * N). Scores, all_accuracies.json,
     avg_accuracy.txt and heatmap.png follow the original benchmark. Each finished cell is
-    saved at once: run the same command again to continue after a crash. One sequence must
-    fit one GPU (3000 frames = 432K tokens fit 80 GB); under torchrun the cells are spread
-    over the GPUs.
+    saved at once: run the same command again to continue after a crash. 3000 frames (432K
+    tokens) fit one 80 GB GPU; a longer sequence spreads over several with --device-map auto,
+    and under torchrun the cells are spread over the GPUs.
 
     examples:
       longva download v_niah_needles
@@ -110,13 +111,14 @@ def video_command(
       longva niah video --haystack movie.mp4 --needles my_needles/ --scoring generate
       longva niah video --recipe recipes/niah/v-niah-longva-7b.yaml --haystack movie.mp4
       torchrun --nproc-per-node 8 -m longva_cli niah video --haystack movie.mp4 --output runs/niah-8gpu
+      longva niah video --haystack movie.mp4 --max-frames 5000 --device-map auto
     """
     from longva_cli.niah.video import run_video
 
     flags = {
         "haystack": haystack, "model": model, "needles": needles, "output": output, "min_frames": min_frames, "max_frames": max_frames,
         "frame_step": frame_step, "depth_step": depth_step, "scoring": scoring, "max_new_tokens": max_new_tokens, "cache_dir": cache_dir,
-        "device": device, "dtype": dtype, "attn": attn, "prefill_chunk": prefill_chunk,
+        "device": device, "device_map": device_map, "dtype": dtype, "attn": attn, "prefill_chunk": prefill_chunk,
     }
     report(run_video(settings_for("video", recipe, resume, flags), overwrite=overwrite))
 
@@ -136,6 +138,7 @@ def text_command(
     scoring: str | None = typer.Option(None, "--scoring", help=SCORING_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Longest generated answer (generate scoring) [default: 32]."),
     device: options.Device = None,
+    device_map: options.DeviceMap = None,
     dtype: options.Dtype = None,
     attn: options.Attention = None,
     prefill_chunk: options.PrefillChunk = None,
@@ -159,7 +162,8 @@ def text_command(
     flags = {
         "model": model, "haystack": haystack, "output": output, "min_tokens": min_tokens, "max_tokens": max_tokens, "token_step": token_step,
         "depth_step": depth_step, "samples": samples, "distractors": distractors, "seed": seed, "scoring": scoring,
-        "max_new_tokens": max_new_tokens, "device": device, "dtype": dtype, "attn": attn, "prefill_chunk": prefill_chunk,
+        "max_new_tokens": max_new_tokens, "device": device, "device_map": device_map, "dtype": dtype, "attn": attn,
+        "prefill_chunk": prefill_chunk,
     }
     report(run_text(settings_for("text", recipe, resume, flags), overwrite=overwrite))
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from longva_cli.errors import LongVAError
 from longva_cli.niah.results import ITEMS, RESULTS, SIZE_KEYS, append_line, read_lines
 
 
@@ -61,6 +62,11 @@ class Ranks:
         if self.world > 1 and requested in ("auto", "cuda") and torch.cuda.is_available():
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
         return requested
+
+    def check_device_map(self, device_map: str | None) -> None:
+        """A model spread over all GPUs leaves none for other ranks: one or the other."""
+        if device_map is not None and self.world > 1:
+            raise LongVAError("--device-map auto spreads one model over every GPU; run it as one process, not under torchrun.")
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -35,6 +35,7 @@ class VideoSettings:
     max_new_tokens: int = 32  # generate scoring only
     cache_dir: Path | None = None  # haystack embeddings; default ~/.cache/longva/niah
     device: str = "auto"
+    device_map: str | None = None  # "auto": one sequence's layers and KV cache spread over the GPUs
     dtype: str = "auto"
     attn: str = "auto"
     prefill_chunk: int = 4096
@@ -55,6 +56,7 @@ class TextSettings:
     scoring: Scoring = "teacher-forced"
     max_new_tokens: int = 32
     device: str = "auto"
+    device_map: str | None = None
     dtype: str = "auto"
     attn: str = "auto"
     prefill_chunk: int = 4096
@@ -68,7 +70,7 @@ class NiahRecipe:
 
 
 # Settings that do not change a single score: a run may continue with other values of these.
-RUNTIME_FIELDS = {"output", "cache_dir", "device", "attn", "prefill_chunk"}
+RUNTIME_FIELDS = {"output", "cache_dir", "device", "device_map", "attn", "prefill_chunk"}
 
 
 def identity(settings: VideoSettings | TextSettings) -> dict:

@@ -172,19 +172,28 @@ def run_numbers(seed: int, samples: int, distractors: int) -> tuple[list[int], l
     return rng.integers(10**6, 10**7, samples).tolist(), rng.integers(10**6, 10**7, distractors).tolist()
 
 
-def load_text_model(name: str, device: str, dtype: str, attn: str):
-    """(causal LM, tokenizer) from a folder or hub id (cached, or downloaded)."""
+def load_text_model(name: str, device: str, dtype: str, attn: str, device_map: str | None = None):
+    """(causal LM, tokenizer) from a folder or hub id (cached, or downloaded).
+
+    `device_map="auto"` spreads the layers (and so the KV cache) over the visible GPUs.
+    """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from longva_cli.model.longva import resolve_attention, resolve_device, resolve_dtype
 
-    target = resolve_device(device)
+    if device_map not in (None, "auto"):
+        raise LongVAError(f"--device-map {device_map!r} is not supported; use auto (split across the visible GPUs).")
+    target = resolve_device(device) if device_map is None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     folder = text_model_folder(name)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=resolve_dtype(dtype, target), attn_implementation=resolve_attention(attn, target)
+        folder,
+        dtype=resolve_dtype(dtype, target),
+        attn_implementation=resolve_attention(attn, target),
+        device_map=device_map if device_map is not None else target,
     )
-    return model.to(target).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def text_model_folder(name: str) -> Path:
@@ -233,7 +242,8 @@ def run_text(settings, *, overwrite: bool = False):
     if ranks.main:
         prepare_folder(settings.output, "text", to_dict(settings), identity(settings), overwrite)
     ranks.barrier()  # no rank reads the folder before rank 0 has checked (or cleared) it
-    model, tokenizer = load_text_model(settings.model, ranks.device(settings.device), settings.dtype, settings.attn)
+    ranks.check_device_map(settings.device_map)
+    model, tokenizer = load_text_model(settings.model, ranks.device(settings.device), settings.dtype, settings.attn, settings.device_map)
     numbers, distractor_numbers = run_numbers(settings.seed, settings.samples, settings.distractors)
     haystack = haystack_tokens(tokenizer, settings.haystack, max(sizes))
     prompts = TextNeedlePrompts(tokenizer, haystack, numbers, distractor_numbers, settings.seed)

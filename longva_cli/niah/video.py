@@ -338,7 +338,10 @@ def run_video(settings, *, overwrite: bool = False):
         prepare_folder(settings.output, "video", to_dict(settings), run_identity, overwrite)
     ranks.barrier()  # no rank reads the folder before rank 0 has checked (or cleared) it
     folder = locate_model(settings.model)
-    longva = LongVA.from_pretrained(str(folder), device=ranks.device(settings.device), dtype=settings.dtype, attn_implementation=settings.attn)
+    ranks.check_device_map(settings.device_map)
+    longva = LongVA.from_pretrained(
+        str(folder), device=ranks.device(settings.device), device_map=settings.device_map, dtype=settings.dtype, attn_implementation=settings.attn
+    )
     cache_folder = haystack_cache_folder(
         settings.cache_dir or default_cache_dir(), content_hash(path), model_fingerprint(folder), longva.model.dtype, longva.model.tokens_per_image
     )
