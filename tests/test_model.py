@@ -284,3 +284,33 @@ def test_prefill_chunks_shrink_with_sequence_length_under_sdpa(tiny_longva):
     assert bounded_chunk(lm, 74_000, 4096) == (1 << 26) // 74_000  # 906 on CPU
     assert bounded_chunk(lm, 10**9, 4096) == 128
     assert bounded_chunk(lm, 10**9, 7) == 7
+
+
+def test_checkpoint_generation_config_sampling_matches_transformers_generate(tiny_longva, video_file):
+    # Qwen2-Instruct-style generation configs carry top_k 20 and repetition_penalty 1.05; the
+    # original's generate applied both (top_p was passed as None), in greedy mode too.
+    visual = tiny_longva.encode_video(video_file, frames=2)
+    embeds, _ = tiny_longva.prompt_embeds(EXACT_PROMPT, [visual])
+    lm = tiny_longva.model.language_model
+    for temperature in (0.5, 0):
+        settings = SamplingSettings(max_new_tokens=10, temperature=temperature, top_k=20, repetition_penalty=1.05, seed=7)
+        ours = list(generate(lm, embeds, settings, stop_ids=set()))
+        torch.manual_seed(7)
+        reference = lm.generate(
+            inputs_embeds=embeds[None], do_sample=temperature > 0, temperature=temperature or None, top_k=20, top_p=None,
+            repetition_penalty=1.05, max_new_tokens=10, min_new_tokens=10, eos_token_id=None, pad_token_id=0,
+        )
+        assert ours == reference[0].tolist()
+
+
+def test_sampling_defaults_come_from_the_checkpoint_generation_config(tiny_longva):
+    saved = tiny_longva.generation_config
+    try:
+        tiny_longva.generation_config = {"top_k": 20, "repetition_penalty": 1.05, "top_p": 0.8, "temperature": 0.7}
+        settings = tiny_longva.sampling_settings()
+        # temperature 0.5 and no top-p are the original demo's call arguments; the rest comes from the file
+        assert (settings.temperature, settings.top_p, settings.top_k, settings.repetition_penalty) == (0.5, None, 20, 1.05)
+        tiny_longva.generation_config = {}
+        assert tiny_longva.sampling_settings().top_k == 50  # transformers' default when the file has none
+    finally:
+        tiny_longva.generation_config = saved
