@@ -47,6 +47,7 @@ def measure(way: str, checkpoint: Path, frames: list[int], depth_step: float) ->
     import torch
 
     from longva_cli.model.longva import LongVA
+    from longva_cli.model.prefix_cache import PrefixCache
     from longva_cli.niah import scoring
     from longva_cli.niah.settings import depth_grid
     from longva_cli.niah.video import Needle, VideoNeedlePrompts, video_units
@@ -59,7 +60,7 @@ def measure(way: str, checkpoint: Path, frames: list[int], depth_step: float) ->
     prompts = VideoNeedlePrompts(longva, haystack, needles, torch.randn(len(needles), 144, d))
     units = sorted(video_units(frames, depth_grid(depth_step), len(needles)), key=lambda u: u.order)
     language_model = longva.model.language_model
-    cache = scoring.PrefixCache(language_model, 4096)
+    cache = PrefixCache(language_model, 4096)
     predictions, tokens = {}, 0
     started = time.perf_counter()
     for unit in units:

@@ -314,3 +314,19 @@ def test_sampling_defaults_come_from_the_checkpoint_generation_config(tiny_longv
         assert tiny_longva.sampling_settings().top_k == 50  # transformers' default when the file has none
     finally:
         tiny_longva.generation_config = saved
+
+
+def test_questions_about_one_video_reuse_its_prefix_and_answer_the_same(tiny_longva, video_file):
+    from longva_cli.model.prefix_cache import PrefixCache
+
+    visual = tiny_longva.encode_video(video_file, frames=3)
+    prefix = PrefixCache(tiny_longva.model.language_model, chunk=100)
+    sampling = SamplingSettings(max_new_tokens=6, temperature=0)
+    for number, question in enumerate(["What happens?", "What colour is the square?", "What happens?"]):
+        prompt = question_prompt(question)
+        embeds, _ = tiny_longva.prompt_embeds(prompt, [visual])
+        sequence, _ = tiny_longva.prompt_sequence(prompt, [visual])
+        before = prefix.forwarded
+        assert tiny_longva.generate_text(sequence, sampling, prefix_cache=prefix) == tiny_longva.generate_text(embeds, sampling)
+        if number:  # only the question and what follows it is computed again
+            assert prefix.forwarded - before < len(sequence) - 3 * 144

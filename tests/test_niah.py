@@ -14,6 +14,7 @@ import torch
 from media import write_image, write_video
 
 from longva_cli.errors import LongVAError
+from longva_cli.model.prefix_cache import PrefixCache
 from longva_cli.niah import results as niah_results
 from longva_cli.niah import scoring
 from longva_cli.niah.settings import TextSettings, VideoSettings, depth_grid, size_grid
@@ -152,7 +153,7 @@ def test_chunked_cache_reuse_equals_naive_for_teacher_forcing_and_greedy(tiny_lo
     needles = load_needles(str(needle_dir))
     prompts = VideoNeedlePrompts(tiny_longva, haystack, needles, torch.randn(len(needles), 144, haystack.shape[-1]))
     language_model = tiny_longva.model.language_model
-    cache = scoring.PrefixCache(language_model, chunk=256)  # sequences of 450-900 tokens: 2 to 4 chunks
+    cache = PrefixCache(language_model, chunk=256)  # sequences of 450-900 tokens: 2 to 4 chunks
     units = sorted(video_units([3, 5], [0.0, 1.0], len(needles)), key=lambda u: u.order)
     for unit in units:
         sequence = prompts.sequence(unit.size, unit.depth, unit.index, with_answer=True)

@@ -367,16 +367,20 @@ def evaluate_local(
             annotations=[str(p) for p in source] if isinstance(source, list) else str(source),
         )
         write_json(run_path, {"settings": settings, "run": run})
+        from longva_cli.model.prefix_cache import PrefixCache
+
         sampling = longva.sampling_settings(max_new_tokens=max_new_tokens, temperature=0.0)
         with progress or contextlib.nullcontext():  # the bar shows only while questions are answered
             task = progress.add_task("Answering", total=len(todo)) if progress else None
             for video, group in group_by_video(todo):
                 visual, reason = encode_once(longva, video, group[0], frames)
+                # The video's questions share the system prompt and video tokens: prefill them once.
+                prefix = PrefixCache(longva.model.language_model, prefill_chunk)
                 for sample in group:
                     if visual is None:
                         record = skipped_record(sample, reason)
                     else:
-                        record = answer_one(longva, sample, visual, sampling, prompt, prefill_chunk)
+                        record = answer_one(longva, sample, visual, sampling, prompt, prefix)
                         guard.add(record["response"], record["degenerate"])
                     append_jsonl(samples_path, record)
                     records[sample.id] = record
@@ -427,12 +431,12 @@ def encode_once(longva, video: Path | None, sample: Sample, frames: int):
         return None, str(err)
 
 
-def answer_one(longva, sample: Sample, visual, sampling, style: str, prefill_chunk: int) -> dict:
+def answer_one(longva, sample: Sample, visual, sampling, style: str, prefix) -> dict:
     from longva_cli.model.prompt import DEFAULT_SYSTEM, question_prompt
 
     started = time.perf_counter()
-    embeds, _ = longva.prompt_embeds(question_prompt(build_question(sample, style), DEFAULT_SYSTEM), [visual])
-    response, generated = longva.generate_text(embeds, sampling, prefill_chunk=prefill_chunk)
+    sequence, _ = longva.prompt_sequence(question_prompt(build_question(sample, style), DEFAULT_SYSTEM), [visual])
+    response, generated = longva.generate_text(sequence, sampling, prefix_cache=prefix)
     letter = extract_letter(response, sample.options)
     return {
         **base_record(sample),
@@ -442,7 +446,7 @@ def answer_one(longva, sample: Sample, visual, sampling, style: str, prefill_chu
         "correct": letter == sample.answer,
         "degenerate": degenerate_kind(response, letter),
         "frames": visual.images,
-        "prompt_tokens": len(embeds),
+        "prompt_tokens": len(sequence),
         "generated_tokens": generated,
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -81,23 +81,12 @@ def bounded_chunk(language_model, total: int, requested: int) -> int:
 
 
 @torch.inference_mode()
-def generate(
-    language_model,
-    embeds: torch.Tensor,
-    sampling: SamplingSettings,
-    stop_ids: set[int],
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-    on_prefilled: Callable[[], None] | None = None,
-) -> Iterator[int]:
-    """Token ids generated after the [seq, d] prompt embeddings, up to a stop id (not yielded)."""
+def decode(language_model, cache, logits: torch.Tensor, sampling: SamplingSettings, stop_ids: set[int]) -> Iterator[int]:
+    """Token ids generated from a filled KV cache and its last position's logits [vocab], up to a stop id (not yielded)."""
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    cache, logits = prefill(language_model, embeds, prefill_chunk)
-    if on_prefilled:
-        on_prefilled()
     processors = sampling.processors()
-    device = logits.device
-    generated = torch.empty((1, 0), dtype=torch.long, device=device)
+    generated = torch.empty((1, 0), dtype=torch.long, device=logits.device)
     for _ in range(sampling.max_new_tokens):
         scores = processors(generated, logits[None])  # [1, vocab]
         if sampling.temperature > 0:
@@ -111,6 +100,22 @@ def generate(
         generated = torch.cat([generated, token.view(1, 1)], dim=1)
         step = language_model(input_ids=token.view(1, 1).to(language_model.device), cache=cache, use_cache=True)
         logits = step.logits[0, -1].float()
+
+
+@torch.inference_mode()
+def generate(
+    language_model,
+    embeds: torch.Tensor,
+    sampling: SamplingSettings,
+    stop_ids: set[int],
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    on_prefilled: Callable[[], None] | None = None,
+) -> Iterator[int]:
+    """Token ids generated after the [seq, d] prompt embeddings, up to a stop id (not yielded)."""
+    cache, logits = prefill(language_model, embeds, prefill_chunk)
+    if on_prefilled:
+        on_prefilled()
+    yield from decode(language_model, cache, logits, sampling, stop_ids)
 
 
 def stream_text(tokenizer, token_ids: Iterator[int]) -> Iterator[tuple[int, str]]:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -25,6 +26,7 @@ from longva_cli.model import media as media_io
 from longva_cli.model.config import ImageProcessing, vision_settings
 from longva_cli.model.generation import DEFAULT_PREFILL_CHUNK, SamplingSettings, generate, stream_text
 from longva_cli.model.modeling import LongVAForCausalLM
+from longva_cli.model.prefix_cache import PrefixCache, Sequence, generate_after, pieces_sequence
 from longva_cli.model.processing import preprocess, unires_crops
 from longva_cli.model.prompt import DEFAULT_SYSTEM, END_OF_TURN, question_prompt, tokenize_segments
 
@@ -285,18 +287,32 @@ class LongVA:
 
     # ---- prompt -> embeddings -> text ------------------------------------------------------
 
-    def prompt_embeds(self, prompt: str, visuals: list[Visual]) -> tuple[torch.Tensor, int]:
-        """[seq, d] embeddings of a prompt whose `<image>` placeholders take `visuals` in order,
-        and the number of text tokens in it."""
+    def prompt_sequence(self, prompt: str, visuals: list[Visual]) -> tuple[Sequence, int]:
+        """The prompt as a `Sequence` whose `<image>` placeholders take `visuals` in order, and
+        the number of text tokens in it.
+
+        Text positions are keyed by token id, visual ones by -(1 + their index among this
+        prompt's visual tokens): prompts about the same media share the keys of their prefix,
+        which is what a `PrefixCache` reuses.
+        """
         segments = tokenize_segments(self.tokenizer, prompt)
         if len(segments) != len(visuals) + 1:
             raise LongVAError(f"the prompt has {len(segments) - 1} <image> placeholders for {len(visuals)} media items.")
         with torch.inference_mode():
-            pieces = [self.model.embed_tokens(segments[0])]
+            pieces = [(segments[0].numpy(), self.model.embed_tokens(segments[0]))]
+            visual_count = 0
             for visual, text in zip(visuals, segments[1:]):
-                pieces += [visual.embeds.to(self.model.device), self.model.embed_tokens(text)]
-            embeds = torch.cat(pieces)
-        return embeds, sum(len(s) for s in segments)
+                keys = -1 - np.arange(visual_count, visual_count + len(visual.embeds))
+                pieces += [(keys, visual.embeds.to(self.model.device)), (text.numpy(), self.model.embed_tokens(text))]
+                visual_count += len(visual.embeds)
+        return pieces_sequence(pieces), sum(len(s) for s in segments)
+
+    def prompt_embeds(self, prompt: str, visuals: list[Visual]) -> tuple[torch.Tensor, int]:
+        """[seq, d] embeddings of a prompt whose `<image>` placeholders take `visuals` in order,
+        and the number of text tokens in it."""
+        sequence, text_tokens = self.prompt_sequence(prompt, visuals)
+        with torch.inference_mode():
+            return sequence.embed(0, len(sequence)), text_tokens
 
     def check_fits(self, tokens: int) -> str | None:
         """A warning when the KV cache for `tokens` positions will not fit the free memory."""
@@ -311,15 +327,18 @@ class LongVA:
 
     def generate_text(
         self,
-        embeds: torch.Tensor,
+        prompt: torch.Tensor | Sequence,
         sampling: SamplingSettings,
         on_text: Callable[[str], None] | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         timings: dict | None = None,
         on_token: Callable[[int], None] | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> tuple[str, int]:
         """Answer text (special tokens removed, stripped, as the original decodes) and its token count.
 
+        `prompt` is [seq, d] embeddings, or with `prefix_cache` a `Sequence` (`prompt_sequence`)
+        whose prefix shared with the cache's previous prompt is not computed again.
         `on_token` sees every generated id, also those whose text is held back (an exception
         raised there stops generation: `serve` uses it to cancel)."""
         timings = {} if timings is None else timings
@@ -328,7 +347,10 @@ class LongVA:
         def prefilled() -> None:
             timings["prefill_s"] = time.perf_counter() - started
 
-        tokens = generate(self.model.language_model, embeds, sampling, self.stop_ids, prefill_chunk, on_prefilled=prefilled)
+        if prefix_cache is None:
+            tokens = generate(self.model.language_model, prompt, sampling, self.stop_ids, prefill_chunk, on_prefilled=prefilled)
+        else:
+            tokens = generate_after(prefix_cache, prompt, sampling, self.stop_ids, on_prefilled=prefilled)
         ids = []
         for token_id, text in stream_text(self.tokenizer, tokens):
             ids.append(token_id)

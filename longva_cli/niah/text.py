@@ -23,7 +23,7 @@ from longva_cli.errors import LongVAError
 from longva_cli.niah.grid import Unit
 
 if TYPE_CHECKING:  # torch loads only once a run starts: bad input fails fast
-    from longva_cli.niah.scoring import Sequence
+    from longva_cli.model.prefix_cache import Sequence
 
 NEEDLE = "\nThe special magic Singapore number is: {}.\n"
 CITIES = ["New York", "London", "Paris", "Tokyo", "Beijing", "Berlin"]
@@ -142,7 +142,7 @@ def token_sequence(language_model, ids: np.ndarray) -> Sequence:
     """A text sequence: keys are the token ids, embeddings looked up slice by slice."""
     import torch
 
-    from longva_cli.niah.scoring import Sequence
+    from longva_cli.model.prefix_cache import Sequence
 
     embedding = language_model.get_input_embeddings()
     device = embedding.weight.device
@@ -230,12 +230,8 @@ def run_text(settings, *, overwrite: bool = False):
         raise LongVAError(f"haystack {settings.haystack} does not exist; give a folder of .txt files or `synthetic`.")
     from longva_cli.niah.grid import Ranks, score_grid
     from longva_cli.niah.results import prepare_folder
-    from longva_cli.niah.scoring import (
-        PrefixCache,
-        answer_matches,
-        greedy,
-        teacher_forced,
-    )
+    from longva_cli.model.prefix_cache import PrefixCache
+    from longva_cli.niah.scoring import answer_matches, greedy, teacher_forced
     from longva_cli.recipes import to_dict
 
     ranks = Ranks()

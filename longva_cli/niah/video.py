@@ -29,12 +29,12 @@ from longva_cli.niah.grid import Unit
 if TYPE_CHECKING:  # torch loads only once a run starts: bad input fails fast
     import torch
 
-    from longva_cli.niah.scoring import Sequence
+    from longva_cli.model.prefix_cache import Sequence
 
 HAYSTACK_FPS = 1.0
 BLOCK_FRAMES = 256  # frames per cache file: a killed embedding pass keeps all finished blocks
 VISION_BATCH = 16
-# Position keys (see scoring.Sequence): text tokens are their ids; frame tokens get ids far
+# Position keys (see prefix_cache.Sequence): text tokens are their ids; frame tokens get ids far
 # above any vocabulary, one range for haystack frames and one for needles.
 HAYSTACK_KEYS = 1 << 40
 NEEDLE_KEYS = 1 << 50
@@ -279,7 +279,7 @@ class VideoNeedlePrompts:
         return self.answers[needle][0].tolist()
 
     def sequence(self, frames: int, depth: float, needle: int, with_answer: bool) -> Sequence:
-        from longva_cli.niah.scoring import pieces_sequence
+        from longva_cli.model.prefix_cache import pieces_sequence
 
         at = int(depth * frames) * self.tokens  # needle frame index int(depth * N), in tokens
         end = frames * self.tokens
@@ -324,12 +324,8 @@ def run_video(settings, *, overwrite: bool = False):
     from longva_cli.model.longva import LongVA
     from longva_cli.niah.grid import Ranks, score_grid
     from longva_cli.niah.results import prepare_folder
-    from longva_cli.niah.scoring import (
-        PrefixCache,
-        answer_matches,
-        greedy,
-        teacher_forced,
-    )
+    from longva_cli.model.prefix_cache import PrefixCache
+    from longva_cli.niah.scoring import answer_matches, greedy, teacher_forced
     from longva_cli.recipes import to_dict
 
     ranks = Ranks()
