@@ -471,3 +471,26 @@ def test_torchrun_ranks_split_the_cells_and_match_one_process(text_settings, tmp
     two = {(c["context_length"], c["depth"]): c for c in cell_lines(output)}
     assert two == one
     assert (output / "all_accuracies.json").read_text() == (text_settings.output / "all_accuracies.json").read_text()
+
+
+def test_sequence_parallel_ranks_score_like_one_process(text_settings, tmp_path):
+    """Two gloo processes split every sequence (DeepSpeed Ulysses): the same predictions as one process."""
+    if not (text_settings.output / "results.jsonl").is_file():
+        pytest.skip("needs the one-process text run above")
+    output = tmp_path / "sequence-parallel"
+    s = text_settings
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29617", "-m", "longva_cli",
+         "niah", "text", "--model", s.model, "--output", str(output), "--min-tokens", str(s.min_tokens), "--max-tokens",
+         str(s.max_tokens), "--token-step", str(s.token_step), "--depth-step", str(s.depth_step), "--samples", str(s.samples),
+         "--distractors", str(s.distractors), "--device", "cpu", "--sequence-parallel", "2"],
+        check=False, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def predictions(folder):
+        return {(c["context_length"], c["depth"]): [i["predicted_ids"] for i in c["items"]] for c in cell_lines(folder)}
+
+    assert predictions(output) == predictions(text_settings.output)
+    assert len(niah_results.read_lines(output / "items.jsonl")) == len(niah_results.read_lines(text_settings.output / "items.jsonl"))
+

@@ -88,6 +88,9 @@ def video_command(
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where haystack embeddings are cached [default: ~/.cache/longva/niah]."),
     device: options.Device = None,
     device_map: options.DeviceMap = None,
+    sequence_parallel: int | None = typer.Option(
+        None, "--sequence-parallel", help="Split each sequence over this many torchrun ranks (DeepSpeed Ulysses; teacher-forced) [default: 1]."
+    ),
     dtype: options.Dtype = None,
     attn: options.Attention = None,
     prefill_chunk: options.PrefillChunk = None,
@@ -112,13 +115,15 @@ def video_command(
       longva niah video --recipe recipes/niah/v-niah-longva-7b.yaml --haystack movie.mp4
       torchrun --nproc-per-node 8 -m longva_cli niah video --haystack movie.mp4 --output runs/niah-8gpu
       longva niah video --haystack movie.mp4 --max-frames 5000 --device-map auto
+      torchrun --nproc-per-node 4 -m longva_cli niah video --haystack movie.mp4 --max-frames 6000 --sequence-parallel 4
     """
     from longva_cli.niah.video import run_video
 
     flags = {
         "haystack": haystack, "model": model, "needles": needles, "output": output, "min_frames": min_frames, "max_frames": max_frames,
         "frame_step": frame_step, "depth_step": depth_step, "scoring": scoring, "max_new_tokens": max_new_tokens, "cache_dir": cache_dir,
-        "device": device, "device_map": device_map, "dtype": dtype, "attn": attn, "prefill_chunk": prefill_chunk,
+        "device": device, "device_map": device_map, "sequence_parallel": sequence_parallel, "dtype": dtype, "attn": attn,
+        "prefill_chunk": prefill_chunk,
     }
     report(run_video(settings_for("video", recipe, resume, flags), overwrite=overwrite))
 
@@ -139,6 +144,9 @@ def text_command(
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Longest generated answer (generate scoring) [default: 32]."),
     device: options.Device = None,
     device_map: options.DeviceMap = None,
+    sequence_parallel: int | None = typer.Option(
+        None, "--sequence-parallel", help="Split each sequence over this many torchrun ranks (DeepSpeed Ulysses; teacher-forced) [default: 1]."
+    ),
     dtype: options.Dtype = None,
     attn: options.Attention = None,
     prefill_chunk: options.PrefillChunk = None,
@@ -162,8 +170,8 @@ def text_command(
     flags = {
         "model": model, "haystack": haystack, "output": output, "min_tokens": min_tokens, "max_tokens": max_tokens, "token_step": token_step,
         "depth_step": depth_step, "samples": samples, "distractors": distractors, "seed": seed, "scoring": scoring,
-        "max_new_tokens": max_new_tokens, "device": device, "device_map": device_map, "dtype": dtype, "attn": attn,
-        "prefill_chunk": prefill_chunk,
+        "max_new_tokens": max_new_tokens, "device": device, "device_map": device_map, "sequence_parallel": sequence_parallel,
+        "dtype": dtype, "attn": attn, "prefill_chunk": prefill_chunk,
     }
     report(run_text(settings_for("text", recipe, resume, flags), overwrite=overwrite))
 

@@ -37,23 +37,40 @@ class Unit:
 
 
 class Ranks:
-    """This process's place among torchrun's ranks (one rank without torchrun)."""
+    """This process's place among torchrun's ranks (one rank without torchrun).
 
-    def __init__(self) -> None:
+    With sequence parallelism of degree p, consecutive groups of p ranks score the same
+    sequences together; cells are spread over the groups and the first rank of each writes.
+    """
+
+    def __init__(self, sequence_parallel: int = 1) -> None:
         self.rank = int(os.environ.get("RANK", "0"))
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.sequence_parallel = sequence_parallel
+        if sequence_parallel < 1 or self.world % sequence_parallel:
+            raise LongVAError(
+                f"--sequence-parallel {sequence_parallel} needs a multiple of {sequence_parallel} processes, got {self.world}; "
+                f"launch with `torchrun --nproc-per-node {max(sequence_parallel, 1)} -m longva_cli niah ...`."
+            )
         if self.world > 1:
+            import torch
             import torch.distributed as dist
 
             if not dist.is_initialized():
-                # gloo carries only barriers here; a long timeout because rank 0 may spend an
-                # hour embedding the haystack while the others wait
-                dist.init_process_group("gloo", timeout=timedelta(days=7))
+                # gloo carries barriers (a long timeout: rank 0 may spend an hour embedding the
+                # haystack while the others wait); NCCL carries sequence-parallel GPU traffic
+                backend = "cpu:gloo,cuda:nccl" if sequence_parallel > 1 and torch.cuda.is_available() else "gloo"
+                dist.init_process_group(backend, timeout=timedelta(days=7))
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def writer(self) -> bool:
+        """Whether this rank writes results (one rank of each sequence-parallel group)."""
+        return self.rank % self.sequence_parallel == 0
 
     def device(self, requested: str) -> str:
         """Each rank on its own GPU when the device is auto or plain cuda."""
@@ -75,7 +92,8 @@ class Ranks:
             dist.barrier()
 
     def my_cells(self, cells: list[tuple[int, float]]) -> set[tuple[int, float]]:
-        return set(sorted(cells)[self.rank :: self.world])
+        groups = self.world // self.sequence_parallel
+        return set(sorted(cells)[self.rank // self.sequence_parallel :: groups])
 
 
 def run_units(
@@ -105,17 +123,19 @@ def run_units(
         finished.add(cell)
 
     mine = ranks.my_cells(list(units_per_cell))
-    for cell in sorted(mine):
+    for cell in sorted(mine) if ranks.writer else []:
         finish_if_complete(cell)  # all its units were written before a kill, its line was not
     todo = [u for u in units if u.cell in mine and u.cell not in finished and u.index not in items.get(u.cell, {})]
     todo.sort(key=lambda u: u.order)
+    ranks.barrier()  # ranks that score together must all have read the files before any writes
     if on_start:
         on_start(len(todo))
     for unit in todo:
         record = {size_key: unit.size, "depth": unit.depth, "index": unit.index, **score(unit)}
-        append_line(folder / ITEMS, record)
         items.setdefault(unit.cell, {})[unit.index] = record
-        finish_if_complete(unit.cell)
+        if ranks.writer:
+            append_line(folder / ITEMS, record)
+            finish_if_complete(unit.cell)
         if on_unit:
             on_unit()
     return len(todo)

@@ -36,6 +36,7 @@ class VideoSettings:
     cache_dir: Path | None = None  # haystack embeddings; default ~/.cache/longva/niah
     device: str = "auto"
     device_map: str | None = None  # "auto": one sequence's layers and KV cache spread over the GPUs
+    sequence_parallel: int = 1  # >1: each sequence split over this many torchrun ranks (Ulysses)
     dtype: str = "auto"
     attn: str = "auto"
     prefill_chunk: int = 4096
@@ -57,6 +58,7 @@ class TextSettings:
     max_new_tokens: int = 32
     device: str = "auto"
     device_map: str | None = None
+    sequence_parallel: int = 1
     dtype: str = "auto"
     attn: str = "auto"
     prefill_chunk: int = 4096
@@ -70,7 +72,7 @@ class NiahRecipe:
 
 
 # Settings that do not change a single score: a run may continue with other values of these.
-RUNTIME_FIELDS = {"output", "cache_dir", "device", "device_map", "attn", "prefill_chunk"}
+RUNTIME_FIELDS = {"output", "cache_dir", "device", "device_map", "sequence_parallel", "attn", "prefill_chunk"}
 
 
 def identity(settings: VideoSettings | TextSettings) -> dict:
@@ -138,6 +140,12 @@ def _check_common(settings: VideoSettings | TextSettings) -> None:
         raise LongVAError(f"--max-new-tokens must be at least 1, got {settings.max_new_tokens}.")
     if settings.prefill_chunk < 1:
         raise LongVAError(f"--prefill-chunk must be at least 1, got {settings.prefill_chunk}.")
+    if settings.sequence_parallel < 1:
+        raise LongVAError(f"--sequence-parallel must be at least 1, got {settings.sequence_parallel}.")
+    if settings.sequence_parallel > 1 and settings.scoring != "teacher-forced":
+        raise LongVAError("--sequence-parallel scores teacher-forced only; drop --scoring generate or the sequence parallelism.")
+    if settings.sequence_parallel > 1 and settings.device_map is not None:
+        raise LongVAError("--sequence-parallel and --device-map exclude each other: each rank of a group holds the whole model.")
 
 
 def size_label(size: int) -> str:

@@ -234,7 +234,7 @@ def run_text(settings, *, overwrite: bool = False):
     from longva_cli.niah.scoring import answer_matches, greedy, teacher_forced
     from longva_cli.recipes import to_dict
 
-    ranks = Ranks()
+    ranks = Ranks(settings.sequence_parallel)
     if ranks.main:
         prepare_folder(settings.output, "text", to_dict(settings), identity(settings), overwrite)
     ranks.barrier()  # no rank reads the folder before rank 0 has checked (or cleared) it
@@ -243,7 +243,12 @@ def run_text(settings, *, overwrite: bool = False):
     numbers, distractor_numbers = run_numbers(settings.seed, settings.samples, settings.distractors)
     haystack = haystack_tokens(tokenizer, settings.haystack, max(sizes))
     prompts = TextNeedlePrompts(tokenizer, haystack, numbers, distractor_numbers, settings.seed)
-    cache = PrefixCache(model, settings.prefill_chunk)
+    if settings.sequence_parallel > 1:
+        from longva_cli.niah.sharded import sharded_forward
+
+        cache = sharded_forward(model, settings.sequence_parallel)
+    else:
+        cache = PrefixCache(model, settings.prefill_chunk)
     stops = stop_ids(tokenizer)
 
     def score(unit: Unit) -> dict:

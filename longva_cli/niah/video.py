@@ -328,7 +328,7 @@ def run_video(settings, *, overwrite: bool = False):
     from longva_cli.niah.scoring import answer_matches, greedy, teacher_forced
     from longva_cli.recipes import to_dict
 
-    ranks = Ranks()
+    ranks = Ranks(settings.sequence_parallel)
     run_identity = {**identity(settings), "haystack": f"{path.name} (content {content_hash(path)})"}
     if ranks.main:
         prepare_folder(settings.output, "video", to_dict(settings), run_identity, overwrite)
@@ -352,7 +352,12 @@ def run_video(settings, *, overwrite: bool = False):
     haystack = load_haystack(cache_folder, max(sizes), longva.model.device)  # [frames, 144, d]
     needle_embeds = longva.encode_frames([[n.image for n in needles]], len(needles), pad_to_square=True)  # [needles, 144, d]
     prompts = VideoNeedlePrompts(longva, haystack, needles, needle_embeds)
-    cache = PrefixCache(longva.model.language_model, settings.prefill_chunk)
+    if settings.sequence_parallel > 1:
+        from longva_cli.niah.sharded import sharded_forward
+
+        cache = sharded_forward(longva.model.language_model, settings.sequence_parallel)
+    else:
+        cache = PrefixCache(longva.model.language_model, settings.prefill_chunk)
 
     def score(unit: Unit) -> dict:
         needle = needles[unit.index]
