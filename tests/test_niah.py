@@ -453,20 +453,25 @@ def test_flags_override_the_recipe_and_resume_reads_the_folder(tmp_path):
         settings_for("text", str(recipe), False, {})
 
 
-def test_torchrun_ranks_split_the_cells_and_match_one_process(text_settings, tmp_path):
-    """Two gloo processes on CPU: each takes every other cell; the merged files equal a one-process run."""
-    if not (text_settings.output / "results.jsonl").is_file():
+def torchrun_text(settings: TextSettings, output: Path, port: int, *extra: str) -> None:
+    """`longva niah text` with `settings` under torchrun, two gloo processes on CPU."""
+    if not (settings.output / "results.jsonl").is_file():
         pytest.skip("needs the one-process text run above")
-    output = tmp_path / "two-ranks"
-    s = text_settings
+    s = settings
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29613", "-m", "longva_cli",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m", "longva_cli",
          "niah", "text", "--model", s.model, "--output", str(output), "--min-tokens", str(s.min_tokens), "--max-tokens",
          str(s.max_tokens), "--token-step", str(s.token_step), "--depth-step", str(s.depth_step), "--samples", str(s.samples),
-         "--distractors", str(s.distractors), "--device", "cpu"],
+         "--distractors", str(s.distractors), "--device", "cpu", *extra],
         check=False, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_torchrun_ranks_split_the_cells_and_match_one_process(text_settings, tmp_path):
+    """Two gloo processes on CPU: each takes every other cell; the merged files equal a one-process run."""
+    output = tmp_path / "two-ranks"
+    torchrun_text(text_settings, output, 29613)
     one = {(c["context_length"], c["depth"]): c for c in cell_lines(text_settings.output)}
     two = {(c["context_length"], c["depth"]): c for c in cell_lines(output)}
     assert two == one
@@ -475,18 +480,8 @@ def test_torchrun_ranks_split_the_cells_and_match_one_process(text_settings, tmp
 
 def test_sequence_parallel_ranks_score_like_one_process(text_settings, tmp_path):
     """Two gloo processes split every sequence (DeepSpeed Ulysses): the same predictions as one process."""
-    if not (text_settings.output / "results.jsonl").is_file():
-        pytest.skip("needs the one-process text run above")
     output = tmp_path / "sequence-parallel"
-    s = text_settings
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29617", "-m", "longva_cli",
-         "niah", "text", "--model", s.model, "--output", str(output), "--min-tokens", str(s.min_tokens), "--max-tokens",
-         str(s.max_tokens), "--token-step", str(s.token_step), "--depth-step", str(s.depth_step), "--samples", str(s.samples),
-         "--distractors", str(s.distractors), "--device", "cpu", "--sequence-parallel", "2"],
-        check=False, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    torchrun_text(text_settings, output, 29617, "--sequence-parallel", "2")
 
     def predictions(folder):
         return {(c["context_length"], c["depth"]): [i["predicted_ids"] for i in c["items"]] for c in cell_lines(folder)}
