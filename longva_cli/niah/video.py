@@ -131,7 +131,7 @@ def load_haystack(folder: Path, count: int, device: torch.device) -> torch.Tenso
     from safetensors.torch import load_file
 
     parts, have = [], 0
-    for start, stop, file in stored_blocks(folder):
+    for _, stop, file in stored_blocks(folder):
         if have >= count:
             break
         parts.append(load_file(str(file), device=str(device))["embeds"])
