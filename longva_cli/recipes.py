@@ -191,6 +191,13 @@ def header(path: Path) -> str:
     return "\n".join(lines).strip()
 
 
+def summary(path: Path) -> str:
+    """The first sentence of a recipe's header comment."""
+    text = " ".join(header(path).split())
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
+
+
 def bundled_recipes() -> list[Path]:
     """Every recipe shipped in `recipes/`, sorted by command then name."""
     return sorted(RECIPES_DIR.glob("*/*.yaml")) if RECIPES_DIR.is_dir() else []

@@ -25,7 +25,7 @@ def list_command() -> None:
     table = Table("recipe", "what it is for", box=None)
     for path in recipes.bundled_recipes():
         name = f"{path.parent.name}/{path.stem}"
-        table.add_row(name, recipes.header(path).splitlines()[0] if recipes.header(path) else "")
+        table.add_row(name, recipes.summary(path))
     stderr.print(table)
 
 

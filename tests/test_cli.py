@@ -139,3 +139,11 @@ def test_download_without_network_says_so(tmp_path):
 
 def test_download_unknown_name():
     assert_clean_error(longva("download", "not a repo"), "unknown model")
+
+
+def test_recipes_list_names_every_bundled_recipe_with_its_first_sentence():
+    result = longva("recipes", "list", env={"COLUMNS": "200"})
+    assert result.returncode == 0
+    for name in ("extend-text/qwen2-7b-224k", "align/stage2-full", "niah/v-niah-longva-7b"):
+        assert name in result.stderr
+    assert "LongVA stage 1: extend Qwen2-7B-Instruct's text context to 224K tokens (rope_theta 1e9, 1000 steps)." in result.stderr
