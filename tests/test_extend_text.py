@@ -236,6 +236,8 @@ def _sp_worker(rank: int, port: int, tokens, out_dir: str, backend: str = "ulyss
             torch.save(flat.cpu() / 2, Path(out_dir) / "flat.pt")
     finally:
         dist.destroy_process_group()
+    # Leave without C++ static teardown: gloo's threads sometimes abort a finished worker there.
+    os._exit(0)
 
 
 def _one_process_reference(tokens, cuda: bool = False):

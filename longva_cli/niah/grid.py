@@ -91,6 +91,14 @@ class Ranks:
 
             dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group: without it, gloo processes sometimes abort at exit."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
     def my_cells(self, cells: list[tuple[int, float]]) -> set[tuple[int, float]]:
         groups = self.world // self.sequence_parallel
         return set(sorted(cells)[self.rank // self.sequence_parallel :: groups])
@@ -196,6 +204,7 @@ def score_grid(
         if bar:
             bar.stop()
     ranks.barrier()
+    ranks.close()
     if not ranks.main:
         return None
     cells = finished_cells(folder, mode)
