@@ -1,6 +1,6 @@
 """The V-NIAH heatmap as the paper draws it: frames across, depth down, red -> yellow -> green.
 
-matplotlib and seaborn are optional (`pip install 'longva[plot]'`) and imported only here.
+matplotlib and seaborn are optional (`pip install 'longva[niah]'`) and imported only here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from longva_cli.niah.settings import size_label
 COLOURS = ["#F0496E", "#EBB839", "#9ad5b3"]  # score 0 -> 0.5 -> 1
 FIGURE_INCHES = (17.5, 8)
 X_TITLES = {"Num. Frame": "Number of frames", "Context Length": "Context length (tokens)"}
-INSTALL_HINT = "drawing the heatmap needs matplotlib and seaborn: `pip install 'longva[plot]'`, then `longva niah plot FOLDER`."
+INSTALL_HINT = "drawing the heatmap needs matplotlib and seaborn: `pip install 'longva[niah]'`, then `longva niah plot FOLDER`."
 
 
 def plotting_available() -> bool:
