@@ -29,6 +29,7 @@ from longva_cli.errors import LongVAError
 from longva_cli.eval.answers import DegenerateGuard, degenerate_kind
 from longva_cli.eval.local import DEFAULT_EVAL_MODEL
 from longva_cli.eval.report import run_info, write_json
+from longva_cli.model.compat import cache_kwargs
 from longva_cli.model.generation import DEFAULT_PREFILL_CHUNK, prefill
 from longva_cli.model.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, Turn, chat_prompt
 
@@ -235,7 +236,7 @@ class LongVALmms(lmms):
             logits = [last[None]]
             if len(ids) > 1:
                 known = torch.tensor([ids[:-1]], device=self.longva.model.device)  # [1, n-1]
-                logits.append(language_model(input_ids=known, cache=cache, use_cache=True).logits[0].float())
+                logits.append(language_model(input_ids=known, **cache_kwargs(cache)).logits[0].float())
             logits = torch.cat(logits)  # [n, vocab]
             targets = torch.tensor(ids, device=logits.device)
             logprob = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum()

@@ -25,6 +25,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from longva_cli.model.compat import cache_kwargs
+
 DEFAULT_PREFILL_CHUNK = 4096
 # SDPA and eager attention build a [chunk, seq] mask for each chunk (and on CPU float scores
 # beside it, ~6 bytes an element measured): cap chunk x seq so that memory stays near the
@@ -67,7 +69,7 @@ def prefill(language_model, embeds: torch.Tensor, chunk: int = DEFAULT_PREFILL_C
     hidden = None
     for start in range(0, embeds.shape[0], chunk):
         piece = embeds[start : start + chunk].unsqueeze(0)  # [1, chunk, d]
-        hidden = decoder(inputs_embeds=piece, cache=cache, use_cache=True).last_hidden_state
+        hidden = decoder(inputs_embeds=piece, **cache_kwargs(cache)).last_hidden_state
     logits = language_model.lm_head(hidden[:, -1:])  # [1, 1, vocab]
     return cache, logits[0, -1].float()
 
@@ -98,7 +100,7 @@ def decode(language_model, cache, logits: torch.Tensor, sampling: SamplingSettin
             return
         yield token_id
         generated = torch.cat([generated, token.view(1, 1)], dim=1)
-        step = language_model(input_ids=token.view(1, 1).to(language_model.device), cache=cache, use_cache=True)
+        step = language_model(input_ids=token.view(1, 1).to(language_model.device), **cache_kwargs(cache))
         logits = step.logits[0, -1].float()
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from longva_cli.model.compat import cache_kwargs
 from longva_cli.model.generation import SamplingSettings, bounded_chunk, decode
 
 
@@ -81,8 +82,8 @@ class PrefixCache:
         chunk = bounded_chunk(self.language_model, stop, self.chunk)
         for start in range(reuse, stop - keep, chunk):
             end = min(start + chunk, stop - keep)
-            decoder(inputs_embeds=sequence.embed(start, end)[None], cache=self.cache, use_cache=True)
-        hidden = decoder(inputs_embeds=sequence.embed(stop - keep, stop)[None], cache=self.cache, use_cache=True)
+            decoder(inputs_embeds=sequence.embed(start, end)[None], **cache_kwargs(self.cache))
+        hidden = decoder(inputs_embeds=sequence.embed(stop - keep, stop)[None], **cache_kwargs(self.cache))
         self.forwarded += stop - reuse
         self.keys = sequence.keys[:stop].copy()
         return hidden.last_hidden_state[0]  # [keep, d]
