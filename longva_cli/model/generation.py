@@ -28,11 +28,6 @@ from transformers import (
 from longva_cli.model.compat import cache_kwargs
 
 DEFAULT_PREFILL_CHUNK = 4096
-# SDPA and eager attention build a [chunk, seq] mask for each chunk (and on CPU float scores
-# beside it, ~6 bytes an element measured): cap chunk x seq so that memory stays near the
-# KV cache. At 74K tokens on CPU, chunks of 1024 instead of 4096 cut peak memory from 1.8 GB
-# to 0.8 GB and ran faster. Flash-attention materialises neither.
-MASK_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 31}
 
 
 @dataclass
@@ -75,11 +70,10 @@ def prefill(language_model, embeds: torch.Tensor, chunk: int = DEFAULT_PREFILL_C
 
 
 def bounded_chunk(language_model, total: int, requested: int) -> int:
-    """The prefill chunk to use for a `total`-token sequence (see MASK_ELEMENTS)."""
-    if language_model.config._attn_implementation == "flash_attention_2":
-        return requested
-    budget = MASK_ELEMENTS["cuda" if language_model.device.type == "cuda" else "cpu"]
-    return min(requested, max(128, budget // max(total, 1)))
+    """The prefill chunk to use for a `total`-token sequence (see `attention.prefill_chunk`)."""
+    from longva_cli.model.attention import prefill_chunk
+
+    return prefill_chunk(language_model, total, requested)
 
 
 @torch.inference_mode()
