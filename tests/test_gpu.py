@@ -1,4 +1,5 @@
-"""GPU paths: bfloat16, flash-attention, 4-bit loading. Skipped without CUDA."""
+"""GPU paths: bfloat16 by default, mask-free SDPA against eager, flash-attention, 4/8-bit loading,
+`device_map="auto"`. Skipped without CUDA; `benchmarks/gpu/run.sh` runs them on a GPU node."""
 
 from __future__ import annotations
 
@@ -6,11 +7,28 @@ import importlib.util
 
 import pytest
 import torch
+from transformers import DynamicCache
 
-from longva_cli.model.generation import prefill
+from longva_cli.model import attention
+from longva_cli.model.compat import cache_kwargs
 from longva_cli.model.longva import LongVA
 
 pytestmark = pytest.mark.gpu
+
+
+def last_logits(language_model, embeds: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Logits [vocab] of the last position of `embeds` [1, seq, d], fed `chunk` positions at a time."""
+    cache = DynamicCache(config=language_model.config)
+    with torch.inference_mode():
+        for start in range(0, embeds.shape[1], chunk):
+            logits = language_model(inputs_embeds=embeds[:, start : start + chunk], **cache_kwargs(cache)).logits
+    return logits[0, -1].float()
+
+
+def random_embeds(longva: LongVA, tokens: int) -> torch.Tensor:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    size = (1, tokens, longva.model.config.hidden_size)
+    return torch.randn(size, generator=generator, device="cuda").to(longva.model.dtype)
 
 
 def test_auto_settings_pick_bfloat16_on_cuda(tiny_checkpoint):
@@ -20,15 +38,42 @@ def test_auto_settings_pick_bfloat16_on_cuda(tiny_checkpoint):
     assert answer.generated_tokens <= 4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_lower_right_chunks_take_a_kernel_without_a_mask(dtype, monkeypatch):
+    def materialised(*args, **kwargs):
+        raise AssertionError("a dense mask was built on CUDA")
+
+    monkeypatch.setattr(attention, "_blockwise_lower_right", materialised)
+    # LongVA-7B's attention geometry: 28 query heads over 4 KV heads, head dim 128
+    query = torch.randn(1, 28, 512, 128, device="cuda", dtype=dtype)
+    key = torch.randn(1, 4, 4096, 128, device="cuda", dtype=dtype)
+    value = torch.randn_like(key)
+    ours = attention.lower_right_causal_attention(query, key, value, groups=7)
+    mask = torch.ones(512, 4096, dtype=torch.bool, device="cuda").tril(4096 - 512)
+    keys, values = (attention.repeat_kv(t, 7).float() for t in (key, value))
+    reference = torch.nn.functional.scaled_dot_product_attention(query.float(), keys, values, attn_mask=mask)
+    tolerance = 1e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.float(), reference, rtol=tolerance, atol=tolerance)
+
+
+def test_mask_free_sdpa_and_eager_give_the_same_logits(tiny_checkpoint):
+    sdpa = LongVA.from_pretrained(str(tiny_checkpoint), device="cuda", attn_implementation="sdpa")
+    eager = LongVA.from_pretrained(str(tiny_checkpoint), device="cuda", attn_implementation="eager")
+    assert attention.use_mask_free_attention(sdpa.model.language_model) == attention.MASK_FREE_SDPA
+    embeds = random_embeds(sdpa, 1500)
+    reference = last_logits(eager.model.language_model, embeds, chunk=1500)  # one pass
+    for chunk in (256, 1000):  # chunks after a cached prefix attend lower-right
+        torch.testing.assert_close(last_logits(sdpa.model.language_model, embeds, chunk), reference, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn not installed")
-def test_flash_attention_matches_sdpa(tiny_checkpoint, video_file):
+def test_flash_attention_matches_sdpa(tiny_checkpoint):
     flash = LongVA.from_pretrained(str(tiny_checkpoint), device="cuda", attn_implementation="flash_attention_2")
     sdpa = LongVA.from_pretrained(str(tiny_checkpoint), device="cuda", attn_implementation="sdpa")
-    visual = sdpa.encode_video(video_file, frames=8)
-    embeds, _ = sdpa.prompt_embeds("<image>\nWhat happens?", [visual])
-    _, reference = prefill(sdpa.model.language_model, embeds, chunk=256)
-    _, ours = prefill(flash.model.language_model, embeds, chunk=256)
-    torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-2)
+    assert attention.prefill_chunk(flash.model.language_model, 432_000, 4096) == 4096
+    embeds = random_embeds(sdpa, 1500)
+    reference = last_logits(sdpa.model.language_model, embeds, chunk=1500)
+    torch.testing.assert_close(last_logits(flash.model.language_model, embeds, 256), reference, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
@@ -37,3 +82,13 @@ def test_quantized_loading_answers(tiny_checkpoint, image_file, bits):
     model = LongVA.from_pretrained(str(tiny_checkpoint), device="cuda", quantize=bits)
     answer = model.ask(image_file, "Describe the image.", temperature=0, max_new_tokens=3)
     assert answer.visual_tokens == answer.frames * 144
+
+
+def test_device_map_auto_on_one_gpu_answers_as_a_plain_cuda_load(tiny_checkpoint, video_file):
+    mapped = LongVA.from_pretrained(str(tiny_checkpoint), device_map="auto")
+    plain = LongVA.from_pretrained(str(tiny_checkpoint), device="cuda")
+    devices = {p.device for p in mapped.model.parameters()}
+    assert devices == {torch.device("cuda", 0)}
+    ours = mapped.ask(video_file, "What happens?", frames=4, temperature=0, max_new_tokens=8)
+    theirs = plain.ask(video_file, "What happens?", frames=4, temperature=0, max_new_tokens=8)
+    assert (ours.answer, ours.generated_tokens) == (theirs.answer, theirs.generated_tokens)

@@ -1,0 +1,315 @@
+"""Scale stage: a LongVA-7B-shaped model answers about a 3000-frame video on one GPU.
+
+    python benchmarks/gpu/scale.py --results OUT/gpu-results.json --work DIR            # GPU
+    python benchmarks/gpu/scale.py --results OUT/gpu-results.json --work DIR --tiny     # CPU dry run
+
+The model has LongVA-7B's exact shapes (Qwen2-7B: 28 layers, hidden 3584, 28 heads / 4 KV
+heads, MLP 18944, vocab 152,064; CLIP ViT-L/14-336; 2-layer projector) and random bf16
+weights, built directly on the GPU: no 15 GB download, and the work per token is the real
+one. The tokenizer is the built-in tiny one (484 tokens): its ids are valid rows of the
+152,064-row embedding, and the ids the random model generates past them decode to nothing, so
+the answer text is empty while the token count and timings are real.
+
+Figures go to `stages.scale` of the results file after each step (video, components, ask,
+each V-NIAH cell), so a stage cut off at its time limit still reports what it measured.
+
+Prefill FLOPs are counted, not profiled: per position 2 x (weights of the q/k/v/o projections
+and the MLP) for the matmuls, plus causal attention 4 x heads x head_dim x (keys it sees) for
+QK^T and AV, summed over the layers; the vocabulary projection counts only for the positions
+whose logits are computed. Masked-out attention work is not counted (the kernels skip it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import record
+
+H100_BF16_PEAK_TFLOPS = 790  # dense bf16 matmul, H100 SXM class (about what an 8192^3 product reaches there)
+QUESTION = "What is moving in the video?"
+
+
+# ---- model --------------------------------------------------------------------------------------
+
+
+def configs(tiny: bool):
+    """(language, vision, multimodal) configs: LongVA-7B's, or tiny ones for the CPU dry run."""
+    from transformers import CLIPVisionConfig, Qwen2Config
+
+    from longva_cli.model.config import CLIP_L_336_VISION, MultimodalConfig
+    from longva_cli.model.tiny import tiny_configs
+
+    if tiny:
+        return tiny_configs(vision_tower="openai/clip-vit-large-patch14-336")
+    language = Qwen2Config(
+        vocab_size=152_064, hidden_size=3584, intermediate_size=18_944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=224_000, rope_theta=1e9,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False, bos_token_id=None,
+    )
+    return language, CLIPVisionConfig(**CLIP_L_336_VISION), MultimodalConfig()
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def build(tiny: bool, device: torch.device, dtype: torch.dtype):
+    """A random LongVA built in place on `device` (nothing is allocated elsewhere first)."""
+    import importlib.util
+
+    from longva_cli.model.attention import use_mask_free_attention
+    from longva_cli.model.checkpoint import build_longva
+    from longva_cli.model.config import vision_settings
+    from longva_cli.model.longva import LongVA
+    from longva_cli.model.tiny import build_tiny_tokenizer
+
+    language, vision, mm = configs(tiny)
+    flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    torch.manual_seed(0)
+    with torch.device(device), default_dtype(dtype):
+        network = build_longva(language, vision, mm, attn_implementation="flash_attention_2" if flash else "sdpa").eval()
+    use_mask_free_attention(network.language_model)
+    _, processing = vision_settings(mm)
+    return LongVA(network, build_tiny_tokenizer(), processing, name="random LongVA-7B" if not tiny else "random tiny LongVA")
+
+
+# ---- video --------------------------------------------------------------------------------------
+
+
+def write_video(path: Path, frames: int, width: int = 224, height: int = 128, fps: int = 30) -> Path:
+    """An H.264 video of a square moving over a colour ramp, written with PyAV."""
+    import av
+
+    ramp = np.stack(np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height)), -1).astype(np.uint8)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "g": "30"}
+        for index in range(frames):
+            frame = np.concatenate([ramp, np.full((height, width, 1), index % 256, np.uint8)], -1)
+            left = (index * 3) % (width - 32)
+            frame[height // 3 : height // 3 + 32, left : left + 32] = (255, 32, 32)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+# ---- measuring ----------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory since the last reset: allocated and reserved on a GPU, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return {
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+            "device_total_gib": round(total / 2**30, 2),
+            "peak_reserved_fraction": round(torch.cuda.max_memory_reserved(device) / total, 3),
+        }
+    return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
+def prefill_flops(config, tokens: int, past: int = 0, logit_rows: int = 1) -> float:
+    """FLOPs of `tokens` new positions after `past` cached ones through a Qwen2 decoder (see module doc)."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    matmul_weights = hidden * (2 * q_width + 2 * kv_width) + 3 * hidden * config.intermediate_size
+    end = past + tokens
+    keys_seen = (end * (end + 1) - past * (past + 1)) // 2  # sum over new positions i of (i + 1)
+    attention = 4 * q_width * keys_seen
+    return layers * (2 * matmul_weights * tokens + attention) + 2 * hidden * config.vocab_size * logit_rows
+
+
+def throughput(flops: float, seconds: float, device: torch.device) -> dict:
+    tflops = flops / seconds / 1e12
+    figures = {"tflop": float(f"{flops / 1e12:.4g}"), "tflops_achieved": float(f"{tflops:.4g}")}
+    if device.type == "cuda":
+        figures["fraction_of_790_tflops_peak"] = round(tflops / H100_BF16_PEAK_TFLOPS, 3)
+    return figures
+
+
+def components(longva, video: Path, frames: int, device: torch.device) -> dict:
+    """Decode, preprocess and vision-encode the frames `ask` will use, each phase timed on its own
+    (batches of 16 as `ask` takes them; this pass also warms the kernels up)."""
+    from longva_cli.model import media as media_io
+    from longva_cli.model.processing import preprocess
+
+    opened = media_io.open_video(video)
+    ids = media_io.uniform_frame_ids(opened.num_frames, frames)
+    seconds = {"decode_s": 0.0, "preprocess_s": 0.0, "vision_encode_s": 0.0}
+    batches = opened.batches(ids, 16)
+    with torch.inference_mode():
+        while True:
+            started = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            decoded = time.perf_counter()
+            pixels = preprocess(list(batch), longva.processing)
+            processed = time.perf_counter()
+            longva.model.encode_pixels(pixels)
+            sync(device)
+            seconds["decode_s"] += decoded - started
+            seconds["preprocess_s"] += processed - decoded
+            seconds["vision_encode_s"] += time.perf_counter() - processed
+    figures = {k: round(v, 2) for k, v in seconds.items()}
+    figures["frames_per_s"] = {k.removesuffix("_s"): round(len(ids) / v, 1) for k, v in seconds.items() if v > 0}
+    return figures
+
+
+def ask(longva, video: Path, frames: int, device: torch.device) -> dict:
+    """One `LongVA.ask` at `frames` frames: phases, time to first token, decode speed, peak memory."""
+    reset_peak(device)
+    marks: dict = {"tokens": 0}
+    notices: list[str] = []
+
+    def on_event(event) -> None:  # token events come after the token's argmax, so the GPU is in sync
+        if type(event).__name__ == "Token":
+            now = time.perf_counter()
+            marks.setdefault("first", now)
+            marks["last"] = now
+            marks["tokens"] += 1
+
+    started = time.perf_counter()
+    answer = longva.ask(
+        str(video), QUESTION, frames=frames, temperature=0, max_new_tokens=32, on_event=on_event, on_warning=notices.append
+    )
+    sync(device)
+    total = time.perf_counter() - started
+    figures = {
+        "frames": answer.frames,
+        "prompt_tokens": answer.prompt_tokens,
+        "generated_tokens": answer.generated_tokens,
+        "timings": answer.timings,
+        "wall_s": round(total, 2),
+        "notices": notices,
+        **peak_memory(device),
+    }
+    if "first" in marks:
+        first_token_s = marks["first"] - started
+        # from the end of encoding to the first token (prompt assembly, prefill, first argmax), in
+        # sync with the GPU: the engine's own prefill_s stops the clock before queued kernels finish
+        prefill_s = first_token_s - answer.timings["encode_s"]
+        figures.update(time_to_first_token_s=round(first_token_s, 2), prefill_to_first_token_s=round(prefill_s, 2))
+        figures["prefill"] = throughput(prefill_flops(longva.model.config, answer.prompt_tokens), prefill_s, device)
+        if marks["tokens"] > 1:
+            figures["decode_tokens_per_s"] = round((marks["tokens"] - 1) / (marks["last"] - marks["first"]), 2)
+            figures["decode_context_tokens"] = answer.prompt_tokens
+    return figures
+
+
+def niah_cells(longva, frames: int, depths: list[float], device: torch.device, on_cell) -> None:
+    """Teacher-forced V-NIAH cells at `frames` frames through one `PrefixCache`, in the grid's
+    order: the second depth reuses the KV cache of the first up to the first needle.
+
+    The haystack and needle are random embeddings of the real shape ([frames, 144, d]): the
+    vision tower's cost is measured by `ask`, and the prefill work does not depend on values.
+    """
+    from PIL import Image
+
+    from longva_cli.model.prefix_cache import PrefixCache
+    from longva_cli.niah.scoring import teacher_forced
+    from longva_cli.niah.video import Needle, VideoNeedlePrompts, video_units
+
+    model = longva.model
+    tokens = model.tokens_per_image
+    shape = (frames, tokens, model.config.hidden_size)
+    haystack = torch.randn(shape, device=device, dtype=model.dtype)
+    needle = Needle(Image.new("RGB", (336, 336)), "\nWhat is written on the note?", "B")
+    prompts = VideoNeedlePrompts(longva, haystack, [needle], torch.randn((1, *shape[1:]), device=device, dtype=model.dtype))
+    cache = PrefixCache(model.language_model, 4096)
+    answer_ids = prompts.answer_ids(0)
+    for unit in sorted(video_units([frames], depths, 1), key=lambda u: u.order):
+        reset_peak(device)
+        sequence = prompts.sequence(unit.size, unit.depth, unit.index, with_answer=True)
+        before = cache.forwarded
+        started = time.perf_counter()
+        predicted = teacher_forced(cache, sequence, answer_ids)  # .tolist() inside waits for the GPU
+        seconds = time.perf_counter() - started
+        forwarded = cache.forwarded - before
+        reused = len(sequence) - 1 - forwarded
+        flops = prefill_flops(model.config, forwarded, past=reused, logit_rows=len(answer_ids))
+        on_cell(
+            f"depth_{round(unit.depth * 100)}pct",
+            {
+                "frames": unit.size, "depth": unit.depth, "sequence_tokens": len(sequence), "forwarded_tokens": forwarded,
+                "reused_tokens": reused, "seconds": round(seconds, 2), "predicted_ids": predicted,
+                **throughput(flops, seconds, device), **peak_memory(device),
+            },
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True, help="folder for the generated video")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (the suite's dry run)")
+    parser.add_argument("--frames", type=int, help="frames to ask about (default 3000; 16 with --tiny)")
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.9, 1.0])
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    frames = args.frames or (16 if args.tiny else 3000)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def report(section: str, figures: dict) -> None:
+        record.update(args.results, f"stages.scale.{section}", figures)
+        print(f"scale {section}: {figures}", flush=True)
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    video = write_video(args.work / "long.mp4", frames)
+    report("video", {"frames": frames, "size": "224x128", "fps": 30, "bytes": video.stat().st_size, "write_s": round(time.perf_counter() - started, 2)})
+
+    started = time.perf_counter()
+    longva = build(args.tiny, device, dtype)
+    sync(device)
+    lm = longva.model.language_model
+    from longva_cli.model.attention import prefill_chunk
+
+    report("model", {
+        "shape": "tiny" if args.tiny else "LongVA-7B (Qwen2-7B + CLIP ViT-L/14-336)",
+        "parameters": sum(p.numel() for p in longva.model.parameters()),
+        "dtype": str(dtype), "device": str(device), "attention": lm.config._attn_implementation,
+        "prefill_chunk_at_this_length": prefill_chunk(lm, frames * longva.model.tokens_per_image, 4096),
+        "vocab_model": lm.config.vocab_size, "vocab_tokenizer": len(longva.tokenizer),
+        "build_s": round(time.perf_counter() - started, 2), **peak_memory(device),
+    })
+    report("components", components(longva, video, frames, device))
+    report("ask", ask(longva, video, frames, device))
+    niah_cells(longva, frames, args.depths, device, lambda name, figures: report(f"niah.{name}", figures))
+
+
+if __name__ == "__main__":
+    main()

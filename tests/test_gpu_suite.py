@@ -1,0 +1,84 @@
+"""The GPU suite (`benchmarks/gpu/run.sh`) cannot rot: its CPU dry run runs every stage here."""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"
+sys.path.insert(0, str(SUITE))
+
+import record  # noqa: E402
+import scale  # noqa: E402
+
+
+@pytest.mark.timeout(300)
+def test_cpu_dry_run_fills_every_stage(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    # no wheel folder: this machine's interpreter already has av and DeepSpeed (and may not be 3.12)
+    command = ["bash", str(SUITE / "run.sh"), "--cpu-dry-run", "--out", str(out), "--wheels", str(tmp_path / "none")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=290)
+    logs = {log.name: log.read_text()[-3000:] for log in out.glob("*.log")}
+    assert done.returncode == 0, (done.stdout[-3000:], logs)
+    results = json.loads((out / "gpu-results.json").read_text())
+    stages = results["stages"]
+    assert {name: stages[name]["status"] for name in ("install", "pytest", "train", "scale", "suite")} == dict.fromkeys(
+        ("install", "pytest", "train", "scale", "suite"), "ok"
+    )
+    assert results["environment"]["mode"] == "cpu-dry-run" and results["environment"]["packages"]["longva"]
+
+    tests = stages["pytest"]["tests"]
+    assert tests and stages["pytest"]["failed"] == stages["pytest"]["error"] == 0
+    assert stages["pytest"]["skipped"] + stages["pytest"]["passed"] == len(tests)
+
+    train = stages["train"]
+    assert train["steps"] == 3 and train["tokens_per_s"] > 0 and train["losses"][-1] < train["losses"][0]
+
+    ask = stages["scale"]["ask"]
+    assert ask["frames"] == 16 and ask["prompt_tokens"] > 16 * 144 and ask["generated_tokens"] >= 1
+    assert ask["time_to_first_token_s"] >= ask["timings"]["encode_s"] and ask["prefill"]["tflop"] > 0
+    assert set(stages["scale"]["components"]) >= {"decode_s", "preprocess_s", "vision_encode_s"}
+    first, second = stages["scale"]["niah"]["depth_90pct"], stages["scale"]["niah"]["depth_100pct"]
+    assert first["reused_tokens"] == 0 and first["forwarded_tokens"] == first["sequence_tokens"] - 1
+    # the second depth shares the system prompt and the frames before the first needle
+    assert second["reused_tokens"] > 0.8 * second["sequence_tokens"]
+    assert second["reused_tokens"] + second["forwarded_tokens"] == second["sequence_tokens"] - 1
+
+
+def _write(results: Path, worker: int) -> None:
+    for step in range(20):
+        record.update(results, f"stages.worker{worker}", {f"step{step}": step})
+
+
+def test_concurrent_updates_keep_every_figure(tmp_path):
+    results = tmp_path / "gpu-results.json"
+    workers = [multiprocessing.get_context("spawn").Process(target=_write, args=(results, n)) for n in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    data = json.loads(results.read_text())
+    assert all(data["stages"][f"worker{n}"] == {f"step{s}": s for s in range(20)} for n in range(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-results.json"]  # no lock or temporary files left
+
+
+def test_prefill_flops_count_every_matmul_and_each_visible_key():
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    model = Qwen2ForCausalLM(copy.deepcopy(config))
+    weights = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    past, tokens, logits = 7, 5, 2
+    head_width = config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
+    keys_seen = sum(position + 1 for position in range(past, past + tokens))  # position i sees keys 0..i
+    expected = 2 * weights * tokens + config.num_hidden_layers * 4 * head_width * keys_seen + 2 * 32 * 50 * logits
+    assert scale.prefill_flops(config, tokens, past=past, logit_rows=logits) == expected
