@@ -1,9 +1,12 @@
 """YAML recipes: load, apply dotted `key=value` overrides, validate against a dataclass schema.
 
-A recipe is a YAML mapping whose first comment lines say what it is for and how to launch it.
-Each command that takes recipes declares its settings as (nested) dataclasses; `load_recipe`
-turns the YAML plus the command-line overrides into an instance of that schema, or raises a
-LongVAError naming the exact bad key and what it accepts.
+A recipe is a YAML mapping whose first comment lines say what it is for and how to launch it,
+and whose `command:` key names the command it configures (`longva recipes validate` reads it,
+so a copied recipe validates wherever it lives). Each command that takes recipes declares its
+settings as (nested) dataclasses; `load_recipe` turns the YAML plus the command-line overrides
+into an instance of that schema, or raises a LongVAError naming the exact bad key and what it
+accepts. The bundled recipes ship inside the package (`recipe_files/<command>/<name>.yaml`)
+and are named `<command>/<name>`.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import yaml
 
 from longva_cli.errors import LongVAError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipe_files"
+COMMAND_KEY = "command"
 
-# recipes/<folder>/*.yaml is validated against the schema named here ("module:Class").
+# The schema of each command's recipes ("module:Class"); bundled ones live in RECIPES_DIR/<command>/.
 SCHEMAS: dict[str, str] = {
     "extend-text": "longva_cli.train.extend_text:ExtendTextRecipe",
     "align": "longva_cli.train.align:AlignRecipe",
@@ -31,13 +35,21 @@ Schema = TypeVar("Schema")
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
-    """A path as given, or a bundled recipe named like `extend-text/tiny-cpu`."""
-    path = Path(name_or_path)
+    """A path as given, or a bundled recipe named like `extend-text/tiny-cpu`.
+
+    A path into the `recipes/` folder of an older checkout (`recipes/extend-text/tiny-cpu.yaml`),
+    which no longer exists, names the bundled recipe of the same command and name.
+    """
+    path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
     bundled = RECIPES_DIR / (str(name_or_path).removesuffix(".yaml") + ".yaml")
     if bundled.is_file():
         return bundled
+    if path.parent.parent.name == "recipes":
+        moved = RECIPES_DIR / path.parent.name / (path.stem + ".yaml")
+        if moved.is_file():
+            return moved
     raise LongVAError(f"recipe {name_or_path} not found; `longva recipes list` shows the bundled ones.")
 
 
@@ -73,13 +85,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def build(schema: type[Schema], data: dict[str, Any], prefix: str = "") -> Schema:
-    """An instance of the dataclass `schema` from `data`, checking every key and type."""
+def build(schema: type[Schema], data: dict[str, Any], prefix: str = "", defaults: Schema | None = None) -> Schema:
+    """An instance of the dataclass `schema` from `data`, checking every key and type.
+
+    Keys `data` leaves out take their value from `defaults` when given (a command's own
+    defaults for a shared section: the parent field's `default_factory`), else the schema's.
+    A schema's `RENAMED` mapping (old key -> sentence) explains keys that were renamed.
+    """
     if not isinstance(data, dict):
         raise LongVAError(f"recipe key {prefix.rstrip('.') or '(top)'} must be a section of settings.")
     fields = {f.name: f for f in dataclasses.fields(schema)}
     hints = get_type_hints(schema)
     unknown = sorted(set(data) - set(fields))
+    renamed = getattr(schema, "RENAMED", {})
+    for name in unknown:
+        if name in renamed:
+            raise LongVAError(f"{renamed[name]}; rename the key in your recipe.")
     if unknown:
         raise LongVAError(
             f"unknown recipe key {prefix}{unknown[0]}; allowed here: {', '.join(sorted(fields))}."
@@ -88,7 +109,12 @@ def build(schema: type[Schema], data: dict[str, Any], prefix: str = "") -> Schem
     for name, field in fields.items():
         key = prefix + name
         if name in data:
-            values[name] = _coerce(data[name], hints[name], key)
+            section_defaults = None
+            if dataclasses.is_dataclass(hints[name]) and field.default_factory is not dataclasses.MISSING:
+                section_defaults = field.default_factory()
+            values[name] = _coerce(data[name], hints[name], key, section_defaults)
+        elif defaults is not None:
+            values[name] = getattr(defaults, name)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             if dataclasses.is_dataclass(hints[name]):
                 values[name] = build(hints[name], {}, key + ".")
@@ -97,10 +123,10 @@ def build(schema: type[Schema], data: dict[str, Any], prefix: str = "") -> Schem
     return schema(**values)
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
+def _coerce(value: Any, hint: Any, key: str, defaults: Any = None) -> Any:
     origin, args = get_origin(hint), get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return build(hint, value if value is not None else {}, key + ".")
+        return build(hint, value if value is not None else {}, key + ".", defaults)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -154,16 +180,71 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise TypeError(f"recipe schema type {hint!r} at {key} is not supported")
 
 
+_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false", Path: "a path"}
+
+
 def _describe(hint: Any) -> str:
     args = [a for a in get_args(hint) if a is not type(None)]
-    names = [getattr(a, "__name__", str(a)) for a in args]
+    names = [_WORDS.get(a, getattr(a, "__name__", str(a))) for a in args]
     return " or ".join(names) + (" or null" if type(None) in get_args(hint) else "")
 
 
+def command_of(schema: type) -> str | None:
+    """The command whose recipes `schema` describes (None for a schema not in SCHEMAS)."""
+    name = f"{schema.__module__}:{schema.__qualname__}"
+    return next((command for command, target in SCHEMAS.items() if target == name), None)
+
+
+def schema_of(command: str) -> type:
+    """The schema class of a command's recipes."""
+    if command not in SCHEMAS:
+        raise LongVAError(f"no command {command!r} takes recipes; commands with recipes: {', '.join(sorted(SCHEMAS))}.")
+    module, _, name = SCHEMAS[command].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def pop_command(data: dict[str, Any], where: str | Path) -> str | None:
+    """Remove the `command:` key of a recipe's mapping and return it (None when absent)."""
+    command = data.pop(COMMAND_KEY, None)
+    if command is not None and command not in SCHEMAS:
+        raise LongVAError(
+            f"recipe {where} names command {command!r}; it must be one of {', '.join(sorted(SCHEMAS))}."
+        )
+    return command
+
+
 def load_recipe(schema: type[Schema], recipe: str | Path | None, overrides: list[str] = ()) -> Schema:
-    """The settings of `schema` from a recipe file (optional) plus dotted overrides."""
-    data = read_recipe(find_recipe(recipe)) if recipe is not None else {}
+    """The settings of `schema` from a recipe file (optional) plus dotted overrides.
+
+    The file's `command:` key, if any, must name the command `schema` belongs to.
+    """
+    data = {}
+    if recipe is not None:
+        data = read_recipe(find_recipe(recipe))
+        named, expected = pop_command(data, recipe), command_of(schema)
+        if named is not None and expected is not None and named != expected:
+            raise LongVAError(
+                f"recipe {recipe} is for `longva {named}` (its command: key), not `longva {expected}`; "
+                f"run it with `longva {named}`, or pick a {expected} recipe (`longva recipes list`)."
+            )
     return build(schema, apply_overrides(data, list(overrides)))
+
+
+def validate(recipe: str | Path, overrides: list[str] = (), command: str | None = None) -> tuple[str, Any]:
+    """(command, settings) of a recipe checked against its command's schema.
+
+    The command is `command` when given, else the recipe's own `command:` key.
+    """
+    path = find_recipe(recipe)
+    data = read_recipe(path)
+    named = pop_command(data, recipe)
+    command = command or named
+    if command is None:
+        raise LongVAError(
+            f"recipe {recipe} does not say which command it is for; add a line `command: extend-text` "
+            f"(or {', '.join(c for c in sorted(SCHEMAS) if c != 'extend-text')}) at its top, or pass --command."
+        )
+    return command, build(schema_of(command), apply_overrides(data, list(overrides)))
 
 
 def to_dict(settings: Any) -> dict[str, Any]:
@@ -199,16 +280,10 @@ def summary(path: Path) -> str:
 
 
 def bundled_recipes() -> list[Path]:
-    """Every recipe shipped in `recipes/`, sorted by command then name."""
-    return sorted(RECIPES_DIR.glob("*/*.yaml")) if RECIPES_DIR.is_dir() else []
+    """Every recipe shipped with the package, sorted by command then name."""
+    return sorted(RECIPES_DIR.glob("*/*.yaml"))
 
 
-
-def schema_for(path: Path) -> type:
-    """The schema class of a recipe, from the folder it lives in (recipes/<command>/...)."""
-    folder = path.resolve().parent.name
-    if folder not in SCHEMAS:
-        known = ", ".join(sorted(SCHEMAS)) or "none"
-        raise LongVAError(f"recipe {path} is not in a known recipe folder; recipe folders: {known}.")
-    module, _, name = SCHEMAS[folder].partition(":")
-    return getattr(importlib.import_module(module), name)
+def bundled_name(path: Path) -> str:
+    """`<command>/<name>` of a bundled recipe file."""
+    return f"{path.parent.name}/{path.stem}"

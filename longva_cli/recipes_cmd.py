@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Optional
 
 import typer
 import yaml
@@ -15,7 +15,7 @@ app = typer.Typer(help="List, show and validate recipes (YAML settings files).",
 
 @app.command("list")
 def list_command() -> None:
-    """List the bundled recipes with the first line of their description.
+    """List the bundled recipes with the first sentence of their description.
 
     examples:
       longva recipes list
@@ -24,32 +24,36 @@ def list_command() -> None:
 
     table = Table("recipe", "what it is for", box=None)
     for path in recipes.bundled_recipes():
-        name = f"{path.parent.name}/{path.stem}"
-        table.add_row(name, recipes.summary(path))
+        table.add_row(recipes.bundled_name(path), recipes.summary(path))
     stderr.print(table)
 
 
 @app.command("show")
 def show_command(recipe: str = typer.Argument(..., help="A bundled name (extend-text/tiny-cpu) or a path.")) -> None:
-    """Print a recipe file, e.g. to copy and edit it.
+    """Print a recipe file (its `command:` key included), e.g. to copy and edit it.
 
     examples:
-      longva recipes show extend-text/qwen2-7b-224k > my.yaml
+      longva recipes show extend-text/qwen2-7b-224k > my-recipe.yaml
     """
     typer.echo(recipes.find_recipe(recipe).read_text(), nl=False)
 
 
 @app.command("validate")
 def validate_command(
-    recipe: str = typer.Argument(..., help="A bundled name or a path."),
+    recipe: str = typer.Argument(..., help="A bundled name (extend-text/tiny-cpu) or a path."),
     overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides to check with it."),
+    command: Optional[str] = typer.Option(
+        None, "--command", "-c", help="Check against this command's settings (extend-text, align, niah) instead of "
+        "the one the recipe's `command:` key names."
+    ),
 ) -> None:
-    """Check a recipe (and overrides) against its command's settings; print the result.
+    """Check a recipe (and overrides) against its command's settings; print the settings it gives.
 
     examples:
-      longva recipes validate recipes/extend-text/tiny-cpu.yaml train.max_steps=5
+      longva recipes validate extend-text/tiny-cpu train.max_steps=5
+      longva recipes validate my-recipe.yaml
+      longva recipes validate old-recipe.yaml --command align
     """
-    path = recipes.find_recipe(recipe)
-    settings = recipes.load_recipe(recipes.schema_for(path), path, overrides or [])
-    typer.echo(yaml.safe_dump(recipes.to_dict(settings), sort_keys=False), nl=False)
-    stderr.print(f"[green]Recipe {Path(path)} is well-formed.[/green]")
+    command, settings = recipes.validate(recipe, overrides or [], command)
+    typer.echo(yaml.safe_dump({recipes.COMMAND_KEY: command, **recipes.to_dict(settings)}, sort_keys=False), nl=False)
+    stderr.print(f"[green]Recipe {recipe} is well-formed for `longva {command}`.[/green]")
