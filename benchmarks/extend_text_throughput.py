@@ -53,7 +53,7 @@ def run(seq_len: int, procs: int, steps: int, out: Path) -> dict:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "-m", "longva_cli"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [*launcher, "extend-text", "--recipe", str(REPO / "recipes/extend-text/tiny-cpu.yaml"), *overrides],
+        [*launcher, "extend-text", "--recipe", "extend-text/tiny-cpu", *overrides],
         env=env, capture_output=True, text=True,
     )
     if done.returncode:

@@ -121,8 +121,8 @@ def test_recipes_carry_the_original_numbers():
 @pytest.mark.parametrize("name", ["stage1-projector", "stage2-full", "dpo", "tiny-cpu"])
 def test_recipe_headers_say_how_to_launch(name):
     text = header(ALIGN / f"{name}.yaml")
-    assert f"--recipe recipes/align/{name}.yaml" in text
-    assert "=" in text.split(f"--recipe recipes/align/{name}.yaml", 1)[1]  # an override example follows
+    assert f"--recipe align/{name}" in text
+    assert "=" in text.split(f"--recipe align/{name}", 1)[1]  # an override example follows
 
 
 def test_unknown_recipe_key_is_named():
@@ -347,6 +347,9 @@ def test_resume_continues_exactly(stage2, tmp_path):
     assert resumed["losses"] == pytest.approx(summary["losses"][3:], abs=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights(root / "run" / "step_6").values(),
                                                              weights(tmp_path / "run" / "step_6").values()))
+    # the records of steps 4-6 of the first run were dropped before the resumed run wrote its own
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
 
 
 def test_dpo_starts_at_log2_and_moves_the_policy(example, tmp_path):
@@ -371,7 +374,7 @@ def _two_process_worker(rank: int, port: int, recipe: AlignRecipe) -> None:
 def test_two_processes_train_with_zero3_on_gloo(example, tmp_path):
     import torch.multiprocessing as mp
 
-    from longva_cli.train.sequence_parallel import free_port
+    from longva_cli.parallel import free_port
 
     recipe = tiny(example, tmp_path / "run", "train.max_steps=1", "train.micro_batch_size=1", "parallel.zero_stage=3")
     mp.spawn(_two_process_worker, args=(free_port(), recipe), nprocs=2, join=True)
@@ -413,6 +416,39 @@ def test_cli_skips_missing_and_undecodable_media_and_reports_them(example, tmp_p
     assert "gone-1" in done.stderr and "broken-1" in done.stderr and "Skipped 2 samples" in done.stderr
     skipped = [json.loads(line)["id"] for line in (tmp_path / "runs/align-tiny/skipped.jsonl").read_text().splitlines()]
     assert skipped == ["gone-1", "broken-1"]
+
+
+def test_trained_tiny_checkpoint_loads_from_any_working_directory(tmp_path, monkeypatch):
+    """The README's flow (tiny example and recipe, relative paths), then the checkpoint by its
+    absolute path from another folder: config.json must not name the tower relative to the first."""
+    from longva_cli.model.longva import LongVA
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    made = _cli("--make-tiny-example", "runs/align-tiny-example", cwd=work)
+    assert made.returncode == 0, made.stderr
+    done = _cli("--recipe", "align/tiny-cpu", "train.max_steps=1", "data.frames=2", "--output", "runs/one", cwd=work)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and (work / "runs/one/latest").read_text().strip() == "step_1"
+    monkeypatch.chdir(elsewhere)
+    longva = LongVA.from_pretrained(str(work / "runs/one/step_1"), device="cpu")
+    visual = longva.encode_image(work / "runs/align-tiny-example/images/red-on-blue.png")
+    assert visual.embeds.shape[-1] == longva.model.config.hidden_size
+
+
+def test_cli_refuses_to_train_over_a_run_and_names_impossible_numbers(example, stage1, tmp_path):
+    out, _ = stage1
+    data = [f"data.path={example / 'conversations.json'}", f"data.image_folder={example / 'images'}",
+            f"data.video_folder={example / 'videos'}"]
+    done = _cli("--recipe", str(ALIGN / "tiny-cpu.yaml"), *data, "--output", str(out), cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {out} already holds a run with checkpoints (up to step_2)")
+    for override, key in [("optimizer.mm_vision_tower_lr=-1e-5", "optimizer.mm_vision_tower_lr"),
+                          ("optimizer.lr=.nan", "optimizer.lr"), ("dpo.beta=-0.1", "dpo.beta")]:
+        done = _cli("--recipe", str(ALIGN / "tiny-cpu.yaml"), override, cwd=tmp_path)
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith(f"error: recipe key {key} must be a finite number above 0")
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,7 @@ def test_224k_recipe_carries_the_original_numbers():
     assert r.model.name_or_path == "Qwen/Qwen2-7B-Instruct" and r.model.init == "pretrained"
     assert r.data.seq_len == 224_000 and r.model.max_position_embeddings == 224_000
     assert r.model.rope_theta == 1e9
-    assert r.optimizer.lr == 1e-5 and r.optimizer.schedule == "constant" and r.optimizer.warmup_steps == 0
+    assert r.optimizer.lr == 1e-5 and r.optimizer.schedule == "constant" and r.optimizer.warmup_ratio == 0
     assert r.optimizer.betas == [0.9, 0.95] and r.optimizer.weight_decay == 0.1
     assert r.train.max_steps == 1000 and r.train.micro_batch_size == 1 and r.train.grad_accum == 4
     assert r.train.precision == "bf16" and r.train.gradient_checkpointing is True
@@ -95,6 +96,41 @@ def test_recipe_headers_say_how_to_launch():
         assert "=" in text.split("verride", 1)[1]  # an override example follows the word "override"
 
 
+def test_both_training_commands_share_one_spelling_of_each_setting():
+    from longva_cli.train import settings
+    from longva_cli.train.align import AlignRecipe
+
+    for section, shared in [("optimizer", settings.OptimizerSettings), ("train", settings.TrainSettings),
+                            ("parallel", settings.ParallelSettings), ("logging", settings.LoggingSettings)]:
+        for recipe in (ExtendTextRecipe(), AlignRecipe()):
+            assert isinstance(getattr(recipe, section), shared)
+    # each command keeps its own defaults for the shared sections, also when a recipe sets some keys
+    r = load_recipe(ExtendTextRecipe, None, ["optimizer.lr=2e-5", "train.precision=auto"])
+    assert (r.optimizer.lr, r.optimizer.betas, r.optimizer.weight_decay, r.optimizer.schedule) == (2e-5, [0.9, 0.95], 0.1, "constant")
+    assert (r.train.max_steps, r.train.grad_accum, r.train.seed, r.train.precision) == (1000, 4, 2024, "auto")
+    a = load_recipe(AlignRecipe, None, ["optimizer.lr=2e-5"])
+    assert (a.optimizer.betas, a.optimizer.schedule, a.optimizer.warmup_ratio, a.train.micro_batch_size) == ([0.9, 0.999], "cosine", 0.03, 4)
+    with pytest.raises(LongVAError, match="optimizer.warmup_steps is now optimizer.warmup_ratio"):
+        load_recipe(ExtendTextRecipe, TINY, ["optimizer.warmup_steps=10"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lr=-1", "optimizer.lr must be a finite number above 0, got -1.0"),
+    ("optimizer.lr=.nan", "optimizer.lr must be a finite number above 0, got nan"),
+    ("optimizer.betas=[0.9, 1.2]", "optimizer.betas[1] must be a finite number at least 0 and below 1"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay must be a finite number at least 0"),
+    ("optimizer.eps=0", "optimizer.eps must be a finite number above 0"),
+    ("optimizer.warmup_ratio=1.5", "optimizer.warmup_ratio must be a finite number at least 0 and below 1"),
+    ("optimizer.grad_clip=.inf", "optimizer.grad_clip must be a finite number above 0 or null"),
+    ("model.rope_theta=-5", "model.rope_theta must be a finite number above 0 or null"),
+])
+def test_impossible_numbers_are_named_before_training(override, message):
+    from longva_cli.train.extend_text import check_recipe
+
+    with pytest.raises(LongVAError, match=re.escape(message)):
+        check_recipe(load_recipe(ExtendTextRecipe, TINY, [override]))
+
+
 def test_overrides_and_validation_errors():
     r = load_recipe(ExtendTextRecipe, BIG, ["train.max_steps=10", "model.rope_theta=5e8"])
     assert r.train.max_steps == 10 and r.model.rope_theta == 5e8
@@ -107,7 +143,7 @@ def test_overrides_and_validation_errors():
 
 
 def test_layout_errors_explain_the_fix():
-    from longva_cli.train.sequence_parallel import check_layout
+    from longva_cli.parallel import check_layout
 
     with pytest.raises(LongVAError, match="use data.seq_len=999 or 1002"):
         check_layout(1000, 3, "ulysses", num_kv_heads=6)
@@ -125,7 +161,7 @@ def test_layout_errors_explain_the_fix():
 def test_shards_cover_the_sequence_with_global_positions():
     import torch
 
-    from longva_cli.train.sequence_parallel import ParallelState, shard, shard_indices
+    from longva_cli.parallel import ParallelState, shard, shard_indices
 
     for backend in ("ulysses", "ring"):
         index = torch.cat([shard_indices(32, 4, r, backend) for r in range(4)])
@@ -135,6 +171,23 @@ def test_shards_cover_the_sequence_with_global_positions():
     inputs, labels, positions = shard(tokens, ParallelState(sp_degree=2, sp_rank=1))
     assert inputs.tolist() == [list(range(8, 16))] and labels.tolist() == [list(range(9, 17))]
     assert positions.tolist() == inputs.tolist()  # RoPE sees real positions, not 0..7
+
+
+def test_join_places_a_process_without_a_launcher_in_a_world_of_one(monkeypatch):
+    import torch
+
+    from longva_cli.parallel import join
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    state = join()
+    assert (state.rank, state.world_size, state.local_rank, state.is_main, state.created_process_group) == (0, 1, 0, True, False)
+    state.barrier()  # nothing to wait for, and no process group was needed
+    state.close()
+    assert state.device("auto") == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert state.device("cpu") == "cpu"
+    with pytest.raises(LongVAError, match="1 processes cannot be split into sequence-parallel groups of 2; .* --sequence-parallel"):
+        join(2)
 
 
 def test_pretokenized_dataset_rows_are_truncated_and_short_rows_skipped(tmp_path):
@@ -214,7 +267,7 @@ def _sp_worker(rank: int, port: int, tokens, out_dir: str, backend: str = "ulyss
     import torch
     import torch.distributed as dist
 
-    from longva_cli.train import sequence_parallel as sp
+    from longva_cli import parallel as sp
     from longva_cli.train.loss import CausalLMLoss
 
     torch.set_num_threads(1)
@@ -243,7 +296,7 @@ def _sp_worker(rank: int, port: int, tokens, out_dir: str, backend: str = "ulyss
 def _one_process_reference(tokens, cuda: bool = False):
     import torch
 
-    from longva_cli.train import sequence_parallel as sp
+    from longva_cli import parallel as sp
     from longva_cli.train.loss import CausalLMLoss
 
     model = _tiny_model(cuda=cuda)
@@ -260,7 +313,7 @@ def test_ulysses_two_processes_match_one_process(tmp_path):
     import torch
     import torch.multiprocessing as mp
 
-    from longva_cli.train.sequence_parallel import free_port
+    from longva_cli.parallel import free_port
 
     tokens = torch.randint(0, 512, (2, 65), generator=torch.Generator().manual_seed(1))
     mp.spawn(_sp_worker, args=(free_port(), tokens, str(tmp_path)), nprocs=2, join=True)
@@ -279,7 +332,7 @@ def test_zigzag_ring_on_two_gpus_matches_one_process(tmp_path):
     pytest.importorskip("ring_flash_attn")
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    from longva_cli.train.sequence_parallel import free_port
+    from longva_cli.parallel import free_port
 
     tokens = torch.randint(0, 512, (2, 129), generator=torch.Generator().manual_seed(1))
     mp.spawn(_sp_worker, args=(free_port(), tokens, str(tmp_path), "ring"), nprocs=2, join=True)
@@ -309,7 +362,7 @@ def test_torchrun_two_process_run_matches_one_process_run(tmp_path):
 
 
 def _port() -> int:
-    from longva_cli.train.sequence_parallel import free_port
+    from longva_cli.parallel import free_port
 
     return free_port()
 
@@ -342,15 +395,52 @@ def test_tiny_run_learns_and_saves_loadable_checkpoints(text_run):
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(text_run, tmp_path):
     import shutil
+    from dataclasses import replace
 
     root, recipe, _ = text_run
     run = tmp_path / "resumed"
     shutil.copytree(recipe.train.output_dir / "step_4", run / "step_4")
     shutil.copy(recipe.train.output_dir / "metrics.jsonl", run / "metrics.jsonl")
-    recipe.train.output_dir = run
+    recipe = replace(recipe, train=replace(recipe.train, output_dir=run))
     summary = extend_text(recipe, resume=run / "step_4")
     assert summary["steps_this_run"] == 4
     assert summary["losses"] == pytest.approx(losses(root / "run")[4:], abs=1e-6)
+    # the records after step 4 were dropped before the resumed run wrote its own: one per step
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_rerun_into_a_finished_run_is_refused_and_changes_nothing(text_run):
+    root, recipe, _ = text_run
+    run = recipe.train.output_dir
+
+    def snapshot() -> dict:
+        return {str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))}
+
+    before = snapshot()
+    done = _cli("--recipe", str(TINY), "--output", str(run), "train.max_steps=8", cwd=root)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {run} already holds a run with checkpoints (up to step_8)")
+    assert "--resume" in line and "--overwrite" in line
+    assert snapshot() == before
+
+
+def test_overwrite_removes_only_what_a_run_wrote(tmp_path):
+    from longva_cli.train.loop import prepare_output
+
+    for folder in ("step_2", "step_4", ".tmp-step_6", "tensorboard", "notes"):
+        (tmp_path / folder).mkdir()
+    for name in ("latest", "metrics.jsonl", "notes/keep.txt", "data.txt"):
+        (tmp_path / name).write_text("x")
+    with pytest.raises(LongVAError, match="give only one of them"):
+        prepare_output(tmp_path, tmp_path, overwrite=True)
+    prepare_output(tmp_path, tmp_path / "step_4", overwrite=False)  # resuming: nothing to refuse
+    prepare_output(tmp_path, None, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt", "notes"]
+    (tmp_path / "metrics.jsonl").write_text("x")  # a run killed before its first checkpoint
+    with pytest.raises(LongVAError, match=r"holds an earlier run \(metrics.jsonl, no checkpoint\); start over with --overwrite"):
+        prepare_output(tmp_path, None, overwrite=False)
 
 
 def test_pretrained_local_model_continues_under_zero3(tmp_path):
@@ -421,10 +511,58 @@ def test_cli_trains_the_tiny_recipe_end_to_end(tmp_path):
     assert (tmp_path / "runs/extend-tiny/step_1/config.json").exists()
 
 
+def test_cli_keeps_stdout_for_results_and_builds_deepspeed_ops_in_the_documented_cache(tmp_path):
+    """--output wins over the recipe; DeepSpeed's build lines stay off stdout; without
+    TORCH_EXTENSIONS_DIR the comm op is taken from (or built into) <cache>/longva/torch_extensions."""
+    import shutil
+
+    from longva_cli.train import engine
+
+    cache, home = tmp_path / "cache", tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    env.update(XDG_CACHE_HOME=str(cache), HOME=str(home), PYTHONPATH=str(REPO), COLUMNS="200")
+    saved = os.environ.pop("TORCH_EXTENSIONS_DIR")
+    try:
+        os.environ["XDG_CACHE_HOME"] = str(cache)
+        folder = engine.extension_cache()
+    finally:
+        os.environ["TORCH_EXTENSIONS_DIR"] = saved
+        del os.environ["XDG_CACHE_HOME"]
+    assert folder.is_relative_to(cache / "longva" / "torch_extensions")
+    built = REPO / ".torch_extensions" / engine.COMM_OP
+    if built.is_dir():  # reuse the suite's build (mtimes kept, so it is not rebuilt)
+        shutil.copytree(built, folder / engine.COMM_OP)
+    done = subprocess.run(
+        [sys.executable, "-m", "longva_cli", "extend-text", "--recipe", str(TINY), "train.max_steps=1", "data.seq_len=32",
+         "--output", "mine"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and "built successfully" not in done.stderr
+    assert ("compiling DeepSpeed's CPU communication op, once" in done.stderr) == (not built.is_dir())
+    assert (folder / engine.COMM_OP / f"{engine.COMM_OP}.so").is_file()
+    assert not (home / ".cache" / "torch_extensions").exists()
+    assert (tmp_path / "mine" / "latest").read_text().strip() == "step_1" and not (tmp_path / "runs").exists()
+
+
+def test_first_start_says_it_compiles_the_comm_op(tmp_path, monkeypatch, capsys):
+    from longva_cli.train import engine
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "empty"))
+    assert engine.comm_op_needs_build()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
+    monkeypatch.setattr(engine, "comm_op_needs_build", lambda: True)  # no real rebuild in the test
+    extend_text(tiny_recipe(tmp_path / "run", "train.max_steps=1", "data.seq_len=32"))
+    out, err = capsys.readouterr()
+    assert "compiling DeepSpeed's CPU communication op, once; ~1 min" in err
+    assert out == ""  # DeepSpeed's "built successfully" and its log lines stay off stdout
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["train.max_stepz=3"], "unknown recipe key train.max_stepz"),
+        (["optimizer.lr=-1"], "recipe key optimizer.lr must be a finite number above 0, got -1.0."),
         (["data.source=./no/such/corpus.txt"], "data source ./no/such/corpus.txt does not exist"),
         (["data.seq_len=255", "parallel.sequence_parallel=2"], "needs that many processes"),
     ],

@@ -1,4 +1,4 @@
-"""`longva align`: vision-text alignment training from YAML recipes (`recipes/align/`).
+"""`longva align`: vision-text alignment training from YAML recipes (bundled: `align/*`).
 
 The three trainings of LongVA after its text stage, one loop:
 
@@ -9,22 +9,37 @@ The three trainings of LongVA after its text stage, one loop:
 
 Every sample goes through the inference encoder (`LongVAForCausalLM.encode_pixels`), so what
 the model learns on is exactly what `longva ask` feeds it. DeepSpeed ZeRO, the learning-rate
-schedule, checkpoints and metrics are the shared helpers of `longva_cli.train`; checkpoints
+schedule, the loop, checkpoints and metrics are shared with `extend-text` (`longva_cli.train`); checkpoints
 are LongVA hub folders that `longva ask` and the original code load.
 """
 
 from __future__ import annotations
 
-import os
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import typer
 
 from longva_cli.errors import LongVAError
-from longva_cli.train.extend_text import LoggingSettings
+from longva_cli.train import loop
+from longva_cli.train.settings import (
+    LoggingSettings,
+    OptimizerSettings,
+    ParallelSettings,
+    TrainSettings,
+    check_number,
+    check_optimizer,
+    check_parallel,
+    check_train,
+    resolve_precision,
+    torch_dtype,
+    warmup_steps,
+)
+
+if TYPE_CHECKING:
+    from longva_cli.parallel import ParallelState
 
 PARTS = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model")
 PROJECTOR_FILES = ("mm_projector.bin", "mm_projector.safetensors")
@@ -61,31 +76,16 @@ class DataSettings:
 
 
 @dataclass
-class OptimizerSettings:
-    lr: float = 1e-5  # language model (and every part without its own rate)
+class AlignOptimizerSettings(OptimizerSettings):
+    # optimizer.lr is the language model's (and every part's without its own rate)
     mm_vision_tower_lr: Optional[float] = None
     mm_projector_lr: Optional[float] = None
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.03
-    grad_clip: Optional[float] = 1.0
 
 
 @dataclass
-class TrainSettings:
+class AlignTrainSettings(TrainSettings):
     mode: Literal["sft", "dpo"] = "sft"
-    epochs: int = 1
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (null: all epochs)
-    micro_batch_size: int = 4  # samples (DPO: pairs) per GPU per micro step
-    grad_accum: int = 1
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    gradient_checkpointing: bool = True
-    seed: int = 42
-    save_every: int = 1000  # optimizer steps between checkpoints (the last step is always saved)
-    output_dir: Path = Path("runs/align")
-    loss_chunk: int = 4096  # tokens per cross-entropy chunk
+    epochs: int = 1  # passes over the data when train.max_steps is null
 
 
 @dataclass
@@ -95,18 +95,13 @@ class DPOSettings:
 
 
 @dataclass
-class ParallelSettings:
-    zero_stage: Literal[0, 1, 2, 3] = 3
-    offload_params: bool = False
-    offload_optimizer: bool = False
-
-
-@dataclass
 class AlignRecipe:
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
-    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
-    train: TrainSettings = field(default_factory=TrainSettings)
+    optimizer: AlignOptimizerSettings = field(default_factory=lambda: AlignOptimizerSettings(warmup_ratio=0.03))
+    train: AlignTrainSettings = field(
+        default_factory=lambda: AlignTrainSettings(micro_batch_size=4, output_dir=Path("runs/align"))
+    )
     dpo: DPOSettings = field(default_factory=DPOSettings)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
@@ -125,30 +120,20 @@ def tunable_parts(recipe: AlignRecipe) -> list[str]:
 def check_recipe(recipe: AlignRecipe) -> None:
     """Value checks the type-level validation cannot express."""
     tunable_parts(recipe)
-    positive = {
-        "train.epochs": recipe.train.epochs,
-        "train.micro_batch_size": recipe.train.micro_batch_size,
-        "train.grad_accum": recipe.train.grad_accum,
-        "train.save_every": recipe.train.save_every,
-        "train.loss_chunk": recipe.train.loss_chunk,
-        "data.frames": recipe.data.frames,
-        "data.max_length": recipe.data.max_length,
-    }
-    for key, value in positive.items():
+    check_optimizer(recipe.optimizer)
+    check_number("optimizer.mm_vision_tower_lr", recipe.optimizer.mm_vision_tower_lr, above=0, nullable=True)
+    check_number("optimizer.mm_projector_lr", recipe.optimizer.mm_projector_lr, above=0, nullable=True)
+    check_train(recipe.train)
+    check_parallel(recipe.parallel)
+    check_number("dpo.beta", recipe.dpo.beta, above=0)
+    counts = {"train.epochs": recipe.train.epochs, "data.frames": recipe.data.frames, "data.max_length": recipe.data.max_length}
+    for key, value in counts.items():
         if value < 1:
             raise LongVAError(f"recipe key {key} must be at least 1, got {value}.")
-    if recipe.train.max_steps is not None and recipe.train.max_steps < 1:
-        raise LongVAError(f"recipe key train.max_steps must be at least 1 or null, got {recipe.train.max_steps}.")
-    if not 0 <= recipe.optimizer.warmup_ratio < 1:
-        raise LongVAError(f"recipe key optimizer.warmup_ratio must be in [0, 1), got {recipe.optimizer.warmup_ratio}.")
-    if len(recipe.optimizer.betas) != 2:
-        raise LongVAError(f"recipe key optimizer.betas must be two numbers like [0.9, 0.999], got {recipe.optimizer.betas}.")
     if (recipe.model.name_or_path is None) == (recipe.model.language_model is None):
         raise LongVAError("set exactly one of model.name_or_path (a LongVA checkpoint) and model.language_model (a text model + model.vision_tower).")
     if recipe.train.mode == "dpo" and recipe.data.template != "qwen_1_5":
         raise LongVAError("train.mode=dpo uses the qwen_1_5 template; set data.template=qwen_1_5.")
-    if recipe.parallel.offload_params and recipe.parallel.zero_stage != 3:
-        raise LongVAError("parallel.offload_params needs parallel.zero_stage=3.")
 
 
 # ---------------------------------------------------------------- model
@@ -198,6 +183,7 @@ def build_model(recipe: AlignRecipe, dtype, attn_implementation: str):
         folder = locate_model(settings.name_or_path)
         model = load_longva(folder, dtype=dtype, attn_implementation=attn_implementation)
         tokenizer = load_tokenizer(folder)
+        model.mm = replace(model.mm, vision_tower=_portable_tower(model.mm.vision_tower))
     else:
         from transformers import AutoTokenizer, CLIPVisionModel, Qwen2ForCausalLM
 
@@ -210,7 +196,7 @@ def build_model(recipe: AlignRecipe, dtype, attn_implementation: str):
                 f"could not load {settings.language_model} or {settings.vision_tower} ({err.__class__.__name__}); "
                 "check model.language_model and model.vision_tower, or `longva download` them first."
             ) from None
-        mm = MultimodalConfig(vision_tower=settings.vision_tower, mm_hidden_size=tower.config.hidden_size,
+        mm = MultimodalConfig(vision_tower=_portable_tower(settings.vision_tower), mm_hidden_size=tower.config.hidden_size,
                               tokenizer_model_max_length=recipe.data.max_length)
         torch.manual_seed(recipe.train.seed)
         projector = build_projector(mm, language_model.config.hidden_size).to(dtype)
@@ -236,6 +222,13 @@ def build_model(recipe: AlignRecipe, dtype, attn_implementation: str):
             ) from None
     _, processing = vision_settings(model.mm)
     return model, tokenizer, processing
+
+
+def _portable_tower(name: str) -> str:
+    """`mm_vision_tower` as checkpoints should store it: a local folder as an absolute path, so the
+    checkpoint loads from any working directory (a hub id stays as it is)."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
 
 
 def set_trainable(model, parts: list[str], lrs: dict[str, float]) -> list[dict[str, Any]]:
@@ -268,61 +261,181 @@ def write_longva_folder(folder: Path, weights: dict, model, tokenizer, projector
 # ---------------------------------------------------------------- training
 
 
-def align(recipe: AlignRecipe, resume: str | Path | None = None) -> dict[str, Any]:
-    """Train per `recipe` (optionally resuming a checkpoint); returns a summary dictionary
-    (steps, samples, tokens, losses, skipped samples, truncation counts, the last checkpoint,
-    and in a one-process run the trained `model` itself).
+def align(recipe: AlignRecipe, resume: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train per `recipe`; returns a summary dictionary (steps, samples, tokens, losses,
+    skipped samples, truncation counts, the last checkpoint, and in a one-process run the
+    trained `model` itself).
 
-    One process, or any number under torchrun / deepspeed (data parallel, ZeRO-sharded).
+    `resume` (a checkpoint or run folder) continues a run; `overwrite` replaces the earlier run
+    in train.output_dir; without either, a folder holding a run is refused. One process, or any
+    number under torchrun / deepspeed (data parallel, ZeRO-sharded).
     """
-    check_recipe(recipe)
     from longva_cli.train.multimodal_data import load_records
 
+    check_recipe(recipe)
     # Read and check every record before anything heavy loads: a bad file fails in a second.
     kind = "preference" if recipe.train.mode == "dpo" else "conversation"
     records, missing = load_records(recipe.data.path, kind, recipe.data.image_folder, recipe.data.video_folder)
     if not records:
         raise LongVAError(f"{recipe.data.path} has no usable samples ({len(missing)} skipped for missing media files).")
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from longva_cli.train import sequence_parallel as sp
-    from longva_cli.train.engine import quiet_libraries
-
-    quiet_libraries()
-    state = sp.init_distributed(1)
-    try:
+    loop.prepare_output(recipe.train.output_dir, resume, overwrite)
+    with loop.processes() as state:
         return _train(recipe, resume, state, records, missing)
-    finally:
-        sp.shutdown(state)  # without destroying the group, gloo runs sometimes abort at exit
 
 
-def _train(recipe: AlignRecipe, resume, state, records, missing) -> dict[str, Any]:
-    import json
+class AlignTask:
+    """align's part of the loop: media samples in length-grouped batches, SFT or DPO losses,
+    and the counts of samples, tokens, cut sequences and skipped samples."""
 
+    name, unit = "align", "samples"
+
+    def __init__(self, recipe: AlignRecipe, state: ParallelState, dataset, lengths: list[int], steps_per_epoch: int,
+                 tokens_per_image: int, missing: list, reference=None, reference_logps=None) -> None:
+        import torch
+
+        self.recipe, self.state, self.dataset, self.lengths = recipe, state, dataset, lengths
+        self.steps_per_epoch, self.tokens_per_image = steps_per_epoch, tokens_per_image
+        self.reference, self.reference_logps = reference, reference_logps
+        train = recipe.train
+        self.per_step = train.micro_batch_size * train.grad_accum * state.world_size
+        self.samples = self.tokens = self.truncated = self.tokens_cut = 0
+        self.skipped = [{"id": s.id, "reason": s.reason} for s in missing]
+        self.device = torch.device(state.device())
+        self._reset_step()
+
+    def _reset_step(self) -> None:
+        import torch
+
+        self.counts = torch.zeros(4, dtype=torch.float64, device=self.device)  # samples, tokens, truncated, tokens cut
+        self.new_skips, self.stats = [], []
+
+    def restore(self, client_state: dict[str, Any]) -> None:
+        self.samples, self.tokens = int(client_state.get("samples", 0)), int(client_state.get("tokens", 0))
+        self.skipped = client_state.get("skipped", self.skipped)
+        self.truncated, self.tokens_cut = int(client_state.get("truncated", 0)), int(client_state.get("tokens_cut", 0))
+
+    def client_state(self) -> dict[str, Any]:
+        return {"samples": self.samples, "tokens": self.tokens, "skipped": self.skipped,
+                "truncated": self.truncated, "tokens_cut": self.tokens_cut}
+
+    def micro_batches(self, step: int) -> Iterator[Any]:
+        """This rank's micro batches from step `step` on, epoch after epoch (each epoch its own
+        seeded grouping, so a resumed run finds its place)."""
+        import torch
+
+        from longva_cli.train.multimodal_data import length_grouped_batches
+
+        train, data, world, rank = self.recipe.train, self.recipe.data, self.state.world_size, self.state.rank
+        micro_per_epoch = self.steps_per_epoch * train.grad_accum
+        micro = step * train.grad_accum
+        while True:
+            epoch, offset = divmod(micro, micro_per_epoch)
+            batches = length_grouped_batches(self.lengths, train.micro_batch_size, world, train.seed, epoch, data.group_by_length)
+            plan = [batches[(k * world + rank) % len(batches)] for k in range(offset, micro_per_epoch)]
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=plan, num_workers=data.num_workers,
+                collate_fn=_Collate(data.max_length, self.tokens_per_image),
+            )
+            yield from loader
+            micro = (epoch + 1) * micro_per_epoch
+
+    def loss(self, engine, batch):
+        import torch
+
+        from longva_cli.train.dpo import dpo_loss
+
+        if self.recipe.train.mode == "dpo" and batch.ids:
+            policy = engine(batch).view(-1, 2)  # [pairs, (chosen, rejected)]
+            ref = _reference(self.reference, self.reference_logps, batch, self.device).view(-1, 2)
+            loss, stat = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], self.recipe.dpo.beta)
+            self.stats.append(stat)
+        elif self.recipe.train.mode == "dpo":  # every pair was skipped: a zero loss keeps the ranks in step
+            loss = engine(batch).sum() * 0
+        else:
+            loss = engine(batch)
+        self.counts += torch.tensor([len(batch.ids), batch.tokens, batch.truncated, batch.tokens_cut],
+                                    dtype=torch.float64, device=self.device)
+        self.new_skips += [{"id": s.id, "reason": s.reason} for s in batch.skipped]
+        return loss
+
+    def end_step(self, elapsed: float) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        from longva_cli.console import stderr
+
+        counts, new_skips = self.counts, self.new_skips
+        if self.state.world_size > 1:
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            gathered = [None] * self.state.world_size
+            dist.all_gather_object(gathered, new_skips)
+            new_skips = [s for rank_skips in gathered for s in rank_skips]
+        known = {item["id"] for item in self.skipped}
+        for item in new_skips:
+            if item["id"] in known:  # the same sample fails again in a later epoch
+                continue
+            known.add(item["id"])
+            self.skipped.append(item)
+            if self.state.is_main:
+                stderr.print(f"[yellow]skipped sample {item['id']}: {item['reason']}[/yellow]")
+        samples, tokens, truncated, tokens_cut = (int(c) for c in counts.tolist())
+        self.samples += samples
+        self.tokens += tokens
+        self.truncated += truncated
+        self.tokens_cut += tokens_cut
+        record = {
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "samples_per_s": round(samples / elapsed, 2),
+            "tokens_per_s": round(tokens / elapsed, 1),
+            "skipped": len(self.skipped),
+        }
+        for key in ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"):
+            values = [s[key] for s in self.stats if key in s]
+            if values:
+                record[key] = round(sum(values) / len(values), 6)
+        self._reset_step()
+        return record
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        import json
+        from collections import Counter
+
+        from longva_cli.console import stderr
+
+        summary.update(samples=self.samples, skipped=self.skipped, truncated=self.truncated, tokens_cut=self.tokens_cut)
+        if not self.state.is_main:
+            return
+        output_dir, skipped = self.recipe.train.output_dir, self.skipped
+        if skipped:
+            with (output_dir / "skipped.jsonl").open("w") as f:
+                f.writelines(json.dumps(item) + "\n" for item in skipped)
+        if self.truncated:
+            stderr.print(f"{self.truncated} sequences were longer than data.max_length={self.recipe.data.max_length}: "
+                         f"{self.tokens_cut:,} tokens were cut from their ends.")
+        if skipped:
+            kinds = Counter("missing media" if s["reason"].startswith("missing") else
+                            "past max_length" if "max_length" in s["reason"] else "undecodable media" for s in skipped)
+            stderr.print(
+                f"[yellow]Skipped {len(skipped)} samples ({', '.join(f'{n} {k}' for k, n in kinds.items())}): "
+                f"{', '.join(s['id'] for s in skipped[:10])}{' …' if len(skipped) > 10 else ''}; "
+                f"all listed in {output_dir / 'skipped.jsonl'}[/yellow]"
+            )
+
+
+def _train(recipe: AlignRecipe, resume, state: ParallelState, records, missing) -> dict[str, Any]:
     import torch
-    import torch.distributed as dist
 
-    from longva_cli.console import progress, stderr
-    from longva_cli.model.longva import resolve_attention
+    from longva_cli.console import stderr
+    from longva_cli.engine.loader import resolve_attention
     from longva_cli.recipes import to_dict
     from longva_cli.train import checkpoint
     from longva_cli.train import engine as engines
-    from longva_cli.train.dpo import dpo_loss
-    from longva_cli.train.metrics import MetricsLog
-    from longva_cli.train.multimodal_data import (
-        AlignDataset,
-        AlignModule,
-        length_grouped_batches,
-        steps_per_epoch,
-        warmup_steps,
-    )
+    from longva_cli.train.multimodal_data import AlignDataset, AlignModule, steps_per_epoch
 
     train, opt, data, par = recipe.train, recipe.optimizer, recipe.data, recipe.parallel
-    device = torch.device("cuda", state.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    precision = train.precision if train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    device = torch.device(state.device())
+    precision = resolve_precision(train.precision, device.type == "cuda")
+    dtype = torch_dtype(precision)
     parts = tunable_parts(recipe)
     ds_config = engines.deepspeed_config(
         micro_batch_size=train.micro_batch_size,
@@ -361,10 +474,8 @@ def _train(recipe: AlignRecipe, resume, state, records, missing) -> dict[str, An
         pinpoints=model.mm.image_grid_pinpoints, frames=data.frames, tokens_per_image=model.tokens_per_image,
     )
     lengths = [dataset.estimated_length(i) for i in range(len(dataset))]
-    n_batches = -(-len(dataset) // train.micro_batch_size)
-    per_epoch = steps_per_epoch(n_batches, state.world_size, train.grad_accum)
+    per_epoch = steps_per_epoch(-(-len(dataset) // train.micro_batch_size), state.world_size, train.grad_accum)
     total_steps = train.max_steps or per_epoch * train.epochs
-    warmup = warmup_steps(opt.warmup_ratio, total_steps)
 
     visual_in_graph = bool({"mm_vision_tower", "mm_mlp_adapter"} & set(parts))
     module = AlignModule(model, train.mode, train.loss_chunk, visual_in_graph=visual_in_graph)
@@ -375,50 +486,24 @@ def _train(recipe: AlignRecipe, resume, state, records, missing) -> dict[str, An
         weight_decay=opt.weight_decay,
         eps=opt.eps,
         schedule=opt.schedule,
-        warmup_steps=warmup,
+        warmup_steps=warmup_steps(opt.warmup_ratio, total_steps),
         max_steps=total_steps,
         ds_config=ds_config,
         param_groups=groups,
     )
     engine.train()
-    step, samples_seen, tokens_seen = 0, 0, 0
-    skipped = [{"id": s.id, "reason": s.reason} for s in missing]
-    truncated = tokens_cut = 0
-    if resume is not None:
-        client = checkpoint.load(engine, checkpoint.resolve(resume))
-        step, samples_seen, tokens_seen = (int(client.get(k, 0)) for k in ("step", "samples", "tokens"))
-        skipped = client.get("skipped", skipped)
-        truncated, tokens_cut = int(client.get("truncated", 0)), int(client.get("tokens_cut", 0))
-
     reference_logps = None
     if train.mode == "dpo" and recipe.dpo.reference == "precomputed":
         reference_logps = _precompute_reference(
             engine, dataset, data, model.tokens_per_image, train.output_dir, state, resumed=resume is not None
         )
-
-    log = MetricsLog(train.output_dir, tensorboard=recipe.logging.tensorboard, wandb=recipe.logging.wandb,
-                     wandb_project=recipe.logging.wandb_project, config=to_dict(recipe), enabled=state.is_main)
     projector_only = parts == ["mm_mlp_adapter"]
 
     def save_model(folder: Path, weights) -> None:
         write_longva_folder(folder, weights, model, tokenizer, projector_file=projector_only)
 
-    def micro_batches(start_micro: int):
-        """This rank's micro batches from global micro step `start_micro` on, epoch after epoch."""
-        micro_per_epoch = per_epoch * train.grad_accum
-        micro = start_micro
-        while True:
-            epoch, offset = divmod(micro, micro_per_epoch)
-            batches = length_grouped_batches(lengths, train.micro_batch_size, state.world_size, train.seed, epoch, data.group_by_length)
-            plan = [batches[(k * state.world_size + state.rank) % len(batches)] for k in range(offset, micro_per_epoch)]
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=plan, num_workers=data.num_workers,
-                collate_fn=_Collate(data.max_length, model.tokens_per_image),
-            )
-            for batch in loader:
-                yield batch
-            micro = (epoch + 1) * micro_per_epoch
-
+    task = AlignTask(recipe, state, dataset, lengths, per_epoch, model.tokens_per_image, missing,
+                     reference=reference, reference_logps=reference_logps)
     if state.is_main:
         source = recipe.model.name_or_path or f"{recipe.model.language_model} + {recipe.model.vision_tower}"
         stderr.print(
@@ -426,119 +511,16 @@ def _train(recipe: AlignRecipe, resume, state, records, missing) -> dict[str, An
             f"{f' ({len(missing)} skipped: missing media)' if missing else ''}; {total_steps} steps of "
             f"{train.micro_batch_size} x {train.grad_accum} accum x {state.world_size} processes; ZeRO-{par.zero_stage}, {precision}"
         )
-        for item in skipped[:5]:
+        for item in task.skipped[:5]:
             stderr.print(f"[yellow]skipping sample {item['id']}: {item['reason']}[/yellow]")
-        if len(skipped) > 5:
-            stderr.print(f"[yellow]… and {len(skipped) - 5} more (listed in {train.output_dir / 'skipped.jsonl'} at the end)[/yellow]")
-    losses: list[float] = []
-    start_time, start_step, saved = time.perf_counter(), step, None
-    samples_per_step = train.micro_batch_size * train.grad_accum * state.world_size
-    bar = progress(unit="samples")
-    if state.is_main:
-        bar.start()
-    task = bar.add_task("align", total=total_steps * samples_per_step, completed=step * samples_per_step)
-    stream = micro_batches(step * train.grad_accum)
-    try:
-        while step < total_steps:
-            t0 = time.perf_counter()
-            micro_losses, stats = [], []
-            counts = torch.zeros(4, dtype=torch.float64)  # samples, tokens, truncated, tokens cut
-            new_skips = []
-            for _ in range(train.grad_accum):
-                batch = next(stream)
-                if train.mode == "dpo" and batch.ids:
-                    policy = engine(batch).view(-1, 2)  # [pairs, (chosen, rejected)]
-                    ref = _reference(reference, reference_logps, batch, device).view(-1, 2)
-                    loss, stat = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], recipe.dpo.beta)
-                    stats.append(stat)
-                elif train.mode == "dpo":  # every pair was skipped: a zero loss keeps the ranks in step
-                    loss = engine(batch).sum() * 0
-                else:
-                    loss = engine(batch)
-                engine.backward(loss)
-                engine.step()  # DeepSpeed only updates at the accumulation boundary
-                micro_losses.append(loss.detach().float().cpu())
-                counts += torch.tensor([len(batch.ids), batch.tokens, batch.truncated, batch.tokens_cut], dtype=torch.float64)
-                new_skips += [{"id": s.id, "reason": s.reason} for s in batch.skipped]
-            step += 1
-            mean = torch.stack(micro_losses).mean()
-            if state.world_size > 1:
-                dist.all_reduce(mean, op=dist.ReduceOp.SUM)
-                mean /= state.world_size
-                dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-                gathered = [None] * state.world_size
-                dist.all_gather_object(gathered, new_skips)
-                new_skips = [s for rank_skips in gathered for s in rank_skips]
-            known = {item["id"] for item in skipped}
-            for item in new_skips:
-                if item["id"] in known:  # the same sample fails again in a later epoch
-                    continue
-                known.add(item["id"])
-                skipped.append(item)
-                if state.is_main:
-                    bar.console.print(f"[yellow]skipped sample {item['id']}: {item['reason']}[/yellow]")
-            samples_seen += int(counts[0])
-            tokens_seen += int(counts[1])
-            truncated += int(counts[2])
-            tokens_cut += int(counts[3])
-            elapsed = time.perf_counter() - t0
-            losses.append(mean.item())
-            grad_norm = engine.get_global_grad_norm()
-            record = {
-                "loss": round(losses[-1], 6),
-                "lr": opt.lr * scheduler.get_last_lr()[0] / scheduler.base_lrs[0],  # the schedule at optimizer.lr
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "samples": samples_seen,
-                "tokens": tokens_seen,
-                "samples_per_s": round(float(counts[0]) / elapsed, 2),
-                "tokens_per_s": round(float(counts[1]) / elapsed, 1),
-                "step_time_s": round(elapsed, 3),
-                "skipped": len(skipped),
-            }
-            for key in ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"):
-                values = [s[key] for s in stats if key in s]
-                if values:
-                    record[key] = round(sum(values) / len(values), 6)
-            if torch.cuda.is_available():
-                record["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-            log.log(step, **record)
-            bar.update(task, advance=samples_per_step,
-                       description=f"step {step}/{total_steps} loss {losses[-1]:.4f} {record['tokens_per_s']:,.0f} tok/s")
-            if step % train.save_every == 0 or step == total_steps:
-                client = {"step": step, "samples": samples_seen, "tokens": tokens_seen, "skipped": skipped,
-                          "truncated": truncated, "tokens_cut": tokens_cut}
-                saved = checkpoint.save(
-                    engine, train.output_dir, step, client_state=client, save_model=save_model,
-                    state_dict=lambda: engines.full_state_dict(engine),
-                    trainer_state={**client, "loss": losses[-1], "recipe": to_dict(recipe)},
-                    needed_bytes=checkpoint.estimate_bytes(model), is_main=state.is_main,
-                )
-    finally:
-        if state.is_main:
-            bar.stop()
-        log.close()
-    wall = time.perf_counter() - start_time
-    if state.is_main and skipped:
-        with (train.output_dir / "skipped.jsonl").open("w") as f:
-            f.writelines(json.dumps(item) + "\n" for item in skipped)
-    summary = {
-        "steps": step,
-        "steps_this_run": step - start_step,
-        "samples": samples_seen,
-        "tokens": tokens_seen,
-        "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
-        "losses": losses,
-        "skipped": skipped,
-        "truncated": truncated,
-        "tokens_cut": tokens_cut,
-        "wall_s": round(wall, 1),
-        "checkpoint": str(saved) if saved else None,
-        "output_dir": str(train.output_dir),
-        "model": model if state.world_size == 1 else None,
-    }
-    if state.is_main:
-        _print_summary(summary, total_steps, train.output_dir, data.max_length)
+        if len(task.skipped) > 5:
+            stderr.print(f"[yellow]… and {len(task.skipped) - 5} more (listed in {train.output_dir / 'skipped.jsonl'} at the end)[/yellow]")
+    summary = loop.run(
+        task, engine, scheduler, state, train=train, total_steps=total_steps, peak_lr=opt.lr,
+        logging=recipe.logging, recipe=to_dict(recipe), save_model=save_model,
+        needed_bytes=checkpoint.estimate_bytes(model), resume=resume,
+    )
+    summary["model"] = model if state.world_size == 1 else None
     return summary
 
 
@@ -597,42 +579,15 @@ def _precompute_reference(engine, dataset, data, tokens_per_image, output_dir: P
     return table
 
 
-def _print_summary(summary: dict, total_steps: int, output_dir: Path, max_length: int) -> None:
-    from collections import Counter
-
-    from longva_cli.console import stderr
-
-    losses = summary["losses"]
-    if not losses:
-        stderr.print(f"Nothing to do: the checkpoint is already at step {summary['steps']} of {total_steps}.")
-        return
-    stderr.print(
-        f"[green]Done:[/green] {summary['steps_this_run']} steps ({summary['steps']}/{total_steps}), "
-        f"{summary['samples']:,} samples, {summary['tokens']:,} tokens in {summary['wall_s']:.0f} s; "
-        f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; checkpoint {summary['checkpoint']}, metrics {output_dir / 'metrics.jsonl'}"
-    )
-    if summary["truncated"]:
-        stderr.print(f"{summary['truncated']} sequences were longer than data.max_length={max_length}: "
-                     f"{summary['tokens_cut']:,} tokens were cut from their ends.")
-    if summary["skipped"]:
-        kinds = Counter("missing media" if s["reason"].startswith("missing") else
-                        "past max_length" if "max_length" in s["reason"] else "undecodable media" for s in summary["skipped"])
-        stderr.print(
-            f"[yellow]Skipped {len(summary['skipped'])} samples ({', '.join(f'{n} {k}' for k, n in kinds.items())}): "
-            f"{', '.join(s['id'] for s in summary['skipped'][:10])}{' …' if len(summary['skipped']) > 10 else ''}; "
-            f"all listed in {output_dir / 'skipped.jsonl'}[/yellow]"
-        )
-
-
 # ---------------------------------------------------------------- CLI
 
 
 def command(
     ctx: typer.Context,
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe YAML: a path or a bundled name (align/tiny-cpu)."),
-    resume: Optional[str] = typer.Option(
-        None, "--resume", help="Continue from a checkpoint folder (step_<N>) or a run folder (uses its `latest`)."
-    ),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe YAML: a bundled name (align/tiny-cpu) or a path."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help=loop.OUTPUT_HELP),
+    resume: Optional[Path] = typer.Option(None, "--resume", help=loop.RESUME_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=loop.OVERWRITE_HELP),
     make_tiny_example: Optional[Path] = typer.Option(
         None, "--make-tiny-example", help="Write a tiny model, images, videos and data files to this folder (for align/tiny-cpu), then exit."
     ),
@@ -644,22 +599,28 @@ def command(
 
     examples:
       longva align --make-tiny-example runs/align-tiny-example
-      longva align --recipe recipes/align/tiny-cpu.yaml
-      longva align --recipe recipes/align/stage1-projector.yaml data.image_folder=/data/blip558k/images
-      torchrun --nproc-per-node 8 -m longva_cli align --recipe recipes/align/stage2-full.yaml
-      longva align --recipe recipes/align/dpo.yaml dpo.beta=0.2 train.max_steps=100
-      longva align --recipe recipes/align/stage2-full.yaml --resume runs/align-stage2
+      longva align --recipe align/tiny-cpu
+      longva align --recipe align/stage1-projector data.image_folder=/data/blip558k/images
+      torchrun --nproc-per-node 8 -m longva_cli align --recipe align/stage2-full
+      longva align --recipe align/dpo dpo.beta=0.2 train.max_steps=100
+      longva align --recipe align/stage2-full --resume runs/align-stage2
     """
     if make_tiny_example is not None:
         from longva_cli.console import stderr
         from longva_cli.train.tiny_example import write_tiny_example
 
         folder = write_tiny_example(make_tiny_example)
-        stderr.print(f"Wrote a tiny LongVA and alignment data to {folder}; now run `longva align --recipe recipes/align/tiny-cpu.yaml`.")
+        where = "" if folder == Path("runs/align-tiny-example").resolve() else (
+            f" model.name_or_path={folder / 'model'} data.path={folder / 'conversations.json'} "
+            f"data.image_folder={folder / 'images'} data.video_folder={folder / 'videos'}"
+        )
+        stderr.print(f"Wrote a tiny LongVA and alignment data to {folder}; now run `longva align --recipe align/tiny-cpu{where}`.")
         return
     if recipe is None:
-        raise LongVAError("give --recipe (e.g. recipes/align/tiny-cpu.yaml) or --make-tiny-example DIR.")
+        raise LongVAError("give --recipe (e.g. align/tiny-cpu) or --make-tiny-example DIR.")
     from longva_cli.recipes import load_recipe
 
-    settings = load_recipe(AlignRecipe, recipe, list(ctx.args))
-    align(settings, resume=resume)
+    parsed = load_recipe(AlignRecipe, recipe, list(ctx.args))
+    if output is not None:
+        parsed.train.output_dir = output.expanduser()
+    align(parsed, resume=resume, overwrite=overwrite)

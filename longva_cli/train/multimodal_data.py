@@ -23,7 +23,6 @@ Templates:
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -376,10 +375,6 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, world_size: 
 def steps_per_epoch(batches: int, world_size: int, grad_accum: int) -> int:
     """Optimizer steps in one pass (at least one: a tiny set wraps around rather than giving zero)."""
     return max(1, batches // (world_size * grad_accum))
-
-
-def warmup_steps(ratio: float, total_steps: int) -> int:
-    return math.ceil(ratio * total_steps)
 
 
 # ---------------------------------------------------------------- batch -> loss

@@ -1,4 +1,4 @@
-"""A self-made alignment example for `recipes/align/tiny-cpu.yaml`: no hub, no GPU, real formats.
+"""A self-made alignment example for the `align/tiny-cpu` recipe: no hub, no GPU, real formats.
 
 `longva align --make-tiny-example DIR` writes:
 
@@ -44,12 +44,12 @@ def _write_video(path: Path, shape: str, background: str, frames: int = 12, widt
 
 
 def write_tiny_example(folder: Path) -> Path:
-    """Write the tiny model and data under `folder` (created); returns the folder."""
+    """Write the tiny model and data under `folder` (created); returns the folder, absolute."""
     from PIL import Image
 
     from longva_cli.model.tiny import write_tiny_checkpoint
 
-    folder = Path(folder).expanduser()
+    folder = Path(folder).expanduser().resolve()  # config.json names the tower folder: absolute, to load from anywhere
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "videos").mkdir(exist_ok=True)
     write_tiny_checkpoint(folder / "model")

@@ -1,0 +1,135 @@
+"""The recipe sections `extend-text` and `align` share, spelled once, and their value checks.
+
+Each command's recipe holds these sections with its own defaults (`field(default_factory=...)`,
+which `longva_cli.recipes.build` starts from), and adds only the keys that are its own: the
+part learning rates of `align`, sequence parallelism of `extend-text`, and so on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal, Optional
+
+from longva_cli.errors import LongVAError
+
+
+@dataclass
+class OptimizerSettings:
+    lr: float = 1e-5  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0  # AdamW's, on weight matrices (not on biases and norms)
+    eps: float = 1e-8
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_ratio: float = 0.0  # fraction of the run's optimizer steps with a linear warm-up
+    grad_clip: Optional[float] = 1.0  # largest gradient norm; null: no clipping
+
+    # old spellings: a recipe that uses one is told what replaced it
+    RENAMED: ClassVar[dict[str, str]] = {
+        "warmup_steps": "optimizer.warmup_steps is now optimizer.warmup_ratio, a fraction of the run's steps "
+        "(e.g. 30 warm-up steps of 1000 are warmup_ratio: 0.03; 0 stays 0)",
+    }
+
+
+@dataclass
+class TrainSettings:
+    max_steps: Optional[int] = None  # optimizer steps (align: null runs train.epochs)
+    micro_batch_size: int = 1  # sequences (align: samples, DPO pairs) per data-parallel rank per micro step
+    grad_accum: int = 1
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs, fp32 on CPU
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    save_every: int = 1000  # optimizer steps between checkpoints (the last step is always saved)
+    output_dir: Path = Path("runs/train")  # --output overrides it
+    loss_chunk: int = 4096  # tokens per cross-entropy chunk (bounds the logits in memory)
+
+
+@dataclass
+class ParallelSettings:
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_params: bool = False  # ZeRO-3 parameters in CPU memory
+    offload_optimizer: bool = False  # optimizer state in CPU memory (DeepSpeed's CPU Adam)
+
+
+@dataclass
+class LoggingSettings:
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "longva"
+
+
+def check_number(key: str, value: float | None, *, above: float | None = None, at_least: float | None = None,
+                 below: float | None = None, nullable: bool = False) -> None:
+    """Raise a LongVAError naming `key` unless `value` is a finite number in the given range."""
+    if value is None and nullable:
+        return
+    bounds = []
+    if above is not None:
+        bounds.append(f"above {above:g}")
+    if at_least is not None:
+        bounds.append(f"at least {at_least:g}")
+    if below is not None:
+        bounds.append(f"below {below:g}")
+    ok = (
+        value is not None
+        and math.isfinite(value)
+        and (above is None or value > above)
+        and (at_least is None or value >= at_least)
+        and (below is None or value < below)
+    )
+    if not ok:
+        wanted = "a finite number" + (f" {' and '.join(bounds)}" if bounds else "") + (" or null" if nullable else "")
+        raise LongVAError(f"recipe key {key} must be {wanted}, got {value}.")
+
+
+def check_optimizer(opt: OptimizerSettings) -> None:
+    """Impossible optimizer values, named before DeepSpeed starts."""
+    check_number("optimizer.lr", opt.lr, above=0)
+    if len(opt.betas) != 2:
+        raise LongVAError(f"recipe key optimizer.betas must be two numbers like [0.9, 0.999], got {opt.betas}.")
+    for i, beta in enumerate(opt.betas):
+        check_number(f"optimizer.betas[{i}]", beta, at_least=0, below=1)
+    check_number("optimizer.weight_decay", opt.weight_decay, at_least=0)
+    check_number("optimizer.eps", opt.eps, above=0)
+    check_number("optimizer.warmup_ratio", opt.warmup_ratio, at_least=0, below=1)
+    check_number("optimizer.grad_clip", opt.grad_clip, above=0, nullable=True)
+
+
+def check_train(train: TrainSettings) -> None:
+    """Counts that must be at least one."""
+    counts = {
+        "train.micro_batch_size": train.micro_batch_size,
+        "train.grad_accum": train.grad_accum,
+        "train.save_every": train.save_every,
+        "train.loss_chunk": train.loss_chunk,
+    }
+    for key, value in counts.items():
+        if value < 1:
+            raise LongVAError(f"recipe key {key} must be at least 1, got {value}.")
+    if train.max_steps is not None and train.max_steps < 1:
+        raise LongVAError(f"recipe key train.max_steps must be at least 1, got {train.max_steps}.")
+
+
+def check_parallel(par: ParallelSettings) -> None:
+    if par.offload_params and par.zero_stage != 3:
+        raise LongVAError("parallel.offload_params needs parallel.zero_stage=3.")
+
+
+def resolve_precision(precision: str, cuda: bool) -> str:
+    """`auto` -> bf16 on GPUs, fp32 on CPUs (CPU bf16 matmuls are slow and lose precision)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if cuda else "fp32"
+
+
+def torch_dtype(precision: str):
+    """The torch dtype of a resolved precision."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def warmup_steps(ratio: float, total_steps: int) -> int:
+    """Warm-up steps of a run of `total_steps` (rounded up, so any positive ratio warms up)."""
+    return math.ceil(ratio * total_steps)

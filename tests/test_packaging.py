@@ -1,0 +1,71 @@
+"""A non-editable install: build the wheel, install it into a fresh environment, use its recipes.
+
+The fresh environment sees the dependencies already installed next to this Python (one `.pth`
+line) but not the repository, so whatever `longva` reads there comes from the wheel.
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*command: str | Path, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{command}: {done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """A fresh virtual environment with the wheel of this checkout installed; its bin folder."""
+    root = tmp_path_factory.mktemp("packaging")
+    source = root / "source"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(REPO / "longva_cli", source / "longva_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    run(sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--no-build-isolation", "--no-index",
+        "-w", root / "dist", cwd=root)
+    [wheel] = (root / "dist").glob("longva-*.whl")
+    run(sys.executable, "-m", "venv", "--without-pip", root / "env", cwd=root)
+    env_python = root / "env" / "bin" / "python"
+    target = Path(run(env_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=root).stdout.strip())
+    # the dependencies (and pip) from this environment, without running its .pth files: the
+    # editable install of the checkout stays invisible
+    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], *site.getsitepackages()])
+    (target / "dependencies.pth").write_text("".join(f"{path}\n" for path in paths))
+    # --ignore-installed: never touch the editable install that the .pth line makes visible
+    run(env_python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", wheel, cwd=root)
+    return root / "env" / "bin"
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {**env, "COLUMNS": "200", "OMP_NUM_THREADS": "1",
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))}
+
+
+def test_the_wheel_carries_the_recipes_and_runs_one_from_anywhere(installed, tmp_path):
+    env = clean_env()
+    where = run(installed / "python", "-c", "import longva_cli; print(longva_cli.__file__)", cwd=tmp_path, env=env)
+    assert Path(where.stdout.strip()).is_relative_to(installed.parent)  # the wheel's copy, not the checkout
+    listed = run(installed / "longva", "recipes", "list", cwd=tmp_path, env=env)
+    for name in ("extend-text/tiny-cpu", "align/tiny-cpu", "niah/v-niah-longva-7b"):
+        assert name in listed.stderr
+    shown = run(installed / "longva", "recipes", "show", "extend-text/tiny-cpu", cwd=tmp_path, env=env)
+    (tmp_path / "my-recipe.yaml").write_text(shown.stdout)
+    run(installed / "longva", "recipes", "validate", "my-recipe.yaml", "train.max_steps=2", cwd=tmp_path, env=env)
+    trained = run(installed / "longva", "extend-text", "--recipe", "extend-text/tiny-cpu", "train.max_steps=1",
+                  "data.seq_len=32", "--output", "run", cwd=tmp_path, env=env)
+    assert "Done:" in trained.stderr and trained.stdout == ""
+    assert (tmp_path / "run" / "latest").read_text().strip() == "step_1"
