@@ -82,3 +82,13 @@ def test_prefill_flops_count_every_matmul_and_each_visible_key():
     keys_seen = sum(position + 1 for position in range(past, past + tokens))  # position i sees keys 0..i
     expected = 2 * weights * tokens + config.num_hidden_layers * 4 * head_width * keys_seen + 2 * 32 * 50 * logits
     assert scale.prefill_flops(config, tokens, past=past, logit_rows=logits) == expected
+
+
+def test_vniah_cells_that_cannot_finish_in_time_are_skipped_not_cut_off():
+    import torch
+
+    longva = scale.build(True, torch.device("cpu"), torch.float32)
+    cells = {}
+    scale.niah_cells(longva, 4, [0.5, 1.0], torch.device("cpu"), lambda: 5.0, 1.0, cells.__setitem__)  # 1 FLOP/s
+    assert set(cells) == {"depth_50pct", "depth_100pct"}
+    assert all("skipped" in figures and "seconds" not in figures for figures in cells.values())

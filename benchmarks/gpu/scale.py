@@ -160,8 +160,8 @@ def throughput(flops: float, seconds: float, device: torch.device) -> dict:
 
 
 def components(longva, video: Path, frames: int, device: torch.device) -> dict:
-    """Decode, preprocess and vision-encode the frames `ask` will use, each phase timed on its own
-    (batches of 16 as `ask` takes them; this pass also warms the kernels up)."""
+    """Decode, preprocess and vision-encode `frames` frames, each phase timed on its own, in
+    batches of 16 as `ask` takes them (this pass also warms the kernels up for `ask`)."""
     from longva_cli.model import media as media_io
     from longva_cli.model.processing import preprocess
 
@@ -183,7 +183,7 @@ def components(longva, video: Path, frames: int, device: torch.device) -> dict:
             seconds["decode_s"] += decoded - started
             seconds["preprocess_s"] += processed - decoded
             seconds["vision_encode_s"] += time.perf_counter() - processed
-    figures = {k: round(v, 2) for k, v in seconds.items()}
+    figures = {"frames": len(ids), **{k: round(v, 2) for k, v in seconds.items()}}
     figures["frames_per_s"] = {k.removesuffix("_s"): round(len(ids) / v, 1) for k, v in seconds.items() if v > 0}
     return figures
 
@@ -201,11 +201,21 @@ def ask(longva, video: Path, frames: int, device: torch.device) -> dict:
             marks["last"] = now
             marks["tokens"] += 1
 
+    chunks: list[int] = []  # prefill calls of the decoder, as the runner made them
+
+    def on_decoder_call(module, args, kwargs) -> None:
+        if kwargs.get("inputs_embeds") is not None:
+            chunks.append(kwargs["inputs_embeds"].shape[1])
+
+    hook = longva.model.language_model.model.register_forward_pre_hook(on_decoder_call, with_kwargs=True)
     started = time.perf_counter()
-    answer = longva.ask(
-        str(video), QUESTION, frames=frames, temperature=0, max_new_tokens=32, on_event=on_event, on_warning=notices.append
-    )
-    sync(device)
+    try:
+        answer = longva.ask(
+            str(video), QUESTION, frames=frames, temperature=0, max_new_tokens=32, on_event=on_event, on_warning=notices.append
+        )
+        sync(device)
+    finally:
+        hook.remove()
     total = time.perf_counter() - started
     figures = {
         "frames": answer.frames,
@@ -213,6 +223,7 @@ def ask(longva, video: Path, frames: int, device: torch.device) -> dict:
         "generated_tokens": answer.generated_tokens,
         "timings": answer.timings,
         "wall_s": round(total, 2),
+        "prefill_chunks": {"calls": len(chunks), "largest": max(chunks, default=0), "last": chunks[-1] if chunks else 0},
         "notices": notices,
         **peak_memory(device),
     }
@@ -229,16 +240,18 @@ def ask(longva, video: Path, frames: int, device: torch.device) -> dict:
     return figures
 
 
-def niah_cells(longva, frames: int, depths: list[float], device: torch.device, on_cell) -> None:
+def niah_cells(longva, frames: int, depths: list[float], device: torch.device, seconds_left, rate: float, on_cell) -> None:
     """Teacher-forced V-NIAH cells at `frames` frames through one `PrefixCache`, in the grid's
     order: the second depth reuses the KV cache of the first up to the first needle.
 
     The haystack and needle are random embeddings of the real shape ([frames, 144, d]): the
     vision tower's cost is measured by `ask`, and the prefill work does not depend on values.
+    A cell that would not finish in `seconds_left()` at `rate` FLOP/s (the last one measured)
+    is reported as skipped instead of being cut off half-way.
     """
     from PIL import Image
 
-    from longva_cli.model.prefix_cache import PrefixCache
+    from longva_cli.engine import PrefixCache
     from longva_cli.niah.scoring import teacher_forced
     from longva_cli.niah.video import Needle, VideoNeedlePrompts, video_units
 
@@ -251,8 +264,14 @@ def niah_cells(longva, frames: int, depths: list[float], device: torch.device, o
     cache = PrefixCache(model.language_model, 4096)
     answer_ids = prompts.answer_ids(0)
     for unit in sorted(video_units([frames], depths, 1), key=lambda u: u.order):
-        reset_peak(device)
+        name = f"depth_{round(unit.depth * 100)}pct"
         sequence = prompts.sequence(unit.size, unit.depth, unit.index, with_answer=True)
+        reuse = min(cache.shared_with(sequence), len(sequence) - 1 - len(answer_ids))
+        flops = prefill_flops(model.config, len(sequence) - 1 - reuse, past=reuse, logit_rows=len(answer_ids))
+        if 1.1 * flops / rate > seconds_left():
+            on_cell(name, {"skipped": f"needs about {flops / rate:.0f} s, {seconds_left():.0f} s of the stage's budget left"})
+            continue
+        reset_peak(device)
         before = cache.forwarded
         started = time.perf_counter()
         predicted = teacher_forced(cache, sequence, answer_ids)  # .tolist() inside waits for the GPU
@@ -260,8 +279,9 @@ def niah_cells(longva, frames: int, depths: list[float], device: torch.device, o
         forwarded = cache.forwarded - before
         reused = len(sequence) - 1 - forwarded
         flops = prefill_flops(model.config, forwarded, past=reused, logit_rows=len(answer_ids))
+        rate = flops / seconds
         on_cell(
-            f"depth_{round(unit.depth * 100)}pct",
+            name,
             {
                 "frames": unit.size, "depth": unit.depth, "sequence_tokens": len(sequence), "forwarded_tokens": forwarded,
                 "reused_tokens": reused, "seconds": round(seconds, 2), "predicted_ids": predicted,
@@ -277,6 +297,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (the suite's dry run)")
     parser.add_argument("--frames", type=int, help="frames to ask about (default 3000; 16 with --tiny)")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.9, 1.0])
+    parser.add_argument("--component-frames", type=int, default=512, help="frames of the phase-by-phase encoding pass")
+    parser.add_argument("--deadline", type=float, help="when the stage's time is up (Unix time, from run.sh): V-NIAH cells that cannot finish by then are skipped")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     frames = args.frames or (16 if args.tiny else 3000)
@@ -306,9 +328,16 @@ def main() -> None:
         "vocab_model": lm.config.vocab_size, "vocab_tokenizer": len(longva.tokenizer),
         "build_s": round(time.perf_counter() - started, 2), **peak_memory(device),
     })
-    report("components", components(longva, video, frames, device))
-    report("ask", ask(longva, video, frames, device))
-    niah_cells(longva, frames, args.depths, device, lambda name, figures: report(f"niah.{name}", figures))
+    report("components", components(longva, video, min(frames, args.component_frames), device))
+    asked = ask(longva, video, frames, device)
+    report("ask", asked)
+    gc.collect()  # the answer's KV cache goes before the V-NIAH one is built
+
+    def seconds_left() -> float:  # with a margin for writing the results
+        return float("inf") if args.deadline is None else args.deadline - time.time() - 10
+
+    rate = asked["prefill"]["tflops_achieved"] * 1e12 if "prefill" in asked else float("inf")
+    niah_cells(longva, frames, args.depths, device, seconds_left, rate, lambda name, figures: report(f"niah.{name}", figures))
 
 
 if __name__ == "__main__":
