@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from longva_cli import __version__, ask, download, recipes_cmd
+from longva_cli import __version__, ask, chat, download, recipes_cmd
 from longva_cli.errors import LongVAError
 from longva_cli.eval import cli as eval_cli
 from longva_cli.niah import cli as niah_cli
@@ -48,6 +48,7 @@ def root(
 RECIPE_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 app.command("ask", no_args_is_help=True)(ask.command)
+app.command("chat", no_args_is_help=True)(chat.command)
 app.command("download")(download.command)
 app.command("serve")(serve_cli.command)
 app.add_typer(niah_cli.app, name="niah")

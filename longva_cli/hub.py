@@ -78,29 +78,64 @@ def cached(name: str, revision: str | None = None, repo_type: str | None = None)
         return None
 
 
-def locate_model(name: str, revision: str | None = None, allow_download: bool = True) -> Path:
-    """A complete LongVA checkpoint folder for a path, short name or hub id."""
+def looks_local(name: str) -> bool:
+    """Whether `name` means a folder on this machine rather than a hub id.
+
+    `org/name` is a hub id unless a folder `org` exists here (`runs/align-tiny` names a run
+    folder); anything starting with . / ~ or with more than one separator is a path.
+    """
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        return True
+    path = Path(name).expanduser()
+    return path.exists() or (path.parent != Path(".") and path.parent.is_dir())
+
+
+def nearest_checkpoints(path: Path, kind: str, count: int = 3) -> list[str]:
+    """Existing model folders near a mistyped `path`, most similar name first."""
+    import difflib
+
     from longva_cli.model.checkpoint import missing_files
 
-    path = Path(name).expanduser()
-    if path.exists() or name.startswith((".", "/", "~")):
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    candidates = []
+    for folder in [parent, *sorted(p for p in parent.glob("*") if p.is_dir()), *sorted(p for p in parent.glob("*/*") if p.is_dir())]:
+        complete = not missing_files(folder) if kind == "longva" else (folder / "config.json").is_file()
+        if complete:
+            candidates.append(str(folder))
+    return difflib.get_close_matches(str(path), candidates, n=count, cutoff=0.0)
+
+
+def locate_model(name: str, revision: str | None = None, allow_download: bool = True, kind: str = "longva") -> Path:
+    """A complete model folder for a path, short name or hub id (kind "longva" needs a whole
+    LongVA checkpoint; "causal-lm" any model folder with config.json and tokenizer)."""
+    from longva_cli.model.checkpoint import missing_files
+
+    if looks_local(name):
+        path = Path(name).expanduser()
         if not path.is_dir():
-            raise LongVAError(f"model folder {path} does not exist; give a checkpoint folder or a hub id such as lmms-lab/LongVA-7B-DPO.")
-        missing = missing_files(path)
+            if path.exists():
+                raise LongVAError(f"{path} is a file; give the checkpoint folder that holds config.json.")
+            near = nearest_checkpoints(path, kind)
+            hint = f"; nearest checkpoints: {', '.join(near)}" if near else "; check the path (or give a hub id such as lmms-lab/LongVA-7B-DPO)"
+            raise LongVAError(f"no such folder {path}{hint}.")
+        missing = missing_files(path) if kind == "longva" else [f for f in ("config.json",) if not (path / f).is_file()]
         if missing:
-            raise LongVAError(f"{path} is not a complete LongVA checkpoint: missing {', '.join(missing)}.")
+            raise LongVAError(f"{path} is not a complete {'LongVA checkpoint' if kind == 'longva' else 'model folder'}: missing {', '.join(missing)}.")
         return path
     folder = cached(name, revision)
-    if folder is not None and not missing_files(folder):
+    if folder is not None and (not missing_files(folder) or (kind != "longva" and (folder / "config.json").is_file())):
         return folder
     if not allow_download:
         raise LongVAError(f"{name} is not in the local hub cache; run `longva download {name}` first.")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        raise LongVAError(f"{name} is not downloaded and HF_HUB_OFFLINE is set; download it on a machine with network access.")
+        raise LongVAError(f"{name} is not downloaded and HF_HUB_OFFLINE is set; run `longva download {name}` on a machine with network access.")
     folder = download(name, revision=revision)
-    missing = missing_files(folder)
-    if missing:
-        raise LongVAError(f"{name} on the hub is not a complete LongVA checkpoint: it lacks {', '.join(missing)}.")
+    if kind == "longva":
+        missing = missing_files(folder)
+        if missing:
+            raise LongVAError(f"{name} on the hub is not a complete LongVA checkpoint: it lacks {', '.join(missing)}.")
     return folder
 
 

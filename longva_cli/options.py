@@ -3,6 +3,7 @@
 Use as `device: Device = "auto"` in a Typer command's signature.
 """
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -19,3 +20,8 @@ Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revisio
 PrefillChunk = Annotated[
     Optional[int], typer.Option("--prefill-chunk", help="Tokens per prefill step (smaller uses less memory).")
 ]
+CacheDir = Annotated[
+    Optional[Path],
+    typer.Option("--cache-dir", help="Where visual embeddings are cached (by the media's content) [default: ~/.cache/longva/visual]."),
+]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the visual-embedding cache.")]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Tests never reach the hub: a lookup that would download must fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Visual-embedding caches of the tests' runs stay out of the user's ~/.cache.
+os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="longva-tests-cache-"))
 
 from media import write_image, write_video  # noqa: E402
 

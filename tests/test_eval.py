@@ -122,15 +122,18 @@ def test_videomme_prompt_is_the_benchmark_text(videomme_folder):
 
 
 def counting(monkeypatch, longva):
-    calls = {"encode_video": 0, "generate_text": 0}
-    for name in calls:
-        original = getattr(longva, name)
+    """Count the engine's encodings and generations (by the names the counts had before the engine)."""
+    from longva_cli import engine
 
-        def wrapper(*args, _original=original, _name=name, **kwargs):
-            calls[_name] += 1
+    calls = {"encode_video": 0, "generate_text": 0}
+    for label, name in (("encode_video", "encode"), ("generate_text", "run")):
+        original = getattr(engine, name)
+
+        def wrapper(*args, _original=original, _label=label, **kwargs):
+            calls[_label] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(longva, name, wrapper)
+        monkeypatch.setattr(engine, name, wrapper)
     return calls
 
 
@@ -227,7 +230,13 @@ def test_guard_trips_past_the_share_after_enough_samples():
 
 
 def test_degenerate_answers_stop_the_run_or_warn(videomme_folder, tiny_longva, tmp_path, monkeypatch):
-    monkeypatch.setattr(tiny_longva, "generate_text", lambda *args, **kwargs: ("!!!!!!!!", 8))
+    from longva_cli import engine
+
+    def degenerate_run(*args, **kwargs):  # the engine's run, answering "!!!!!!!!" at once
+        yield from ()
+        return engine.Generated("!!!!!!!!", [0] * 8, "length", prompt_tokens=0, reused_tokens=0, prefill_s=0.0, generate_s=0.0)
+
+    monkeypatch.setattr(engine, "run", degenerate_run)
     with pytest.raises(LongVAError, match="degenerate.*float16"):
         evaluate_local(videomme_folder, model=tiny_longva, frames=2, output=tmp_path / "stop", degenerate_min_samples=3)
     stopped = json.loads((tmp_path / "stop" / "results.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,13 +13,41 @@ from PIL import Image
 from longva_cli.errors import LongVAError
 from longva_cli.model.checkpoint import load_longva, weight_map
 from longva_cli.model.config import CLIP_L_336, multimodal_config, read_config, vision_settings
-from longva_cli.model.generation import SamplingSettings, generate, prefill
+from longva_cli.engine import Generate, MediaSpec, PrefixCache, SamplingSettings, Visual, build, drive, encode, prompt_parts, run
 from longva_cli.model.prompt import question_prompt, tokenize_segments
 
 EXACT_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n"
     "What happens?<|im_end|>\n<|im_start|>assistant\n"
 )
+
+
+def encode_video(longva, path, frames):
+    return drive(encode(longva, MediaSpec(path, frames)))
+
+
+def encode_image(longva, image):
+    return drive(encode(longva, MediaSpec(image)))
+
+
+def prompt_embeds(longva, prompt, visuals):
+    sequence = build(longva, prompt_parts(prompt, visuals))
+    return sequence.embed(0, len(sequence))
+
+
+def generate(longva, embeds, settings, stop_ids, prefill_chunk=4096):
+    """Token ids generated after [seq, d] embeddings by the engine, from an empty cache."""
+    model = SimpleNamespace(tokenizer=longva.tokenizer, stop_ids=stop_ids)
+    sequence = build(model, [Visual(embeds, "video", 1)])
+    runner = PrefixCache(longva.model.language_model, prefill_chunk)
+    return drive(run(model, runner, sequence, Generate(settings))).token_ids
+
+
+def last_logits(language_model, embeds, chunk):
+    sequence = build(None, [Visual(embeds, "video", 1)])
+    hidden = list(PrefixCache(language_model, chunk).chunks(sequence, len(sequence), len(sequence) - 1))[-1].hidden
+    return language_model.lm_head(hidden[-1:])[0].float()
+
 
 
 # ---- checkpoint layout ----------------------------------------------------------------------
@@ -149,7 +178,7 @@ def test_projector_is_linear_gelu_linear(tiny_longva):
 
 
 def test_video_gives_144_tokens_per_frame(tiny_longva, video_file):
-    visual = tiny_longva.encode_video(video_file, frames=7)
+    visual = encode_video(tiny_longva, video_file, frames=7)
     assert visual.images == 7 and visual.embeds.shape == (7 * 144, 64)
     assert visual.frame_ids == [0, 4, 9, 14, 19, 24, 29]
 
@@ -161,13 +190,13 @@ def test_video_frames_are_encoded_in_time_order_without_separators(tiny_longva, 
     ids = [0, 14, 29]
     frames = open_video(video_file)._get(ids)
     expected = tiny_longva.model.encode_pixels(preprocess(list(frames), tiny_longva.processing)).flatten(0, 1)
-    visual = tiny_longva.encode_video(video_file, frames=3)
+    visual = encode_video(tiny_longva, video_file, frames=3)
     assert visual.frame_ids == ids
     torch.testing.assert_close(visual.embeds, expected)
 
 
 def test_image_gives_144_tokens_per_crop_base_image_dropped(tiny_longva):
-    visual = tiny_longva.encode_image(Image.new("RGB", (900, 900), (10, 200, 30)))
+    visual = encode_image(tiny_longva, Image.new("RGB", (900, 900), (10, 200, 30)))
     assert visual.grid == (672, 672) and visual.images == 4
     assert visual.embeds.shape == (4 * 144, 64)  # a 2x2 grid: 576 tokens
 
@@ -189,10 +218,10 @@ def test_prompt_is_split_at_image_and_tokenised_without_bos(tiny_longva):
 
 
 def test_prompt_embeds_put_visual_tokens_at_the_placeholder(tiny_longva, video_file):
-    visual = tiny_longva.encode_video(video_file, frames=2)
-    embeds, text_tokens = tiny_longva.prompt_embeds(EXACT_PROMPT, [visual])
+    visual = encode_video(tiny_longva, video_file, frames=2)
+    embeds = prompt_embeds(tiny_longva, EXACT_PROMPT, [visual])
     before, after = tokenize_segments(tiny_longva.tokenizer, EXACT_PROMPT)
-    assert embeds.shape[0] == len(before) + 288 + len(after) and text_tokens == len(before) + len(after)
+    assert embeds.shape[0] == len(before) + 288 + len(after)
     torch.testing.assert_close(embeds[len(before) : len(before) + 288], visual.embeds)
 
 
@@ -202,25 +231,24 @@ def test_chunked_prefill_gives_the_logits_of_one_pass(tiny_longva):
     with torch.no_grad():
         full = lm(inputs_embeds=embeds[None]).logits[0, -1]
         for chunk in (1000, 64, 7):
-            _, last = prefill(lm, embeds, chunk)
-            torch.testing.assert_close(last, full, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(last_logits(lm, embeds, chunk), full, rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_decoding_matches_transformers_generate(tiny_longva, video_file):
-    visual = tiny_longva.encode_video(video_file, frames=3)
-    embeds, _ = tiny_longva.prompt_embeds(EXACT_PROMPT, [visual])
+    visual = encode_video(tiny_longva, video_file, frames=3)
+    embeds = prompt_embeds(tiny_longva, EXACT_PROMPT, [visual])
     lm = tiny_longva.model.language_model
-    ours = list(generate(lm, embeds, SamplingSettings(max_new_tokens=12, temperature=0), stop_ids=set(), prefill_chunk=50))
+    ours = generate(tiny_longva, embeds, SamplingSettings(max_new_tokens=12, temperature=0), stop_ids=set(), prefill_chunk=50)
     reference = lm.generate(inputs_embeds=embeds[None], do_sample=False, max_new_tokens=12, min_new_tokens=12, eos_token_id=None, pad_token_id=0)
     assert ours == reference[0].tolist()
 
 
 def test_seeded_sampling_matches_transformers_generate(tiny_longva, video_file):
-    visual = tiny_longva.encode_video(video_file, frames=2)
-    embeds, _ = tiny_longva.prompt_embeds(EXACT_PROMPT, [visual])
+    visual = encode_video(tiny_longva, video_file, frames=2)
+    embeds = prompt_embeds(tiny_longva, EXACT_PROMPT, [visual])
     lm = tiny_longva.model.language_model
     settings = SamplingSettings(max_new_tokens=10, temperature=0.5, top_k=50, seed=1234)
-    ours = list(generate(lm, embeds, settings, stop_ids=set()))
+    ours = generate(tiny_longva, embeds, settings, stop_ids=set())
     torch.manual_seed(1234)
     reference = lm.generate(
         inputs_embeds=embeds[None], do_sample=True, temperature=0.5, top_k=50, top_p=None, max_new_tokens=10,
@@ -232,10 +260,10 @@ def test_seeded_sampling_matches_transformers_generate(tiny_longva, video_file):
 def test_generation_stops_at_im_end(tiny_longva):
     lm = tiny_longva.model.language_model
     embeds = torch.randn(20, 64)
-    free = list(generate(lm, embeds, SamplingSettings(max_new_tokens=5, temperature=0), stop_ids=set()))
+    free = generate(tiny_longva, embeds, SamplingSettings(max_new_tokens=5, temperature=0), stop_ids=set())
     im_end = tiny_longva.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end in tiny_longva.stop_ids
-    stopped = list(generate(lm, embeds, SamplingSettings(max_new_tokens=5, temperature=0), stop_ids={free[2]}))
+    stopped = generate(tiny_longva, embeds, SamplingSettings(max_new_tokens=5, temperature=0), stop_ids={free[2]})
     assert stopped == free[: free.index(free[2])]
 
 
@@ -251,7 +279,7 @@ def test_ask_reports_counts_and_streams_the_answer(tiny_longva, video_file):
 def test_kv_cache_estimate_counts_layers_heads_and_dtype():
     from types import SimpleNamespace
 
-    from longva_cli.model.longva import kv_cache_bytes
+    from longva_cli.engine.memory import kv_cache_bytes
 
     longva_7b = SimpleNamespace(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, num_hidden_layers=28, head_dim=None)
     # 3000 frames x 144 tokens in bf16: 2 x 28 layers x 4 heads x 128 dims x 2 bytes = 57,344 bytes a token.
@@ -268,16 +296,16 @@ def test_sliding_window_is_off_when_the_config_disables_it(tiny_checkpoint, tiny
 
 
 def test_ask_warns_when_the_kv_cache_will_not_fit(tiny_longva, video_file, monkeypatch):
-    import longva_cli.model.longva as longva_module
+    import longva_cli.engine.memory as memory
 
-    monkeypatch.setattr(longva_module, "available_memory", lambda device: 1000)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1000)
     warnings = []
     tiny_longva.ask(video_file, "Q?", frames=2, temperature=0, max_new_tokens=1, on_warning=warnings.append)
     assert len(warnings) == 1 and "KV cache" in warnings[0]
 
 
 def test_prefill_chunks_shrink_with_sequence_length_under_sdpa(tiny_longva):
-    from longva_cli.model.generation import bounded_chunk
+    from longva_cli.engine.runner import bounded_chunk
 
     lm = tiny_longva.model.language_model
     assert bounded_chunk(lm, 10_000, 4096) == 4096
@@ -291,12 +319,12 @@ def test_prefill_chunks_shrink_with_sequence_length_under_sdpa(tiny_longva):
 def test_checkpoint_generation_config_sampling_matches_transformers_generate(tiny_longva, video_file):
     # Qwen2-Instruct-style generation configs carry top_k 20 and repetition_penalty 1.05; the
     # original's generate applied both (top_p was passed as None), in greedy mode too.
-    visual = tiny_longva.encode_video(video_file, frames=2)
-    embeds, _ = tiny_longva.prompt_embeds(EXACT_PROMPT, [visual])
+    visual = encode_video(tiny_longva, video_file, frames=2)
+    embeds = prompt_embeds(tiny_longva, EXACT_PROMPT, [visual])
     lm = tiny_longva.model.language_model
     for temperature in (0.5, 0):
         settings = SamplingSettings(max_new_tokens=10, temperature=temperature, top_k=20, repetition_penalty=1.05, seed=7)
-        ours = list(generate(lm, embeds, settings, stop_ids=set()))
+        ours = generate(tiny_longva, embeds, settings, stop_ids=set())
         torch.manual_seed(7)
         reference = lm.generate(
             inputs_embeds=embeds[None], do_sample=temperature > 0, temperature=temperature or None, top_k=20, top_p=None,
@@ -319,16 +347,17 @@ def test_sampling_defaults_come_from_the_checkpoint_generation_config(tiny_longv
 
 
 def test_questions_about_one_video_reuse_its_prefix_and_answer_the_same(tiny_longva, video_file):
-    from longva_cli.model.prefix_cache import PrefixCache
-
-    visual = tiny_longva.encode_video(video_file, frames=3)
+    visual = encode_video(tiny_longva, video_file, frames=3)
     prefix = PrefixCache(tiny_longva.model.language_model, chunk=100)
     sampling = SamplingSettings(max_new_tokens=6, temperature=0)
+
+    def answer(runner, sequence):
+        generated = drive(run(tiny_longva, runner, sequence, Generate(sampling)))
+        return generated.text, len(generated.token_ids)
+
     for number, question in enumerate(["What happens?", "What colour is the square?", "What happens?"]):
-        prompt = question_prompt(question)
-        embeds, _ = tiny_longva.prompt_embeds(prompt, [visual])
-        sequence, _ = tiny_longva.prompt_sequence(prompt, [visual])
+        sequence = build(tiny_longva, prompt_parts(question_prompt(question), [visual]))
         before = prefix.forwarded
-        assert tiny_longva.generate_text(sequence, sampling, prefix_cache=prefix) == tiny_longva.generate_text(embeds, sampling)
+        assert answer(prefix, sequence) == answer(PrefixCache(tiny_longva.model.language_model), sequence)
         if number:  # only the question and what follows it is computed again
             assert prefix.forwarded - before < len(sequence) - 3 * 144

@@ -14,20 +14,20 @@ import torch
 from media import write_image, write_video
 
 from longva_cli.errors import LongVAError
-from longva_cli.model.prefix_cache import PrefixCache
+from longva_cli.engine import PrefixCache, drive
+from longva_cli.engine.encoder import encode_batches
+from longva_cli.engine.visual_cache import CacheEntry, VisualCache
 from longva_cli.niah import results as niah_results
 from longva_cli.niah import scoring
 from longva_cli.niah.settings import TextSettings, VideoSettings, depth_grid, size_grid
 from longva_cli.niah.video import (
-    HAYSTACK_KEYS,
-    NEEDLE_KEYS,
     VideoNeedlePrompts,
     embed_haystack,
+    haystack_entry,
     haystack_frame_ids,
     load_haystack,
     load_needles,
     run_video,
-    stored_blocks,
     video_units,
 )
 
@@ -63,6 +63,10 @@ def video_settings(tmp_path_factory, tiny_checkpoint, haystack, needle_dir) -> V
 @pytest.fixture(scope="module")
 def video_run(video_settings):
     return run_video(video_settings)
+
+
+def encode_frames(longva, batches, count, pad_to_square=False):
+    return drive(encode_batches(longva, batches, count, pad_to_square))
 
 
 def cell_lines(folder: Path) -> list[dict]:
@@ -118,19 +122,10 @@ def test_heatmap_is_a_17_5_by_8_inch_png(video_run, video_settings, tmp_path):
 
 def test_kv_reuse_scores_equal_a_naive_full_forward_on_every_cell(video_run, video_settings, tiny_longva, needle_dir):
     """The run's per-needle predictions equal one plain forward over each whole sequence."""
-    from longva_cli.niah.video import (
-        content_hash,
-        haystack_cache_folder,
-        model_fingerprint,
-    )
-
     needles = load_needles(str(needle_dir))
-    folder = haystack_cache_folder(
-        video_settings.cache_dir, content_hash(video_settings.haystack), model_fingerprint(Path(video_settings.model)),
-        tiny_longva.model.dtype, 144,
-    )
-    haystack = load_haystack(folder, 6, tiny_longva.model.device)
-    needle_embeds = tiny_longva.encode_frames([[n.image for n in needles]], len(needles), pad_to_square=True)
+    entry = haystack_entry(VisualCache(video_settings.cache_dir), tiny_longva, video_settings.haystack)
+    haystack = load_haystack(entry, 6, tiny_longva.model.device)
+    needle_embeds = encode_frames(tiny_longva, [[n.image for n in needles]], len(needles), pad_to_square=True)
     prompts = VideoNeedlePrompts(tiny_longva, haystack, needles, needle_embeds)
     language_model = tiny_longva.model.language_model
     naive_tokens = 0
@@ -146,8 +141,6 @@ def test_kv_reuse_scores_equal_a_naive_full_forward_on_every_cell(video_run, vid
 
 def test_chunked_cache_reuse_equals_naive_for_teacher_forcing_and_greedy(tiny_longva, needle_dir):
     """Small prefill chunks, sequences in grid order, teacher-forced and generated ids both exact."""
-    from longva_cli.model.generation import SamplingSettings, generate
-
     torch.manual_seed(0)
     haystack = torch.randn(6, 144, tiny_longva.model.config.hidden_size)
     needles = load_needles(str(needle_dir))
@@ -160,11 +153,10 @@ def test_chunked_cache_reuse_equals_naive_for_teacher_forcing_and_greedy(tiny_lo
         answer = prompts.answer_ids(unit.index)
         naive = scoring.naive_teacher_forced(language_model, sequence.embed(0, len(sequence)), len(answer))
         assert scoring.teacher_forced(cache, sequence, answer) == naive
-    greedy_settings = SamplingSettings(max_new_tokens=6, temperature=0)
     for unit in units[:3]:
         prompt = prompts.sequence(unit.size, unit.depth, unit.index, with_answer=False)
-        expected = list(generate(language_model, prompt.embed(0, len(prompt)), greedy_settings, tiny_longva.stop_ids))
-        assert scoring.greedy(cache, prompt, tiny_longva.stop_ids, 6) == expected
+        expected = scoring.greedy(tiny_longva, PrefixCache(language_model), prompt, 6)  # from an empty cache
+        assert scoring.greedy(tiny_longva, cache, prompt, 6) == expected
 
 
 def test_generate_scoring_run_keeps_the_generated_text(video_run, video_settings, tmp_path):
@@ -196,29 +188,30 @@ def test_needle_goes_in_at_int_depth_times_frames(tiny_longva, needle_dir, frame
     needle_embeds = torch.randn(len(needles), 144, haystack.shape[-1])
     prompts = VideoNeedlePrompts(tiny_longva, haystack, needles, needle_embeds)
     sequence = prompts.sequence(frames, depth, 1, with_answer=True)
-    start = len(prompts.prefix[0]) + index * 144
-    assert np.array_equal(sequence.keys[start : start + 144], NEEDLE_KEYS + 144 + np.arange(144))
-    assert np.array_equal(sequence.keys[len(prompts.prefix[0]) : start], HAYSTACK_KEYS + np.arange(index * 144))
+    start = len(prompts.prefix) + index * 144
+    assert np.array_equal(sequence.keys[start : start + 144], prompts.needles[1].keys())
+    assert np.array_equal(sequence.keys[len(prompts.prefix) : start], prompts.haystack.keys()[: index * 144])
     assert torch.equal(sequence.embed(start, start + 144), needle_embeds[1])
-    assert len(sequence) == len(prompts.prefix[0]) + (frames + 1) * 144 + len(prompts.questions[1][0]) + len(prompts.answers[1][0])
+    assert len(sequence) == len(prompts.prefix) + (frames + 1) * 144 + len(prompts.questions[1]) + len(prompts.answers[1])
 
 
 def test_haystack_frames_are_1fps_padded_to_square_and_cached(tiny_longva, haystack, tmp_path):
     from longva_cli.model import media
 
     counts = []
-    embed_haystack(tiny_longva, haystack, 4, tmp_path, on_start=counts.append)
-    embed_haystack(tiny_longva, haystack, 6, tmp_path, on_start=counts.append)  # a larger grid adds 2 frames
-    embed_haystack(tiny_longva, haystack, 6, tmp_path, on_start=counts.append)  # all cached
+    entry = CacheEntry(tmp_path, {"haystack": "test"})
+    embed_haystack(tiny_longva, haystack, 4, entry, on_start=counts.append)
+    embed_haystack(tiny_longva, haystack, 6, entry, on_start=counts.append)  # a larger grid adds 2 frames
+    embed_haystack(tiny_longva, haystack, 6, entry, on_start=counts.append)  # all cached
     assert counts == [4, 2, 0]
-    assert [(a, b) for a, b, _ in stored_blocks(tmp_path)] == [(0, 4), (4, 6)]
-    cached = load_haystack(tmp_path, 6, tiny_longva.model.device)
+    assert [(a, b) for a, b, _ in entry.blocks()] == [(0, 4), (4, 6)]
+    cached = load_haystack(entry, 6, tiny_longva.model.device)
     video = media.open_video(haystack)
     ids = media.frame_ids_at_fps(video.num_frames, video.fps, 1.0)
     assert ids == [0, 10, 20, 30, 40, 50]
-    padded = tiny_longva.encode_frames(video.batches(ids, 16), 6, pad_to_square=True)
+    padded = encode_frames(tiny_longva, video.batches(ids, 16), 6, pad_to_square=True)
     assert torch.equal(cached, padded)
-    assert not torch.allclose(cached, tiny_longva.encode_frames(video.batches(ids, 16), 6))
+    assert not torch.allclose(cached, encode_frames(tiny_longva, video.batches(ids, 16), 6))
 
 
 def test_a_video_shorter_than_the_grid_says_how_many_frames_it_has(haystack):

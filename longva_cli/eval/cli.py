@@ -95,6 +95,7 @@ def local_command(
     model: str = typer.Option(DEFAULT_EVAL_MODEL, "--model", "-m", help="Checkpoint folder, hub id or short name."),
     frames: int = typer.Option(32, "--frames", "-n", help="Frames sampled uniformly from each video (144 tokens each)."),
     output: Path = typer.Option(None, "--output", "-o", help="Run folder (default runs/eval-local/<data>-<frames>f); rerun to resume."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results in --output (made with other settings) and start over."),
     annotations: Path = typer.Option(None, "--annotations", "-a", help="Annotation file (parquet, JSON or JSONL) when not found in --data."),
     prompt: str = typer.Option("videomme", "--prompt", help="videomme (Video-MME's own prompt) or lmms-eval (the harness's wording)."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Most tokens per answer (Video-MME uses 16)."),
@@ -103,6 +104,9 @@ def local_command(
     dtype: options.Dtype = "auto",
     attn: options.Attention = "auto",
     revision: options.Revision = None,
+    prefill_chunk: options.PrefillChunk = 4096,
+    cache_dir: options.CacheDir = None,
+    no_cache: options.NoCache = False,
     stop_on_degenerate: bool = typer.Option(
         True, "--stop-on-degenerate/--no-stop-on-degenerate", help="Stop when too many answers are empty, '!!!!' or unparseable (else warn)."
     ),
@@ -124,11 +128,13 @@ def local_command(
       longva eval local --data my-questions.jsonl --frames 32 --output runs/mine
       longva eval local --data ~/datasets/Video-MME --limit 30 --dtype float16 --no-stop-on-degenerate
     """
+    from longva_cli.engine.visual_cache import disk_cache
     from longva_cli.eval.local import evaluate_local
 
     results = evaluate_local(
         data, model=model, frames=frames, output=output, annotations=annotations, prompt=prompt,
         max_new_tokens=max_new_tokens, limit=limit, device=device, dtype=dtype, attn=attn, revision=revision,
+        prefill_chunk=prefill_chunk, cache=disk_cache(cache_dir, not no_cache), overwrite=overwrite,
         stop_on_degenerate=stop_on_degenerate, degenerate_threshold=degenerate_threshold,
         degenerate_min_samples=degenerate_min_samples,
         on_warning=lambda message: stderr.print(f"[bold red]warning:[/bold red] {message}"),

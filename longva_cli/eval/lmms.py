@@ -8,7 +8,10 @@ reproduce:
 - weights load in bfloat16 on GPUs (float16 overflows into `!!!!` answers) and a guard
   stops the run when answers turn degenerate;
 - `loglikelihood` returns the summed log-probability of the continuation (the harness
-  returned the mean loss, a positive number), with logits only at continuation positions.
+  returned the mean loss, a positive number), with logits only at continuation positions;
+- requests about the same video reuse its embeddings and the KV cache of their shared
+  prefix (the engine's visual cache and prefix cache), so each option of a multiple-choice
+  question costs only its own tokens.
 
 This is the only module that imports lmms_eval; the entry point in pyproject.toml names
 `longva_cli.eval:lmms_manifest`, which points lmms-eval's registry here.
@@ -29,23 +32,31 @@ from longva_cli.errors import LongVAError
 from longva_cli.eval.answers import DegenerateGuard, degenerate_kind
 from longva_cli.eval.local import DEFAULT_EVAL_MODEL
 from longva_cli.eval.report import run_info, write_json
-from longva_cli.model.compat import cache_kwargs
-from longva_cli.model.generation import DEFAULT_PREFILL_CHUNK, prefill
+from longva_cli.engine import (
+    DEFAULT_PREFILL_CHUNK,
+    Generate,
+    MediaSpec,
+    PrefixCache,
+    TeacherForce,
+    VisualCache,
+    build,
+    drive,
+    encode,
+    prompt_parts,
+    run,
+)
 from longva_cli.model.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, Turn, chat_prompt
 
 log = logging.getLogger("longva.eval")
 
 CONV_TEMPLATES = ("qwen_1_5",)
+VISUAL_MEMORY_BYTES = 4 * 2**30
 # Arguments of lmms-eval's own `longva` model that people copy from the original command
 # lines; they change nothing here (one decoder, one pooling, one prompt path).
 IGNORED_ARGS = {
     "model_name", "video_decode_backend", "token_strategy", "truncation", "truncate_context", "use_cache",
     "device_map", "max_batch_size", "mm_spatial_pool_stride", "mm_spatial_pool_mode", "customized_config",
 }
-
-
-class _StopString(Exception):
-    """Raised from the text callback once a stop string has been generated."""
 
 
 class LongVALmms(lmms):
@@ -96,14 +107,10 @@ class LongVALmms(lmms):
             self._rank = self.accelerator.process_index
             self._world_size = self.accelerator.num_processes
         if longva is None:
-            from longva_cli.hub import locate_model
-            from longva_cli.model.longva import LongVA
+            from longva_cli.engine import load
 
-            self.model_path = locate_model(str(pretrained), revision=revision, allow_download=True)
-            longva = LongVA.from_pretrained(
-                str(self.model_path), device=device or "auto", dtype=dtype, attn_implementation=attn_implementation
-            )
-            longva.name = str(pretrained)
+            longva = load(str(pretrained), device=device or "auto", dtype=dtype, attn=attn_implementation, revision=revision)
+            self.model_path = longva.folder
         else:
             self.model_path = None
         self.longva = longva
@@ -114,7 +121,10 @@ class LongVALmms(lmms):
         self.stop_on_degenerate = stop_on_degenerate
         self.guard = DegenerateGuard(float(degenerate_threshold), int(degenerate_min_samples))
         self._warned: set[str] = set()
-        self._last_visuals: tuple[object, list] | None = None
+        # Consecutive requests are mostly about the same video (its questions, a question's
+        # options): keep recent embeddings in memory and the KV cache of the shared prefix.
+        self.visual_cache = VisualCache(memory_bytes=VISUAL_MEMORY_BYTES)
+        self.runner = PrefixCache(longva.model.language_model, self.prefill_chunk)
 
     # ---- what lmms-eval reads -----------------------------------------------------------------
 
@@ -141,23 +151,20 @@ class LongVALmms(lmms):
     # ---- building inputs -----------------------------------------------------------------------
 
     def visuals_of(self, request: Instance) -> list:
-        """The request's images or video paths, encoded; the last video is kept for the next question."""
+        """The request's images and videos, encoded (or found in the visual cache)."""
         _, _, doc_to_visual, doc_id, task, split = request.args
         items = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
-        items = [item for item in (items or []) if item is not None]
-        key = tuple(items) if items and all(isinstance(item, str) for item in items) else None
-        if key is not None and self._last_visuals and self._last_visuals[0] == key:
-            return self._last_visuals[1]
         visuals = []
-        for item in items:
+        for item in (items or []):
+            if item is None:
+                continue
             if isinstance(item, str):
-                visuals.append(self.longva.encode_media(item, frames=self.max_frames_num))
+                spec = MediaSpec(Path(item), self.max_frames_num)
             elif hasattr(item, "convert"):  # a PIL image
-                visuals.append(self.longva.encode_image(item.convert("RGB")))
+                spec = MediaSpec(item.convert("RGB"))
             else:
                 raise LongVAError(f"{task}: visual input of type {type(item).__name__} is not supported (images and videos only).")
-        if key is not None:
-            self._last_visuals = (key, visuals)
+            visuals.append(drive(encode(self.longva, spec, self.visual_cache)))
         return visuals
 
     def prompt(self, context: str, visuals: list) -> str:
@@ -192,56 +199,36 @@ class LongVALmms(lmms):
             until = gen_kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             visuals = self.visuals_of(request)
-            embeds, _ = self.longva.prompt_embeds(self.prompt(context, visuals), visuals)
-            text = self.generate(embeds, self.sampling(gen_kwargs), until)
+            sequence = build(self.longva, prompt_parts(self.prompt(context, visuals), visuals))
+            text = self.generate(sequence, self.sampling(gen_kwargs), until)
             answers.append(text)
             self.check_degenerate(text)
         return answers
 
-    def generate(self, embeds: torch.Tensor, sampling, until: list[str]) -> str:
+    def generate(self, sequence, sampling, until: list[str]) -> str:
         """Greedy or sampled text, cut at the first stop string (generation ends once one appears)."""
-        streamed: list[str] = []
-
-        def on_text(piece: str) -> None:
-            streamed.append(piece)
-            if until and any(stop in "".join(streamed) for stop in until):
-                raise _StopString
-
-        try:
-            text, _ = self.longva.generate_text(embeds, sampling, on_text=on_text, prefill_chunk=self.prefill_chunk)
-        except _StopString:
-            text = "".join(streamed)
+        objective = Generate(sampling, should_stop=(lambda text: any(stop in text for stop in until)) if until else None)
+        text = drive(run(self.longva, self.runner, sequence, objective)).text
         for stop in until:
             text = text.split(stop, 1)[0]
         return text.strip()
 
-    @torch.inference_mode()
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """log P(continuation | context) by teacher forcing: the context is prefilled in chunks,
-        and logits are computed only where continuation tokens are predicted."""
+        """log P(continuation | context) by teacher forcing: logits only where continuation tokens are predicted."""
         from tqdm import tqdm
 
         results = []
-        language_model = self.longva.model.language_model
         for request in tqdm(requests, disable=self.rank != 0, desc="longva loglikelihood"):
             context, target, _, doc_id, task, split = request.args
             continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
             visuals = self.visuals_of(request)
-            embeds, _ = self.longva.prompt_embeds(self.prompt(context, visuals), visuals)
             ids = self.tokenizer(continuation, add_special_tokens=False).input_ids
             if not ids:
                 results.append((0.0, True))
                 continue
-            cache, last = prefill(language_model, embeds, self.prefill_chunk)  # last: [vocab], predicts ids[0]
-            logits = [last[None]]
-            if len(ids) > 1:
-                known = torch.tensor([ids[:-1]], device=self.longva.model.device)  # [1, n-1]
-                logits.append(language_model(input_ids=known, **cache_kwargs(cache)).logits[0].float())
-            logits = torch.cat(logits)  # [n, vocab]
-            targets = torch.tensor(ids, device=logits.device)
-            logprob = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum()
-            greedy = bool((logits.argmax(dim=-1) == targets).all())
-            results.append((float(logprob), greedy))
+            sequence = build(self.longva, [*prompt_parts(self.prompt(context, visuals), visuals), ids])
+            scored = drive(run(self.longva, self.runner, sequence, TeacherForce(ids)))
+            results.append((scored.logprob, scored.greedy))
         return results
 
     def generate_until_multi_round(self, requests) -> list[str]:

@@ -10,9 +10,10 @@ Two layouts are read:
   "answer": "B"} with optional "id", "category" and "duration"; video paths are relative to
   the JSONL file.
 
-Each video is decoded and encoded once for all its questions (Video-MME asks three), answers
-are greedy, and every answer is appended to `samples.jsonl` as soon as it exists, so a rerun
-skips what is done.
+Each video is decoded, encoded and prefilled once for all its questions (Video-MME asks
+three; its embeddings are also kept in the visual cache for the next run), answers are greedy,
+and every answer is appended to `samples.jsonl` as soon as it exists, so a rerun skips what is
+done.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from longva_cli.eval.answers import (
     degenerate_kind,
     extract_letter,
 )
-from longva_cli.eval.report import append_jsonl, run_info, write_json
+from longva_cli.eval.report import run_info
 
 DEFAULT_EVAL_MODEL = "lmms-lab/LongVA-7B"  # the checkpoint the paper's benchmark numbers are for
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".MP4", ".webm", ".avi", ".mov")
@@ -261,42 +262,6 @@ def summarize(records: list[dict]) -> dict:
     return summary
 
 
-# ---- the run folder --------------------------------------------------------------------------
-
-
-def read_records(path: Path) -> dict[str, dict]:
-    """Finished records by question id (the last one wins); a half-written last line is cut off."""
-    if not path.is_file():
-        return {}
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        raw = raw[: raw.rfind(b"\n") + 1]
-        path.write_bytes(raw)
-    records = {}
-    for line in raw.decode("utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "id" in record:
-            records[str(record["id"])] = record
-    return records
-
-
-def check_same_settings(folder: Path, settings: dict) -> None:
-    """A run folder resumes only with the settings it was started with."""
-    path = folder / RUN_FILE
-    if not path.is_file():
-        return
-    before = json.loads(path.read_text()).get("settings", {})
-    for key, value in settings.items():
-        if key in before and before[key] != value:
-            raise LongVAError(
-                f"{folder} holds results made with {key} = {before[key]!r}, not {value!r}; "
-                "use another --output, or the same settings to resume."
-            )
-
-
 # ---- the evaluation --------------------------------------------------------------------------
 
 
@@ -315,6 +280,8 @@ def evaluate_local(
     attn: str = "auto",
     revision: str | None = None,
     prefill_chunk: int = 4096,
+    cache=None,
+    overwrite: bool = False,
     stop_on_degenerate: bool = True,
     degenerate_threshold: float = 0.3,
     degenerate_min_samples: int = 10,
@@ -323,9 +290,12 @@ def evaluate_local(
 ) -> dict:
     """Answer every question greedily, score, and write samples.jsonl, run.json and results.json.
 
-    `model` is a checkpoint folder, hub id or short name, or a loaded `LongVA`. Returns the
-    content of results.json. Questions already in `output/samples.jsonl` are not asked again.
+    `model` is a checkpoint folder, hub id or short name, or a loaded `LongVA`; `cache` a
+    `VisualCache` for the videos' embeddings. Returns the content of results.json. Questions
+    already in `output/samples.jsonl` are not asked again.
     """
+    from longva_cli.engine.runs import RunStore
+
     if frames < 1:
         raise LongVAError(f"--frames must be at least 1, got {frames}.")
     if max_new_tokens < 1:
@@ -339,23 +309,26 @@ def evaluate_local(
     if limit is not None:
         samples = samples[:limit]
     output = Path(output) if output else Path("runs") / "eval-local" / f"{data.stem}-{frames}f"
-    output.mkdir(parents=True, exist_ok=True)
     model_name = model if isinstance(model, str) else getattr(model, "name", "longva")
     settings = {"model": str(model_name), "frames": frames, "prompt": prompt, "max_new_tokens": max_new_tokens}
-    check_same_settings(output, settings)
+    store = RunStore(output, RUN_FILE)
+    store.open(settings, overwrite=overwrite, results=(SAMPLES_FILE, RESULTS_FILE))
 
-    samples_path = output / SAMPLES_FILE
-    records = read_records(samples_path)
+    records: dict[str, dict] = {}
+    for record in store.read(SAMPLES_FILE):
+        if isinstance(record, dict) and "id" in record:
+            records[str(record["id"])] = record  # the last line of a question wins
     guard = DegenerateGuard(degenerate_threshold, degenerate_min_samples)
     for record in records.values():
         if record["status"] == "ok":
             guard.add(record["response"], record.get("degenerate"))
     todo = [s for s in samples if records.get(s.id, {}).get("status") != "ok"]
 
-    run_path = output / RUN_FILE
-    run = json.loads(run_path.read_text()).get("run") if run_path.is_file() else None
+    run = store.stored().get("run")
     warned = False
     if todo:
+        from longva_cli.engine import PrefixCache
+
         longva, model_path = load_model(model, device=device, dtype=dtype, attn=attn, revision=revision)
         run = run_info(
             model=str(model_name),
@@ -366,29 +339,27 @@ def evaluate_local(
             max_new_tokens=max_new_tokens,
             annotations=[str(p) for p in source] if isinstance(source, list) else str(source),
         )
-        write_json(run_path, {"settings": settings, "run": run})
-        from longva_cli.model.prefix_cache import PrefixCache
-
+        store.note(run=run)
         sampling = longva.sampling_settings(max_new_tokens=max_new_tokens, temperature=0.0)
         with progress or contextlib.nullcontext():  # the bar shows only while questions are answered
             task = progress.add_task("Answering", total=len(todo)) if progress else None
             for video, group in group_by_video(todo):
-                visual, reason = encode_once(longva, video, group[0], frames)
+                visual, reason = encode_once(longva, video, group[0], frames, cache)
                 # The video's questions share the system prompt and video tokens: prefill them once.
-                prefix = PrefixCache(longva.model.language_model, prefill_chunk)
+                runner = PrefixCache(longva.model.language_model, prefill_chunk)
                 for sample in group:
                     if visual is None:
                         record = skipped_record(sample, reason)
                     else:
-                        record = answer_one(longva, sample, visual, sampling, prompt, prefix)
+                        record = answer_one(longva, sample, visual, sampling, prompt, runner)
                         guard.add(record["response"], record["degenerate"])
-                    append_jsonl(samples_path, record)
+                    store.append(SAMPLES_FILE, record)
                     records[sample.id] = record
                     if progress:
                         progress.advance(task)
                     if guard.tripped and record["status"] == "ok":
                         if stop_on_degenerate:
-                            finish(output, samples, records, run, source, guard, stopped=True)
+                            finish(store, samples, records, run, guard, stopped=True)
                             raise LongVAError(
                                 f"stopped: {guard.message()}; rerun with --no-stop-on-degenerate to finish anyway."
                             )
@@ -397,57 +368,57 @@ def evaluate_local(
                             warned = True
     elif guard.tripped and on_warning:
         on_warning(guard.message())
-    return finish(output, samples, records, run, source, guard, stopped=False)
+    return finish(store, samples, records, run, guard, stopped=False)
 
 
 def load_model(model, *, device: str, dtype: str, attn: str, revision: str | None):
     """A LongVA and the folder it came from (None when it was handed in ready)."""
     if not isinstance(model, str):
         return model, None
-    from longva_cli.hub import locate_model
-    from longva_cli.model.longva import LongVA
+    from longva_cli.engine import load
 
-    folder = locate_model(model, revision=revision, allow_download=True)
-    longva = LongVA.from_pretrained(str(folder), device=device, dtype=dtype, attn_implementation=attn)
-    longva.name = model
-    return longva, folder
+    longva = load(model, device=device, dtype=dtype, attn=attn, revision=revision)
+    return longva, longva.folder
 
 
 def group_by_video(samples: list[Sample]) -> list[tuple[Path | None, list[Sample]]]:
-    """Questions grouped by video in first-seen order, so each video is encoded once."""
+    """Questions grouped by video in first-seen order, so each video is encoded and prefilled once."""
     groups: dict[object, list[Sample]] = {}
     for sample in samples:
         groups.setdefault(sample.video or sample.video_name, []).append(sample)
     return [(group[0].video, group) for group in groups.values()]
 
 
-def encode_once(longva, video: Path | None, sample: Sample, frames: int):
+def encode_once(longva, video: Path | None, sample: Sample, frames: int, cache):
     """(Visual, None), or (None, why it was skipped) for a missing or unreadable video."""
+    from longva_cli import engine
+
     if video is None:
         return None, f"video {sample.video_name} not found"
     try:
-        return longva.encode_video(video, frames=frames), None
+        return engine.drive(engine.encode(longva, engine.MediaSpec(video, frames), cache)), None
     except LongVAError as err:
         return None, str(err)
 
 
-def answer_one(longva, sample: Sample, visual, sampling, style: str, prefix) -> dict:
+def answer_one(longva, sample: Sample, visual, sampling, style: str, runner) -> dict:
+    from longva_cli import engine
     from longva_cli.model.prompt import DEFAULT_SYSTEM, question_prompt
 
     started = time.perf_counter()
-    sequence, _ = longva.prompt_sequence(question_prompt(build_question(sample, style), DEFAULT_SYSTEM), [visual])
-    response, generated = longva.generate_text(sequence, sampling, prefix_cache=prefix)
-    letter = extract_letter(response, sample.options)
+    sequence = engine.build(longva, engine.prompt_parts(question_prompt(build_question(sample, style), DEFAULT_SYSTEM), [visual]))
+    generated = engine.drive(engine.run(longva, runner, sequence, engine.Generate(sampling)))
+    letter = extract_letter(generated.text, sample.options)
     return {
         **base_record(sample),
         "status": "ok",
-        "response": response,
+        "response": generated.text,
         "prediction": letter,
         "correct": letter == sample.answer,
-        "degenerate": degenerate_kind(response, letter),
+        "degenerate": degenerate_kind(generated.text, letter),
         "frames": visual.images,
         "prompt_tokens": len(sequence),
-        "generated_tokens": generated,
+        "generated_tokens": len(generated.token_ids),
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -463,7 +434,7 @@ def skipped_record(sample: Sample, reason: str) -> dict:
     return {**base_record(sample), "status": "skipped", "reason": reason, "response": None, "prediction": None, "correct": False}
 
 
-def finish(output: Path, samples: list[Sample], records: dict, run, source, guard: DegenerateGuard, stopped: bool) -> dict:
+def finish(store, samples: list[Sample], records: dict, run, guard: DegenerateGuard, stopped: bool) -> dict:
     """Score the questions of this data set and write results.json."""
     wanted = [records[s.id] for s in samples if s.id in records]
     skipped = [{"id": r["id"], "video": r["video"], "reason": r["reason"]} for r in wanted if r["status"] == "skipped"]
@@ -474,7 +445,7 @@ def finish(output: Path, samples: list[Sample], records: dict, run, source, guar
         "degenerate": guard.to_dict(),
         "skipped": skipped,
         "run": run,
-        "samples_file": str(output / SAMPLES_FILE),
+        "samples_file": str(store.path(SAMPLES_FILE)),
     }
-    write_json(output / RESULTS_FILE, results)
+    store.write_json(RESULTS_FILE, results)
     return results

@@ -1,16 +1,16 @@
-"""Scoring one needle sequence, with a KV cache shared between consecutive sequences.
+"""Scoring one needle sequence on the engine, with a KV cache shared between consecutive sequences.
 
 The original ran one full forward per (cell, needle) and took logits at every position; at
-3000 frames that is 432K x 152K logits, which is why it needed eight GPUs. Here:
+3000 frames that is 432K x 152K logits, which is why it needed eight GPUs. Here the engine:
 
-- logits are computed only where they are read: the answer positions (teacher-forced) or
-  the last prompt position and the generated tokens (generate);
-- the KV cache of the longest prefix a sequence shares with the previous one is kept
-  (`longva_cli.model.prefix_cache`); V-NIAH's cells are ordered so that the shared prefix
-  (system prompt + the haystack frames before the needle) grows monotonically;
-- the remainder goes through the decoder in chunks (memory tracks the KV cache).
+- computes logits only where they are read: the answer positions (teacher-forced) or the last
+  prompt position and the generated tokens (generate);
+- keeps the KV cache of the longest prefix a sequence shares with the previous one
+  (`engine.PrefixCache`); V-NIAH's cells are ordered so that the shared prefix (system prompt +
+  the haystack frames before the needle) grows monotonically;
+- runs the remainder through the decoder in chunks (memory tracks the KV cache).
 
-`naive_*` are the reference: one plain forward over the whole sequence.
+`naive_teacher_forced` is the reference: one plain forward over the whole sequence.
 """
 
 from __future__ import annotations
@@ -19,29 +19,18 @@ import re
 
 import torch
 
-from longva_cli.model.generation import SamplingSettings
-from longva_cli.model.prefix_cache import PrefixCache, Sequence, generate_after
+from longva_cli.engine import Generate, KVRunner, SamplingSettings, Sequence, TeacherForce, drive, run
 
 
-@torch.inference_mode()
-def teacher_forced(cache: PrefixCache, sequence: Sequence, answer_ids: list[int]) -> list[int]:
-    """Argmax ids at the positions that predict each answer token (the sequence ends with the answer).
-
-    Position i predicts token i + 1, so the answer's A tokens are predicted by the A positions
-    before the last one; the last answer token itself is never fed.
-    """
-    total, count = len(sequence), len(answer_ids)
-    hidden = cache.hidden_states(sequence, stop=total - 1, keep=count)  # [A, d]
-    logits = cache.language_model.lm_head(hidden)  # [A, vocab]
-    return logits.argmax(-1).tolist()
+def teacher_forced(runner: KVRunner, sequence: Sequence, answer_ids: list[int]) -> list[int]:
+    """Argmax ids at the positions that predict each answer token (the sequence ends with the answer)."""
+    return drive(run(None, runner, sequence, TeacherForce(answer_ids))).predicted_ids
 
 
-def greedy(cache: PrefixCache, sequence: Sequence, stop_ids: set[int], max_new_tokens: int) -> list[int]:
-    """Greedy decoding after the prompt `sequence` (up to a stop id, not included)."""
+def greedy(model, runner: KVRunner, sequence: Sequence, max_new_tokens: int) -> list[int]:
+    """Greedy decoding after the prompt `sequence` (up to one of the model's stop ids, not included)."""
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0, seed=None)
-    generated = list(generate_after(cache, sequence, settings, stop_ids))
-    cache.forwarded += len(generated)
-    return generated
+    return drive(run(model, runner, sequence, Generate(settings))).token_ids
 
 
 @torch.inference_mode()

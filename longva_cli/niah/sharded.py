@@ -6,9 +6,10 @@ the same engine `extend-text` trains with) exchanges heads for sequence so every
 still attends to all earlier ones. The sequence is padded at its end to a multiple of p:
 attention is causal, so padding changes no real position.
 
-`ShardedForward` stands in for `PrefixCache` in teacher-forced scoring: it answers
-`hidden_states(sequence, stop, keep)` with the last `keep` positions' hidden states, gathered
-from the ranks that hold them. Each call runs the whole sequence (no prefix reuse).
+`ShardedForward` is an engine KV runner (`engine.KVRunner`) for teacher-forced scoring: it
+answers `chunks(sequence, stop, need_from)` with one chunk, the hidden states of positions
+need_from .. stop - 1 gathered from the ranks that hold them. Each call runs the whole sequence
+(no prefix reuse); generation is not offered.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from longva_cli.errors import LongVAError
-from longva_cli.model.prefix_cache import Sequence
+from longva_cli.engine import Chunk, Sequence
 
 
 class ShardedForward:
@@ -28,9 +29,12 @@ class ShardedForward:
         self.state = state
         self.forwarded = 0  # positions run through the decoder, for the cost report
 
+    def shared_with(self, sequence: Sequence) -> int:
+        return 0  # nothing is kept between sequences
+
     @torch.inference_mode()
-    def hidden_states(self, sequence: Sequence, stop: int, keep: int) -> torch.Tensor:
-        """Final hidden states [keep, d] of positions stop-keep .. stop-1 of `sequence[:stop]`."""
+    def chunks(self, sequence: Sequence, stop: int, need_from: int):
+        """One chunk: final hidden states [stop - need_from, d] of positions need_from .. stop - 1."""
         from longva_cli.train.sequence_parallel import shard_indices
 
         degree, rank = self.state.sp_degree, self.state.sp_rank
@@ -44,13 +48,16 @@ class ShardedForward:
         hidden = model.model(
             inputs_embeds=embeds[None], position_ids=index[None].to(model.device), use_cache=False
         ).last_hidden_state[0]  # [padded / degree, d]
-        wanted = (index >= stop - keep) & (index < stop)
+        wanted = (index >= need_from) & (index < stop)
         mine = (index[wanted].tolist(), hidden[wanted.to(model.device)].cpu())
         gathered: list = [None] * degree
         dist.all_gather_object(gathered, mine, group=self.state.sp_group)
         rows = {position: row for positions, held in gathered for position, row in zip(positions, held)}
         self.forwarded += stop
-        return torch.stack([rows[position] for position in range(stop - keep, stop)]).to(model.device)
+        yield Chunk(need_from, torch.stack([rows[position] for position in range(need_from, stop)]).to(model.device))
+
+    def step(self, token_id: int) -> torch.Tensor:
+        raise LongVAError("generate scoring is not supported with --sequence-parallel; use --scoring teacher-forced.")
 
 
 def sharded_forward(language_model, degree: int) -> ShardedForward:

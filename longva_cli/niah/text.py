@@ -23,7 +23,7 @@ from longva_cli.errors import LongVAError
 from longva_cli.niah.grid import Unit
 
 if TYPE_CHECKING:  # torch loads only once a run starts: bad input fails fast
-    from longva_cli.model.prefix_cache import Sequence
+    from longva_cli.engine import Sequence
 
 NEEDLE = "\nThe special magic Singapore number is: {}.\n"
 CITIES = ["New York", "London", "Paris", "Tokyo", "Beijing", "Berlin"]
@@ -138,21 +138,6 @@ class TextNeedlePrompts:
         return np.concatenate(parts)
 
 
-def token_sequence(language_model, ids: np.ndarray) -> Sequence:
-    """A text sequence: keys are the token ids, embeddings looked up slice by slice."""
-    import torch
-
-    from longva_cli.model.prefix_cache import Sequence
-
-    embedding = language_model.get_input_embeddings()
-    device = embedding.weight.device
-
-    def embed(start: int, stop: int):
-        return embedding(torch.from_numpy(ids[start:stop]).to(device))
-
-    return Sequence(ids, embed)
-
-
 def text_units(prompts: TextNeedlePrompts, sizes: list[int], depths: list[float], samples: int) -> list[Unit]:
     """Ordered by needle position, then sample, then length: neighbours share the longest prefix."""
     units = []
@@ -172,55 +157,6 @@ def run_numbers(seed: int, samples: int, distractors: int) -> tuple[list[int], l
     return rng.integers(10**6, 10**7, samples).tolist(), rng.integers(10**6, 10**7, distractors).tolist()
 
 
-def load_text_model(name: str, device: str, dtype: str, attn: str, device_map: str | None = None):
-    """(causal LM, tokenizer) from a folder or hub id (cached, or downloaded).
-
-    `device_map="auto"` spreads the layers (and so the KV cache) over the visible GPUs.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from longva_cli.model.longva import resolve_attention, resolve_device, resolve_dtype
-
-    if device_map not in (None, "auto"):
-        raise LongVAError(f"--device-map {device_map!r} is not supported; use auto (split across the visible GPUs).")
-    target = resolve_device(device) if device_map is None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    folder = text_model_folder(name)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder,
-        dtype=resolve_dtype(dtype, target),
-        attn_implementation=resolve_attention(attn, target),
-        device_map=device_map if device_map is not None else target,
-    )
-    return model.eval(), tokenizer
-
-
-def text_model_folder(name: str) -> Path:
-    import os
-
-    from longva_cli import hub
-
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise LongVAError(f"{path} has no config.json; give a Hugging Face model folder or a hub id.")
-        return path
-    if name.startswith((".", "/", "~")):
-        raise LongVAError(f"model folder {path} does not exist; give a model folder or a hub id such as lmms-lab/Qwen2-7B-Instrcuct-224K.")
-    folder = hub.cached(name)
-    if folder is not None:
-        return folder
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        raise LongVAError(f"{name} is not downloaded and HF_HUB_OFFLINE is set; run `longva download {name}` with network access.")
-    return hub.download(name)
-
-
-def stop_ids(tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")}
-    return {i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
-
-
 def run_text(settings, *, overwrite: bool = False):
     """Text NIAH over the settings' grid; resumes a folder of the same settings. -> GridRun (rank 0) or None."""
     from longva_cli.niah.settings import check_text, identity
@@ -228,9 +164,9 @@ def run_text(settings, *, overwrite: bool = False):
     sizes, depths = check_text(settings)
     if settings.haystack != "synthetic" and not Path(settings.haystack).expanduser().exists():
         raise LongVAError(f"haystack {settings.haystack} does not exist; give a folder of .txt files or `synthetic`.")
+    from longva_cli.engine import PrefixCache, load, token_sequence
     from longva_cli.niah.grid import Ranks, score_grid
     from longva_cli.niah.results import prepare_folder
-    from longva_cli.model.prefix_cache import PrefixCache
     from longva_cli.niah.scoring import answer_matches, greedy, teacher_forced
     from longva_cli.recipes import to_dict
 
@@ -239,33 +175,36 @@ def run_text(settings, *, overwrite: bool = False):
         prepare_folder(settings.output, "text", to_dict(settings), identity(settings), overwrite)
     ranks.barrier()  # no rank reads the folder before rank 0 has checked (or cleared) it
     ranks.check_device_map(settings.device_map)
-    model, tokenizer = load_text_model(settings.model, ranks.device(settings.device), settings.dtype, settings.attn, settings.device_map)
+    model = load(
+        settings.model, kind="causal-lm", device=ranks.device(settings.device), dtype=settings.dtype, attn=settings.attn,
+        device_map=settings.device_map,
+    )
+    tokenizer = model.tokenizer
     numbers, distractor_numbers = run_numbers(settings.seed, settings.samples, settings.distractors)
     haystack = haystack_tokens(tokenizer, settings.haystack, max(sizes))
     prompts = TextNeedlePrompts(tokenizer, haystack, numbers, distractor_numbers, settings.seed)
     if settings.sequence_parallel > 1:
         from longva_cli.niah.sharded import sharded_forward
 
-        cache = sharded_forward(model, settings.sequence_parallel)
+        runner = sharded_forward(model.language_model, settings.sequence_parallel)
     else:
-        cache = PrefixCache(model, settings.prefill_chunk)
-    stops = stop_ids(tokenizer)
+        runner = PrefixCache(model.language_model, settings.prefill_chunk)
 
     def score(unit: Unit) -> dict:
         answer = str(numbers[unit.index])
         answer_ids = prompts.answers[unit.index]
         teacher = settings.scoring == "teacher-forced"
-        ids = prompts.token_ids(unit.size, unit.depth, unit.index, with_answer=teacher)
+        sequence = token_sequence(model, prompts.token_ids(unit.size, unit.depth, unit.index, with_answer=teacher))
         if teacher:
-            predicted = teacher_forced(cache, token_sequence(model, ids), answer_ids)
+            predicted = teacher_forced(runner, sequence, answer_ids)
             text = tokenizer.decode(predicted)
             found = predicted == answer_ids
         else:
-            predicted = greedy(cache, token_sequence(model, ids), stops, settings.max_new_tokens)
+            predicted = greedy(model, runner, sequence, settings.max_new_tokens)
             text = tokenizer.decode(predicted, skip_special_tokens=True).strip()
             found = answer_matches(text, answer)
         return {"found": found, "answer": answer, "predicted": text, "answer_ids": answer_ids, "predicted_ids": predicted}
 
     units = text_units(prompts, sizes, depths, settings.samples)
     title = f"text NIAH {Path(settings.model).name}, {settings.distractors} distractors"
-    return score_grid(units, score, settings.output, "text", ranks, title, lambda: cache.forwarded)
+    return score_grid(units, score, settings.output, "text", ranks, title, lambda: runner.forwarded)

@@ -1,0 +1,163 @@
+"""`longva chat`: a multi-turn conversation about a video or an image in the terminal.
+
+The media is encoded once and the conversation's KV cache is kept between turns, so each turn
+prefills only its own new tokens: a follow-up question about an hour-long video is answered as
+fast as a question about no video at all. Questions come from the keyboard, or one a line from
+a pipe; answers go to stdout.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from longva_cli import options
+from longva_cli.ask import EMPTY_ANSWER, check_sampling_options
+from longva_cli.console import EventDisplay, load_model, stderr
+from longva_cli.hub import DEFAULT_MODEL
+
+COMMANDS = "/reset forgets the conversation, /save FILE writes it as JSON, Ctrl-D (or /exit) leaves"
+
+
+def next_line(interactive: bool) -> str | None:
+    """The user's next line, or None at the end of input (Ctrl-D, end of the pipe)."""
+    if interactive:
+        try:
+            return input("you> ")
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return None if line == "" else line
+
+
+def chat(
+    media: Path,
+    *,
+    model: str = DEFAULT_MODEL,
+    frames: int | None = None,
+    fps: float | None = None,
+    system: str | None = None,
+    max_new_tokens: int = 1024,
+    temperature: float = 0.5,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = 0,
+    device: str = "auto",
+    dtype: str = "auto",
+    attn: str = "auto",
+    device_map: str | None = None,
+    quantize: str | None = None,
+    revision: str | None = None,
+    prefill_chunk: int = 4096,
+    cache_dir: Path | None = None,
+    use_cache: bool = True,
+    json_output: bool = False,
+) -> int:
+    """Run the conversation until the input ends; the number of turns answered."""
+    from longva_cli.engine import MediaSpec, Session, drive
+    from longva_cli.engine.visual_cache import disk_cache
+    from longva_cli.model.prompt import DEFAULT_SYSTEM
+
+    longva = load_model(model, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize, revision=revision)
+    session = Session(
+        longva, [MediaSpec(media, frames, fps)], system=DEFAULT_SYSTEM if system is None else system,
+        cache=disk_cache(cache_dir, use_cache), prefill_chunk=prefill_chunk,
+    )
+    sampling = longva.sampling_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+    sampling.seed = seed
+    display = EventDisplay(stream_text=False)
+    try:
+        visuals = drive(session.encode(), display)  # before the first question, so it is answered at once
+    finally:
+        display.close()
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401 - line editing and history for input()
+
+        stderr.print(f"[dim]{media.name}: {visuals[0].images} {'frames' if visuals[0].kind == 'video' else 'crops'} encoded; {COMMANDS}.[/dim]")
+    turns = 0
+    while (line := next_line(interactive)) is not None:
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+            stderr.print("[dim]conversation cleared; the media stays encoded.[/dim]")
+            continue
+        if text.split()[0] == "/save":
+            target = text[len("/save") :].strip()
+            if not target:
+                stderr.print("[yellow]usage:[/yellow] /save FILE")
+                continue
+            session.save(Path(target).expanduser())
+            stderr.print(f"[dim]saved {turns} turns to {target}[/dim]")
+            continue
+        if text.startswith("/"):
+            stderr.print(f"[yellow]unknown command {text.split()[0]}:[/yellow] {COMMANDS}.")
+            continue
+        display = EventDisplay(stream_text=not json_output)
+        try:
+            answer = drive(session.ask(text, sampling), display)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the conversation
+            display.close()
+            sys.stdout.write("\n")
+            stderr.print("[dim](stopped; the turn was dropped)[/dim]")
+            continue
+        finally:
+            display.close()
+        if json_output:
+            typer.echo(answer.to_json())
+        else:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        if not answer.answer:
+            stderr.print(f"[yellow]warning:[/yellow] {EMPTY_ANSWER}")
+        turns += 1
+    return turns
+
+
+def command(
+    media: Path = typer.Argument(..., help="A video or image file (recognised by content)."),
+    frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Frames sampled uniformly from the video, 144 tokens each. [default: 32]"),
+    fps: Optional[float] = typer.Option(None, "--fps", help="Sample this many frames per second instead (--frames caps the count)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint folder, hub id or short name."),
+    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", help="Most tokens to generate per answer."),
+    temperature: float = typer.Option(0.5, "--temperature", "-t", help="Sampling temperature; 0 = greedy (the original demo used 0.5)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling threshold (off by default, as in the original)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k sampling (default: the checkpoint's generation config, else 50)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for sampling (each turn starts from it)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: 'You are a helpful assistant.'; '' for none)."),
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
+    attn: options.Attention = "auto",
+    device_map: options.DeviceMap = None,
+    quantize: options.Quantize = None,
+    revision: options.Revision = None,
+    prefill_chunk: options.PrefillChunk = 4096,
+    cache_dir: options.CacheDir = None,
+    no_cache: options.NoCache = False,
+    json_output: bool = typer.Option(False, "--json", help="Print each answer as one JSON line instead of text."),
+) -> None:
+    """Chat about a video or an image: several turns, the history kept in the KV cache.
+
+    Type a question and press Enter; /reset starts over (the media stays encoded), /save FILE
+    writes the conversation as JSON, Ctrl-D leaves. In a pipe, each input line is one turn.
+
+    examples:
+      longva chat movie.mp4 --frames 128
+      printf 'What happens?\\nWhy?\\n' | longva chat clip.mp4 --temperature 0
+    """
+    check_sampling_options(frames, fps, temperature, top_p, max_new_tokens, prefill_chunk)
+    from longva_cli.engine.encoder import media_kind
+
+    media_kind(media)
+    chat(
+        media, model=model, frames=frames, fps=fps, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, top_k=top_k, seed=seed, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize,
+        revision=revision, prefill_chunk=prefill_chunk, cache_dir=cache_dir, use_cache=not no_cache, json_output=json_output,
+    )

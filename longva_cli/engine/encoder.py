@@ -1,0 +1,209 @@
+"""Media -> pixels -> visual tokens: the one path every command (and training) takes.
+
+    video  sample frame ids (N uniform, or F a second)  -> decode in batches -> CLIP preprocessing
+    image  UniRes: best pinpoint, resize and pad, 336-px crops row by row -> CLIP preprocessing
+    then   tower -> layer -2 -> drop CLS -> projector -> 2x2 pool = 144 tokens per frame or crop
+
+`encode` yields `Encoding` progress events and returns a `Visual` (see `run.drive`); a
+consumer that stops iterating stops the decoding between batches. With a `VisualCache` the
+result is looked up first by the media's content, the checkpoint and the preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+
+from longva_cli.engine.sequence import Visual, identity_of
+from longva_cli.engine.visual_cache import VisualCache, content_hash
+from longva_cli.errors import LongVAError
+from longva_cli.model import media as media_io
+from longva_cli.model.processing import preprocess, unires_crops
+
+if TYPE_CHECKING:
+    from longva_cli.model.config import ImageProcessing
+    from longva_cli.model.longva import LongVA
+
+DEFAULT_FRAMES = 32
+VISION_BATCH = 16  # frames decoded, preprocessed and encoded together: bounds memory at any length
+
+
+@dataclass(frozen=True, eq=False)
+class MediaSpec:
+    """One media item and how to sample it.
+
+    A video gives `frames` frames spread uniformly (32 when both are None), or `fps` frames a
+    second with `frames` as a cap. An image is cut into UniRes crops. `pad_to_square` pads each
+    frame to a square of the CLIP mean colour first (V-NIAH's haystack and needles).
+    """
+
+    source: Path | Image.Image
+    frames: int | None = None
+    fps: float | None = None
+    pad_to_square: bool = False
+
+    def describe(self) -> dict:
+        """The sampling and preprocessing settings, as part of a cache key."""
+        return {"frames": self.frames, "fps": self.fps, "pad_to_square": self.pad_to_square}
+
+
+@dataclass
+class Encoding:
+    """Progress event: images (frames or crops) encoded so far."""
+
+    done: int
+    total: int
+
+
+def media_kind(source: Path | Image.Image) -> str:
+    """'image' or 'video' by the file's content; raises a LongVAError for anything else."""
+    if isinstance(source, Image.Image):
+        return "image"
+    path = media_io.check_file(Path(source))
+    if media_io.open_image(path) is not None:
+        return "image"
+    media_io.open_video(path)
+    return "video"
+
+
+def content_of(source: Path | Image.Image) -> str:
+    """What a media item holds, as a short hash (a file's bytes, an image's pixels)."""
+    if isinstance(source, Image.Image):
+        digest = hashlib.sha256(f"{source.mode}{source.size}".encode())
+        digest.update(source.tobytes())
+        return digest.hexdigest()[:20]
+    return content_hash(media_io.check_file(Path(source)))
+
+
+# ---- pixels ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pixels:
+    """A media item's pixels, in batches, and what they are."""
+
+    kind: str  # "video" or "image"
+    count: int  # frames or crops
+    batches: Iterator[torch.Tensor]  # float32 [b, 3, 336, 336], `count` rows in all
+    frame_ids: list[int]
+    grid: tuple[int, int] | None = None
+
+
+def frame_ids(video: media_io.Video, spec: MediaSpec) -> list[int]:
+    if spec.fps is not None:
+        return media_io.frame_ids_at_fps(video.num_frames, video.fps, spec.fps, max_frames=spec.frames)
+    return media_io.uniform_frame_ids(video.num_frames, spec.frames or DEFAULT_FRAMES)
+
+
+def pixels(spec: MediaSpec, processing: "ImageProcessing", pinpoints, batch: int = VISION_BATCH) -> Pixels:
+    """Sample and preprocess a media item, lazily: frames are decoded batch by batch."""
+    source = spec.source
+    image = source if isinstance(source, Image.Image) else media_io.open_image(media_io.check_file(Path(source)))
+    if image is not None:
+        crops, grid = unires_crops(image, processing, pinpoints)
+        batches = (preprocess(crops[i : i + batch], processing) for i in range(0, len(crops), batch))
+        return Pixels("image", len(crops), batches, [], grid)
+    video = media_io.open_video(Path(source))
+    ids = frame_ids(video, spec)
+    batches = (preprocess(list(frames), processing, pad_to_square=spec.pad_to_square) for frames in video.batches(ids, batch))
+    return Pixels("video", len(ids), batches, ids)
+
+
+def media_pixels(spec: MediaSpec, processing: "ImageProcessing", pinpoints) -> torch.Tensor:
+    """All pixels of a media item at once, [n, 3, 336, 336] (training samples are short)."""
+    return torch.cat(list(pixels(spec, processing, pinpoints).batches))
+
+
+# ---- tokens ------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def encode_batches(model: "LongVA", batches, count: int, pad_to_square: bool = False) -> Generator[Encoding, None, torch.Tensor]:
+    """[b, h, w, 3] uint8 frame batches or preprocessed [b, 3, 336, 336] pixel batches (`count`
+    rows in all) -> [count, 144, d]; one batch of pixels in memory at a time."""
+    tokens = model.model.tokens_per_image
+    out = torch.empty((count, tokens, model.model.config.hidden_size), dtype=model.model.dtype, device=model.model.device)
+    filled = 0
+    for batch in batches:
+        if not isinstance(batch, torch.Tensor) or batch.dtype == torch.uint8:
+            batch = preprocess(list(batch), model.processing, pad_to_square=pad_to_square)  # [b, 3, 336, 336]
+        out[filled : filled + len(batch)] = model.model.encode_pixels(batch)
+        filled += len(batch)
+        yield Encoding(filled, count)
+    return out
+
+
+def check_memory(model: "LongVA", images: int) -> None:
+    """Refuse a frame count whose visual tokens and KV cache exceed the device's whole memory,
+    before anything is allocated (`memory.check_fits` warns about what may not fit right now)."""
+    from longva_cli.engine.memory import kv_bytes_per_token, total_memory
+
+    tokens = images * model.model.tokens_per_image
+    element = torch.tensor([], dtype=model.model.dtype).element_size()
+    need = tokens * (model.model.config.hidden_size * element + kv_bytes_per_token(model.model.config, model.model.dtype))
+    have = total_memory(model.model.device)
+    if need > have:
+        raise LongVAError(
+            f"{images:,} frames are {tokens:,} visual tokens, which need about {need / 2**30:,.1f} GiB for their "
+            f"embeddings and KV cache, more than the {have / 2**30:,.1f} GiB {model.model.device} has; ask for fewer frames."
+        )
+
+
+def cache_key(model: "LongVA", spec: MediaSpec, content: str) -> dict:
+    return {
+        "content": content,
+        "model": model.fingerprint,
+        "dtype": str(model.model.dtype),
+        "tokens": model.model.tokens_per_image,
+        **spec.describe(),
+    }
+
+
+def encode(model: "LongVA", spec: MediaSpec, cache: VisualCache | None = None) -> Generator[Encoding, None, Visual]:
+    """The visual tokens of one media item, from `cache` when it has them."""
+    if spec.frames is not None and spec.fps is None:
+        check_memory(model, spec.frames)
+    content = content_of(spec.source)
+    key = cache_key(model, spec, content)
+    identity = identity_of(json.dumps(key, sort_keys=True))
+    usable = cache is not None and model.fingerprint is not None
+    if usable:
+        found = cache.remembered(key) or from_disk(cache, key, model)
+        if found is not None:
+            embeds, info = found
+            cache.remember(key, found, embeds.numel() * embeds.element_size())
+            return Visual(embeds.flatten(0, 1), info["kind"], info["images"], info["frame_ids"], tuple(info["grid"]) if info["grid"] else None, identity)
+    source = pixels(spec, model.processing, model.model.mm.image_grid_pinpoints)
+    if source.kind == "video" and spec.fps is not None:
+        check_memory(model, source.count)
+    embeds = yield from encode_batches(model, source.batches, source.count)  # [n, 144, d]
+    info = {"kind": source.kind, "images": source.count, "frame_ids": source.frame_ids, "grid": source.grid}
+    if usable:
+        cache.remember(key, (embeds, info), embeds.numel() * embeds.element_size())
+        entry = cache.entry(key)
+        if entry is not None:
+            entry.append(0, embeds)
+            (entry.folder / "info.json").write_text(json.dumps(info) + "\n")
+            cache.evict(keep=entry)
+    return Visual(embeds.flatten(0, 1), source.kind, source.count, source.frame_ids, source.grid, identity)
+
+
+def from_disk(cache: VisualCache, key: dict, model: "LongVA") -> tuple[torch.Tensor, dict] | None:
+    entry = cache.entry(key)
+    if entry is None or not (entry.folder / "info.json").is_file():
+        return None
+    try:
+        info = json.loads((entry.folder / "info.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    embeds = entry.load(info["images"], model.model.device)
+    if embeds is None:
+        return None
+    return embeds.to(model.model.dtype), info

@@ -1,0 +1,193 @@
+"""One loader for every command: LongVA checkpoints and plain causal language models.
+
+A model is named by a folder, a hub id (`org/name`) or a short name (`LongVA-7B-DPO`); the
+folder is found (or downloaded) by `hub.locate_model`, then the device, dtype, attention and
+quantisation are resolved once, here, the same way for every command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from longva_cli.errors import LongVAError
+
+DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise LongVAError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LongVAError("CUDA was asked for but no GPU is visible to PyTorch; use --device cpu or check the driver.")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise LongVAError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible.")
+    elif resolved.type != "cpu":
+        raise LongVAError(f"--device {device!r} is not supported; use auto, cpu, cuda or cuda:N.")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise LongVAError(f"--dtype {dtype!r} is not known; use auto, bfloat16, float16 or float32.")
+    return DTYPES[dtype]
+
+
+def resolve_attention(attn: str, device: torch.device) -> str:
+    if attn == "auto":
+        if device.type == "cuda":
+            try:
+                import flash_attn  # noqa: F401
+
+                return "flash_attention_2"
+            except ImportError:
+                pass
+        return "sdpa"
+    if attn not in ("sdpa", "eager", "flash_attention_2"):
+        raise LongVAError(f"--attn {attn!r} is not known; use auto, sdpa, eager or flash_attention_2.")
+    if attn == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise LongVAError("flash-attention is not installed; `pip install longva[gpu]` on a CUDA machine, or use --attn sdpa.") from None
+    return attn
+
+
+def quantization_config(quantize: str | None, dtype: torch.dtype, device: torch.device):
+    """bitsandbytes settings for the language model; the tower and projector stay in `dtype`."""
+    if quantize is None:
+        return None
+    if quantize not in ("4bit", "8bit"):
+        raise LongVAError(f"--quantize {quantize!r} is not known; use 4bit or 8bit.")
+    if device.type != "cuda":
+        raise LongVAError("4-bit and 8-bit loading need a CUDA GPU (bitsandbytes); drop --quantize on CPU.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LongVAError("--quantize needs bitsandbytes: `pip install bitsandbytes`.") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def target_device(device: str, device_map: str | None) -> torch.device:
+    """Where inputs go: the asked device, or (with a device map) the first GPU."""
+    if device_map is None:
+        return resolve_device(device)
+    if device_map != "auto":
+        raise LongVAError(f"--device-map {device_map!r} is not supported; use auto (split across the visible GPUs).")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fingerprint(folder: Path) -> str:
+    """A checkpoint's identity for caches: its config and each weight file's name, size and time."""
+    parts = [(folder / "config.json").read_text()]
+    for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        stat = file.stat()
+        parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+@dataclass
+class TextModel:
+    """A plain causal language model with its tokenizer (text NIAH, perplexity)."""
+
+    language_model: torch.nn.Module
+    tokenizer: object
+    name: str
+    folder: Path | None = None
+    stop_ids: set[int] = field(default_factory=set)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embedding = self.language_model.get_input_embeddings()
+        return embedding(input_ids.to(embedding.weight.device))
+
+
+def text_stop_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+    return {i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
+
+
+def load(
+    name: str | Path,
+    *,
+    kind: str = "longva",
+    device: str = "auto",
+    dtype: str = "auto",
+    attn: str = "auto",
+    device_map: str | None = None,
+    quantize: str | None = None,
+    revision: str | None = None,
+    download: bool = True,
+):
+    """A `LongVA` (kind "longva") or a `TextModel` (kind "causal-lm": any causal LM folder or hub
+    id, and LongVA checkpoints too, whose language model is then used alone)."""
+    from longva_cli.hub import locate_model
+
+    started = time.perf_counter()
+    target = target_device(device, device_map)
+    torch_dtype = resolve_dtype(dtype, target)
+    attention = resolve_attention(attn, target)
+    quantization = quantization_config(quantize, torch_dtype, target)
+    folder = locate_model(str(name), revision=revision, allow_download=download, kind=kind)
+    if kind == "longva":
+        return load_longva_model(folder, str(name), torch_dtype, attention, target, device_map, quantization, started)
+    if kind != "causal-lm":
+        raise ValueError(f"unknown model kind {kind!r}")
+    return load_text_model(folder, str(name), torch_dtype, attention, target, device_map, quantization)
+
+
+def load_longva_model(folder: Path, name: str, dtype, attention, target, device_map, quantization, started: float):
+    from longva_cli.model.checkpoint import load_longva
+    from longva_cli.model.config import vision_settings
+    from longva_cli.model.longva import LongVA, load_tokenizer
+
+    network = load_longva(
+        folder, dtype=dtype, attn_implementation=attention, device=target, device_map=device_map, quantization_config=quantization
+    )
+    tokenizer = load_tokenizer(folder)
+    _, processing = vision_settings(network.mm)
+    generation_path = folder / "generation_config.json"
+    generation_config = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
+    return LongVA(
+        network, tokenizer, processing, name, generation_config, time.perf_counter() - started, folder=folder, fingerprint=fingerprint(folder)
+    )
+
+
+def load_text_model(folder: Path, name: str, dtype, attention, target, device_map, quantization) -> TextModel:
+    """A causal LM; for a LongVA checkpoint, its language model (the vision parts are dropped)."""
+    from transformers import AutoModelForCausalLM
+
+    from longva_cli.model.checkpoint import load_longva
+    from longva_cli.model.longva import load_tokenizer
+
+    config = json.loads((folder / "config.json").read_text())
+    tokenizer = load_tokenizer(folder)
+    if config.get("model_type") == "llava_qwen":
+        language_model = load_longva(
+            folder, dtype=dtype, attn_implementation=attention, device=target, device_map=device_map, quantization_config=quantization
+        ).language_model
+    else:
+        language_model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, attn_implementation=attention, device_map=device_map if device_map is not None else target,
+            quantization_config=quantization,
+        )
+    return TextModel(language_model.eval(), tokenizer, name, folder, text_stop_ids(tokenizer))

@@ -1,0 +1,165 @@
+"""KV runners: how a sequence goes through the decoder, chunk by chunk, into a KV cache.
+
+A 3000-frame video is 432K tokens. One forward over all of them would hold every layer's MLP
+activations for the whole sequence (tens of GB) and seq x vocab logits (over 100 GB in float32).
+Instead the sequence enters the KV cache `chunk` tokens at a time through the bare decoder; the
+caller turns only the hidden states it needs into logits.
+
+`PrefixCache` keeps what the next sequence shares with the last one. Equal keys up to a position
+mean equal embeddings, hence equal keys and values in every layer, so the cache is cut back to
+the longest common prefix and only the rest runs: the reuse is exact, not approximate. A fresh
+`PrefixCache` is a plain chunked prefill. V-NIAH scores thousands of sequences that differ only
+after the needle; an evaluation asks several questions about one video; a chat turn extends the
+previous one: each runs only its new tokens.
+
+Runners yield their work chunk by chunk; a caller that stops iterating stops the work there,
+and the cache stays consistent with the keys it records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from longva_cli.engine.memory import kv_bytes_per_token
+from longva_cli.engine.sequence import Sequence
+from longva_cli.model.compat import cache_kwargs
+
+DEFAULT_PREFILL_CHUNK = 4096
+# SDPA and eager attention build a [chunk, seq] mask for each chunk (and on CPU float scores
+# beside it, ~6 bytes an element measured): cap chunk x seq so that memory stays near the
+# KV cache. At 74K tokens on CPU, chunks of 1024 instead of 4096 cut peak memory from 1.8 GB
+# to 0.8 GB and ran faster. Flash-attention materialises neither.
+MASK_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 31}
+
+
+def bounded_chunk(language_model, total: int, requested: int) -> int:
+    """The prefill chunk to use for a `total`-token sequence (see MASK_ELEMENTS)."""
+    if language_model.config._attn_implementation == "flash_attention_2":
+        return requested
+    budget = MASK_ELEMENTS["cuda" if language_model.device.type == "cuda" else "cpu"]
+    return min(requested, max(128, budget // max(total, 1)))
+
+
+@dataclass
+class Chunk:
+    """Final hidden states of consecutive positions of a sequence."""
+
+    start: int  # position of the first row
+    hidden: torch.Tensor  # [n, d]
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.hidden)
+
+
+class KVRunner(Protocol):
+    """What objectives need of a runner (`PrefixCache`, or the sequence-parallel forward)."""
+
+    language_model: torch.nn.Module
+    forwarded: int  # positions run through the decoder so far, for cost reports
+
+    def shared_with(self, sequence: Sequence) -> int:
+        """How many leading positions of `sequence` are already held (0 where nothing is kept)."""
+        ...
+
+    def chunks(self, sequence: Sequence, stop: int, need_from: int) -> Iterator[Chunk]:
+        """Bring the state to `sequence[:stop]`, yielding chunks that together cover at least
+        positions [need_from, stop); earlier rows may be yielded too, or not."""
+        ...
+
+    def step(self, token_id: int) -> torch.Tensor:
+        """Feed one token after the current state; the logits [vocab] it predicts next."""
+        ...
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two key arrays."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+class PrefixCache:
+    """A KV cache that keeps the prefix the next sequence shares with the last one."""
+
+    def __init__(self, language_model, chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+        self.language_model = language_model
+        self.chunk = chunk
+        self.cache = DynamicCache(config=language_model.config)
+        self.keys = np.empty(0, dtype=np.int64)  # keys of the positions held in the cache
+        self.forwarded = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def shared_with(self, sequence: Sequence) -> int:
+        """How many leading positions of `sequence` the cache already holds."""
+        return common_prefix(self.keys, sequence.keys)
+
+    def truncate(self, length: int) -> None:
+        extra = len(self.keys) - length
+        if extra > 0:
+            self.cache.crop(-extra)  # transformers 5 takes the number of positions to drop
+            self.keys = self.keys[:length]
+
+    @torch.inference_mode()
+    def chunks(self, sequence: Sequence, stop: int, need_from: int) -> Iterator[Chunk]:
+        reuse = min(common_prefix(self.keys, sequence.keys[:stop]), need_from)
+        self.truncate(reuse)
+        decoder = self.language_model.model
+        size = bounded_chunk(self.language_model, stop, self.chunk)
+        for start in range(reuse, stop, size):
+            end = min(start + size, stop)
+            hidden = decoder(inputs_embeds=sequence.embed(start, end)[None], **cache_kwargs(self.cache)).last_hidden_state
+            self.keys = np.concatenate([self.keys, sequence.keys[start:end]])
+            self.forwarded += end - start
+            yield Chunk(start, hidden[0])
+
+    @torch.inference_mode()
+    def step(self, token_id: int) -> torch.Tensor:
+        token = torch.tensor([[token_id]], device=self.language_model.get_input_embeddings().weight.device)
+        logits = self.language_model(input_ids=token, **cache_kwargs(self.cache)).logits
+        self.keys = np.append(self.keys, np.int64(token_id))
+        self.forwarded += 1
+        return logits[0, -1].float()
+
+
+class RunnerPool:
+    """Prefix caches of recent sequences (conversations, videos), least recently used first out.
+
+    `acquire(sequence)` hands out the cache that already holds the longest prefix of `sequence`
+    (a follow-up question about the same video, the same chat plus a new turn), so only the new
+    tokens are prefilled. The caches together hold at most `budget_bytes` of KV.
+    """
+
+    def __init__(self, language_model, budget_bytes: int, chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+        self.language_model = language_model
+        self.budget_bytes = budget_bytes
+        self.chunk = chunk
+        self.per_token = kv_bytes_per_token(language_model.config, language_model.dtype)
+        self.runners: list[PrefixCache] = []  # least recently used first
+
+    def acquire(self, sequence: Sequence) -> PrefixCache:
+        best = max(self.runners, key=lambda runner: runner.shared_with(sequence), default=None)
+        if best is None or best.shared_with(sequence) == 0:
+            best = PrefixCache(self.language_model, self.chunk)
+        else:
+            self.runners.remove(best)
+        self.runners.append(best)
+        self._evict(keep=best, incoming=len(sequence))
+        return best
+
+    def held_bytes(self) -> int:
+        return sum(len(runner) for runner in self.runners) * self.per_token
+
+    def _evict(self, keep: PrefixCache, incoming: int) -> None:
+        """Drop the least recently used caches until the budget has room for `incoming` positions."""
+        while len(self.runners) > 1 and self.held_bytes() + incoming * self.per_token > self.budget_bytes:
+            victim = next(runner for runner in self.runners if runner is not keep)
+            self.runners.remove(victim)
