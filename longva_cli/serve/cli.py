@@ -8,6 +8,7 @@ import os
 import socket
 from pathlib import Path
 from typing import List
+from urllib.parse import urlsplit
 
 import typer
 
@@ -15,6 +16,8 @@ from longva_cli import options
 from longva_cli.console import stderr
 from longva_cli.errors import LongVAError
 from longva_cli.hub import DEFAULT_MODEL
+
+HELD_FILES = Path("/proc/self/fd")  # how the server reads a file:// file it holds open
 
 
 def require_serve_extra() -> None:
@@ -47,6 +50,30 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_host_name(name: str) -> str:
+    """An --allowed-hosts value: '*', or a bare host name or address, lower case."""
+    cleaned = name.strip().lower().removeprefix("[").removesuffix("]").removesuffix(".")
+    if cleaned == "*":
+        return cleaned
+    try:
+        return str(ipaddress.ip_address(cleaned))
+    except ValueError:
+        pass
+    if not cleaned or any(c in cleaned for c in "/@:[] "):
+        raise LongVAError(f"--allowed-hosts {name!r} is not a host name; give a name such as gpu-box.internal (no scheme, path or port).")
+    return cleaned
+
+
+def check_origin(origin: str) -> str:
+    """A --cors-origin value: '*', 'null' or scheme://host[:port], as browsers send it."""
+    if origin in ("*", "null"):
+        return origin
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise LongVAError(f"--cors-origin {origin!r} is not an origin; give scheme://host[:port], e.g. http://localhost:3000.")
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
 def command(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint folder, hub id or short name."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface: set --api-key then)."),
@@ -58,9 +85,12 @@ def command(
     max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit", help="Most new tokens one request may ask for; also the default max_tokens."),
     max_media: int = typer.Option(8, "--max-media", help="Most images and videos in one request."),
     max_request_mb: float = typer.Option(64, "--max-request-mb", help="Largest request body in MiB (data: URLs are in it, base64 adds a third)."),
-    max_queue: int = typer.Option(32, "--max-queue", help="Requests that may wait for the model; more get 503."),
+    max_queue: int = typer.Option(32, "--max-queue", help="Requests that may wait for the model (bodies being read included); more get 503 before their body is read."),
+    max_prompt_tokens: int = typer.Option(None, "--max-prompt-tokens", help="Longest prompt in tokens (text + 144 per frame or image crop), checked before any work (default: the model's max_position_embeddings).", show_default=False),
     queue_timeout: float = typer.Option(300, "--queue-timeout", help="Seconds a request may wait for the model before it gets 503."),
     ui: bool = typer.Option(False, "--ui", help="Also serve a chat page at /ui (upload a video or image, ask, read the streamed answer)."),
+    allowed_hosts: List[str] = typer.Option([], "--allowed-hosts", help="Also accept this name in the Host header (repeatable; '*' for any, only behind a proxy that checks it). Always accepted: the --host address, and loopback names when it is a loopback address.", show_default=False),
+    cors_origin: List[str] = typer.Option([], "--cors-origin", help="Let web pages from this origin (scheme://host[:port]) call the API from a browser (repeatable; '*' for any). Other sites' requests are refused with 403.", show_default=False),
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     attn: options.Attention = "auto",
@@ -83,8 +113,8 @@ def command(
     """
     require_serve_extra()
     for name, value in (("--max-frames", max_frames), ("--max-tokens-limit", max_tokens_limit), ("--max-media", max_media),
-                        ("--max-queue", max_queue), ("--prefill-chunk", prefill_chunk)):
-        if value < 1:
+                        ("--max-queue", max_queue), ("--prefill-chunk", prefill_chunk), ("--max-prompt-tokens", max_prompt_tokens)):
+        if value is not None and value < 1:
             raise LongVAError(f"{name} must be at least 1, got {value}.")
     if not 0 < port < 65536:
         raise LongVAError(f"--port must be between 1 and 65535, got {port}.")
@@ -96,8 +126,12 @@ def command(
         if not resolved.is_dir():
             raise LongVAError(f"--media-root {root} is not a folder.")
         roots.append(resolved)
+    if roots and not HELD_FILES.is_dir():
+        raise LongVAError(f"--media-root needs {HELD_FILES} (Linux) to read exactly the file it checked; send media as data: URLs on this system.")
     if api_key is not None and not api_key.strip():
         raise LongVAError("--api-key is empty; give a key or leave the flag out.")
+    hosts = tuple(check_host_name(name) for name in allowed_hosts)
+    origins = tuple(check_origin(origin) for origin in cors_origin)
     check_port_free(host, port)
     if not is_loopback(host) and api_key is None:
         stderr.print(f"[yellow]warning:[/yellow] listening on {host} without --api-key: anyone who can reach this port can use the model.")
@@ -108,14 +142,18 @@ def command(
     settings = ServeSettings(
         served_model_name=served_model_name,
         model_aliases=(model, Path(model).name),
-        limits=RequestLimits(media_roots=tuple(roots), max_frames=max_frames, max_tokens=max_tokens_limit, max_media=max_media),
+        limits=RequestLimits(media_roots=tuple(roots), max_frames=max_frames, max_tokens=max_tokens_limit, max_media=max_media,
+                             max_prompt_tokens=max_prompt_tokens),
         max_request_bytes=int(max_request_mb * 2**20),
         api_key=api_key,
         queue_timeout=queue_timeout,
         max_queue=max_queue,
         ui=ui,
         prefill_chunk=prefill_chunk,
+        host=host,
+        allowed_hosts=hosts,
+        cors_origins=origins,
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the worker thread tokenizes; no fork warnings
-    serve(model, settings, host=host, port=port, device=device, dtype=dtype, attn=attn, device_map=device_map,
+    serve(model, settings, port=port, device=device, dtype=dtype, attn=attn, device_map=device_map,
           quantize=quantize, revision=revision, log_level=log_level)

@@ -4,6 +4,10 @@ A request is checked completely before it reaches the model queue: every problem
 `APIError` whose JSON is OpenAI's `{"error": {"message", "type", "param", "code"}}`, with
 `param` naming the field (`messages[0].content[1].video_url.url`).
 
+A `file://` URL is opened here, once, and the descriptor is held until the request ends: the
+decoders read `/proc/self/fd/N`, the very file that was checked, whatever happens to its path
+while the request waits in the queue.
+
 Media parts become `<image>` placeholders in their own turn, in order, text parts around them
 joined by newlines, so `[video, "What happens?"]` renders exactly as `longva ask` does:
 `<image>\\nWhat happens?`.
@@ -16,7 +20,10 @@ import binascii
 import json
 import mimetypes
 import os
+import re
+import stat
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -32,6 +39,8 @@ DEFAULT_FRAMES = 32  # `longva ask`'s default
 MEDIA_PART_TYPES = {"image_url": "image", "video_url": "video"}
 # Sniffed by content after decoding, like `longva ask` does with files.
 DATA_URL_TYPES = ("image/", "video/", "application/octet-stream")
+INT64_MAX = 2**63 - 1
+HELD_FILES = Path("/proc/self/fd")  # reopening /proc/self/fd/N reads the held file, not whatever its path names now
 
 
 class APIError(Exception):
@@ -60,8 +69,9 @@ class VideoOptions(BaseModel):
     """Top-level `video` field (the OpenAI client sends it with `extra_body={"video": {...}}`)."""
 
     model_config = ConfigDict(extra="forbid")
-    frames: int | None = Field(None, ge=1, description="frames sampled uniformly (default 32)")
-    fps: float | None = Field(None, gt=0, description="frames per second; `frames` then caps the count")
+    frames: int | None = Field(None, ge=1, le=INT64_MAX, description="frames sampled uniformly (default 32)")
+    # Below 0.001 the step between frames (video fps / fps) overflows; nothing useful lies there.
+    fps: float | None = Field(None, ge=0.001, description="frames per second; `frames` then caps the count")
 
 
 class StreamOptions(BaseModel):
@@ -79,12 +89,13 @@ class ChatRequest(BaseModel):
 
     model: str | None = None
     messages: list[Message] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    # Integers are bounded so that nothing out of range reaches torch (seed 10**30 overflows it).
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=1, le=INT64_MAX)
+    seed: int | None = Field(None, ge=-(2**63), le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=1, description="one choice per request")
@@ -101,19 +112,30 @@ class RequestLimits:
     max_frames: int = 256
     max_tokens: int = 1024
     max_media: int = 8
+    max_prompt_tokens: int | None = None  # None: the model's max_position_embeddings
 
 
 @dataclass
 class MediaItem:
-    path: Path
+    path: Path  # what the decoders open: a temporary file, or /proc/self/fd/N of a held file:// file
     kind: str  # "image" or "video": what the part claimed; the file's content decides
     temporary: bool  # written from a data: URL; deleted when the request ends
     param: str = ""  # where it was in the request, for error messages
+    source: str = ""  # the path a file:// URL named
+    fd: int | None = None  # the file:// file, held open from its check until the request ends
 
     @property
     def label(self) -> str:
-        """How errors name it: the client never saw the temporary file's name."""
-        return f"the data: URL at {self.param}" if self.temporary else str(self.path)
+        """How errors name it: the client never saw the temporary file's or descriptor's name."""
+        return f"the data: URL at {self.param}" if self.temporary else self.source
+
+    def release(self) -> None:
+        """Delete the temporary file, close the held descriptor (once)."""
+        if self.temporary:
+            self.path.unlink(missing_ok=True)
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
 
 
 @dataclass
@@ -135,17 +157,25 @@ class ChatJob:
     stream: bool
     include_usage: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    system_param: str | None = None  # where the system prompt came from, for errors
+    turn_params: list[str] = field(default_factory=list)  # `messages[i].content` of each turn
+    _release_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def cleanup(self) -> None:
-        """Delete the files written from data: URLs (idempotent)."""
-        for item in self.media:
-            if item.temporary:
-                item.path.unlink(missing_ok=True)
+        """Delete the files written from data: URLs and close held files (idempotent; the
+        worker and the request side may both call it)."""
+        with self._release_lock:
+            release(self.media)
+
+
+def release(media: list[MediaItem]) -> None:
+    for item in media:
+        item.release()
 
 
 def validation_error(err: ValidationError) -> APIError:
     """Pydantic's first complaint as one OpenAI-style 400 naming the field."""
-    first = err.errors()[0]
+    first = err.errors(include_url=False, include_context=False, include_input=False)[0]
     param = ""
     for part in first["loc"]:
         param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
@@ -157,17 +187,67 @@ def validation_error(err: ValidationError) -> APIError:
     return APIError(400, f"{param}: {message}." if param else f"{message}.", param=param or None)
 
 
-def parse_chat_body(raw: bytes, limits: RequestLimits, served_names: set[str], default_model: str, workdir: Path) -> ChatJob:
-    """`parse_chat_request` of the raw request body."""
+def _refuse_constant(name: str):
+    raise APIError(400, f"the request body contains {name}, which is not JSON; send finite numbers.")
+
+
+def decode_json(raw: bytes) -> Any:
+    """The request body as Python values; every way it can fail is a 400."""
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON ({err}).") from None
-    return parse_chat_request(body, limits, served_names, default_model, workdir)
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        param = nesting_path(raw)
+        where = param or "the request body"
+        raise APIError(400, f"{where} is nested too deeply (JSON deeper than about {NESTING_HINT} levels).", param=param) from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, or an integer of more than 4300 digits
+        reason = str(err).partition(";")[0]  # Python's advice after the ';' is for the server, not the client
+        raise APIError(400, f"the request body is not valid JSON ({reason}).") from None
 
 
-def parse_chat_request(body: Any, limits: RequestLimits, served_names: set[str], default_model: str, workdir: Path) -> ChatJob:
-    """Check a decoded JSON body completely; data: URLs are written under `workdir`."""
+NESTING_HINT = 900  # json.loads gives up near Python's recursion limit (1000)
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"(\s*:)?|[\[\]{},]')
+
+
+def nesting_path(raw: bytes, depth: int = 6, max_tokens: int = 1_000_000) -> str | None:
+    """Where a too-deeply nested body goes deep: the path of its first container `depth` levels
+    down (`messages[0].content[0][0]`), None if the top level is not an object or the body is
+    too long to look through."""
+    stack: list[list] = []  # one [kind, key or index] per open container
+    for count, match in enumerate(_JSON_TOKEN.finditer(raw)):
+        if count > max_tokens:
+            return None
+        token = match.group()
+        if token[:1] == b'"':
+            if match.group(1) and stack and stack[-1][0] == "{":
+                stack[-1][1] = json.loads(token[: token.rindex(b'"') + 1])[:64]
+        elif token in (b"[", b"{"):
+            if len(stack) == depth:
+                if stack[0][0] != "{":
+                    return None
+                path = ""
+                for kind, key in stack:
+                    path += f"[{key}]" if kind == "[" else (f".{key}" if path else str(key))
+                return path
+            stack.append([token.decode(), 0 if token == b"[" else None])
+        elif token in (b"]", b"}"):
+            if stack:
+                stack.pop()
+        elif stack and stack[-1][0] == "[":  # a comma between array items
+            stack[-1][1] += 1
+    return None
+
+
+def parse_chat_body(raw: bytes, limits: RequestLimits, served_names: set[str], default_model: str, workdir: Path, budget=None) -> ChatJob:
+    """`parse_chat_request` of the raw request body."""
+    return parse_chat_request(decode_json(raw), limits, served_names, default_model, workdir, budget)
+
+
+def parse_chat_request(
+    body: Any, limits: RequestLimits, served_names: set[str], default_model: str, workdir: Path, budget=None
+) -> ChatJob:
+    """Check a decoded JSON body completely; data: URLs are written under `workdir`, file://
+    files are opened and held. With a `serve.budget.PromptBudget`, a prompt longer than it
+    allows is refused before any work."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object.")
     try:
@@ -195,7 +275,7 @@ def parse_chat_request(body: Any, limits: RequestLimits, served_names: set[str],
     else:
         frames = video.frames or min(DEFAULT_FRAMES, limits.max_frames)
 
-    system, turns, media = None, [], []
+    system, system_param, turns, turn_params, media = None, None, [], [], []
     try:
         for index, message in enumerate(request.messages):
             where = f"messages[{index}]"
@@ -203,35 +283,41 @@ def parse_chat_request(body: Any, limits: RequestLimits, served_names: set[str],
             if role in ("system", "developer"):
                 text = _text_only(message.content, where)
                 system = text if system is None else f"{system}\n\n{text}"
+                system_param = f"{where}.content" if system_param is None else "messages"
             elif role == "assistant":
                 turns.append(Turn("assistant", _text_only(message.content, where)))
+                turn_params.append(f"{where}.content")
             elif role == "user":
                 turns.append(Turn("user", _user_text(message.content, where, limits, workdir, media)))
+                turn_params.append(f"{where}.content")
             else:
                 raise APIError(400, f"{where}.role {role!r} is not supported; use system, user or assistant.", param=f"{where}.role")
         if not turns or turns[-1].role != "user":
             raise APIError(400, "the last message must come from the user.", param="messages")
+        job = ChatJob(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            model=request.model or default_model,
+            system=DEFAULT_SYSTEM if system is None else system,
+            turns=turns,
+            media=media,
+            frames=frames,
+            fps=video.fps,
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+            stream=request.stream,
+            include_usage=bool(request.stream_options and request.stream_options.include_usage),
+            system_param=system_param,
+            turn_params=turn_params,
+        )
+        if budget is not None:
+            budget.check(job)
     except BaseException:
-        for item in media:
-            if item.temporary:
-                item.path.unlink(missing_ok=True)
+        release(media)
         raise
-    return ChatJob(
-        id=f"chatcmpl-{uuid.uuid4().hex}",
-        model=request.model or default_model,
-        system=DEFAULT_SYSTEM if system is None else system,
-        turns=turns,
-        media=media,
-        frames=frames,
-        fps=video.fps,
-        max_tokens=max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        top_k=request.top_k,
-        seed=request.seed,
-        stream=request.stream,
-        include_usage=bool(request.stream_options and request.stream_options.include_usage),
-    )
+    return job
 
 
 def _checked_text(text: Any, param: str) -> str:
@@ -296,12 +382,12 @@ def _user_text(content: Any, where: str, limits: RequestLimits, workdir: Path, m
 
 
 def resolve_media(url: str, kind: str, param: str, limits: RequestLimits, workdir: Path) -> MediaItem:
-    """A data: URL (written to a temporary file) or a file:// URL inside a media root."""
+    """A data: URL (written to a temporary file) or a file:// URL inside a media root (held open)."""
     if url.startswith("data:"):
         return MediaItem(_write_data_url(url, param, workdir), kind, temporary=True, param=param)
     parsed = urlparse(url)
     if parsed.scheme == "file":
-        return MediaItem(_local_file(parsed, param, limits.media_roots), kind, temporary=False, param=param)
+        return _open_local_file(parsed, kind, param, limits.media_roots)
     if parsed.scheme in ("http", "https"):
         raise APIError(400, "remote URLs are not fetched; send the media as a data: URL or a file:// URL under the server's --media-root.", param=param)
     raise APIError(400, "the media URL must be a data: URL (base64) or a file:// URL.", param=param)
@@ -317,10 +403,13 @@ def _write_data_url(url: str, param: str, workdir: Path) -> Path:
         raise APIError(400, f"the data: URL has type {mime or 'text/plain'!r}; send an image/* or video/* data URL.", param=param)
     if "base64" not in fields[1:]:
         raise APIError(400, "the data: URL must be base64-encoded (data:<type>;base64,<data>).", param=param)
+    if _WHITESPACE.search(payload):  # line-wrapped base64; the copy is made only then
+        payload = "".join(payload.split())
     try:
-        data = base64.b64decode("".join(payload.split()), validate=True)
+        data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise APIError(400, "the data: URL is not valid base64.", param=param) from None
+    del payload
     if not data:
         raise APIError(400, "the data: URL holds no data.", param=param)
     suffix = mimetypes.guess_extension(mime) or ".bin"
@@ -330,7 +419,20 @@ def _write_data_url(url: str, param: str, workdir: Path) -> Path:
     return Path(name)
 
 
-def _local_file(parsed, param: str, roots: tuple[Path, ...]) -> Path:
+_WHITESPACE = re.compile(r"\s")
+
+
+def _inside(path: str, roots: tuple[Path, ...]) -> bool:
+    return any(Path(path).is_relative_to(root) for root in roots)
+
+
+def _open_local_file(parsed, kind: str, param: str, roots: tuple[Path, ...]) -> MediaItem:
+    """Open a file:// URL's file inside a media root and hold it: the check and the read see one file.
+
+    The path is resolved (symlinks that stay inside a root are fine), opened without following a
+    last link, and the kernel's own name for what was opened is checked again: a folder swapped
+    for a symlink between the two steps is caught, and one swapped later no longer matters.
+    """
     if not roots:
         raise APIError(
             403, "file:// URLs are turned off on this server; start it with --media-root DIR to allow files under DIR, or send a data: URL.",
@@ -338,16 +440,31 @@ def _local_file(parsed, param: str, roots: tuple[Path, ...]) -> Path:
         )
     if parsed.netloc not in ("", "localhost"):
         raise APIError(400, "file:// URLs must name a local path (file:///path).", param=param)
-    raw = Path(unquote(parsed.path))
-    if not raw.is_absolute():
+    named = unquote(parsed.path)
+    if "\x00" in named:
+        raise APIError(400, "the file:// URL contains a NUL byte (%00), which no file name can hold.", param=param)
+    if not named.startswith("/"):
         raise APIError(400, "file:// URLs must hold an absolute path.", param=param)
-    # resolve() follows symlinks and removes '..', so the check below sees the real target.
-    path = raw.resolve()
-    if not any(path.is_relative_to(root) for root in roots):
-        raise APIError(403, f"{raw} is outside the server's media roots.", type="permission_error", param=param, code="media_root")
-    if not path.is_file():
-        raise APIError(400, f"{raw} does not exist or is not a file.", param=param)
-    return path
+    outside = APIError(403, f"{named} is outside the server's media roots.", type="permission_error", param=param, code="media_root")
+    resolved = os.path.realpath(named)
+    if not _inside(resolved, roots):
+        raise outside
+    try:
+        # O_NONBLOCK: opening a FIFO must not hang the request; regular files read as usual.
+        fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise APIError(400, f"{named} does not exist or is not a file.", param=param) from None
+    except OSError as err:
+        raise APIError(400, f"{named} cannot be opened ({err.strerror}).", param=param) from None
+    try:
+        if not _inside(os.readlink(HELD_FILES / str(fd)), roots):
+            raise outside  # a folder on the way became a link out of the root after it was resolved
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise APIError(400, f"{named} does not exist or is not a file.", param=param)
+    except BaseException:
+        os.close(fd)
+        raise
+    return MediaItem(HELD_FILES / str(fd), kind, temporary=False, param=param, source=named, fd=fd)
 
 
 # ---- responses -----------------------------------------------------------------------------
