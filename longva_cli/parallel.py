@@ -29,11 +29,14 @@ functions, so importing this module costs nothing.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from longva_cli.errors import LongVAError
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     import torch
 
 ATTENTION_NAME = "longva_sequence_parallel"
+COMM_OP = "deepspeed_shm_comm"  # what DeepSpeed JIT-builds for its CPU collectives
 
 
 @dataclass
@@ -150,6 +154,8 @@ def init_distributed(sp_degree: int = 1, backend: str = "ulysses", *, setting: s
     import torch
     import torch.distributed as dist
 
+    # checked before joining, so a refused layout leaves no process group behind
+    _check_divides(dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1")), sp_degree, setting)
     created = False
     if not dist.is_initialized():
         backend_name = "nccl" if torch.cuda.is_available() else "gloo"
@@ -161,12 +167,8 @@ def init_distributed(sp_degree: int = 1, backend: str = "ulysses", *, setting: s
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it
             dist.init_process_group(backend_name, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         created = True
-    import deepspeed
-
-    # DeepSpeed's own comm layer (used by its all-to-all) wraps the torch group we joined
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
     rank, world = dist.get_rank(), dist.get_world_size()
-    _check_divides(world, sp_degree, setting)
+    _start_deepspeed_comm(rank)
     group = None
     for start in range(0, world, sp_degree):  # every rank must create every group, in order
         ranks = list(range(start, start + sp_degree))
@@ -185,6 +187,90 @@ def init_distributed(sp_degree: int = 1, backend: str = "ulysses", *, setting: s
         backend=backend,
         created_process_group=created,
     )
+
+
+# ---------------------------------------------------------------- DeepSpeed's comm layer
+
+
+def extension_cache() -> Path:
+    """Where torch builds DeepSpeed's ops: $TORCH_EXTENSIONS_DIR, else a per-user cache folder
+    (`$XDG_CACHE_HOME` or `~/.cache`, then `longva/torch_extensions/py<version>_<cpu|cuXYZ>`),
+    the same for an editable and a regular install."""
+    import torch
+
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    build = f"py{sys.version_info.major}{sys.version_info.minor}_" + (
+        f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    )
+    return cache / "longva" / "torch_extensions" / build
+
+
+def comm_op_needs_build() -> bool:
+    """Whether starting DeepSpeed on this machine will compile its CPU communication op first.
+
+    Only the CPU accelerator uses it, and only when g++ and ninja make it buildable; a build
+    already in `extension_cache()` is reused.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed's import prints a guess on stdout
+    import deepspeed.ops
+
+    if not deepspeed.ops.__compatible_ops__.get(COMM_OP, False):
+        return False
+    return not (extension_cache() / COMM_OP / f"{COMM_OP}.so").is_file()
+
+
+class DeepSpeedChatter(io.TextIOBase):
+    """A stand-in for stdout while DeepSpeed runs: stdout carries results only.
+
+    DeepSpeed prints "DeepSpeed ... built successfully" on every start (with `print`); those
+    lines are dropped, any other line goes to `target` (stderr).
+    """
+
+    def __init__(self, target) -> None:
+        self.target, self.pending = target, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if not (line.startswith("DeepSpeed ") and line.endswith("built successfully")):
+                self.target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.write("\n")
+        self.target.flush()
+
+
+def _start_deepspeed_comm(rank: int) -> None:
+    """DeepSpeed's comm layer on the joined group. On CPUs it loads (the first time: compiles,
+    about a minute) its communication op: built into `extension_cache()`, announced on stderr,
+    and its notices kept off stdout."""
+    import torch
+    import torch.distributed as dist
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(extension_cache())
+    if rank == 0 and comm_op_needs_build():
+        from longva_cli.console import stderr
+
+        stderr.print(f"compiling DeepSpeed's CPU communication op, once; ~1 min (into {extension_cache()})")
+    import deepspeed
+
+    with contextlib.redirect_stdout(DeepSpeedChatter(sys.stderr)):
+        # DeepSpeed's own comm layer (used by its all-to-all) wraps the torch group we joined
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
 
 
 def shutdown(state: ParallelState) -> None:

@@ -511,28 +511,25 @@ def test_cli_trains_the_tiny_recipe_end_to_end(tmp_path):
     assert (tmp_path / "runs/extend-tiny/step_1/config.json").exists()
 
 
-def test_cli_keeps_stdout_for_results_and_builds_deepspeed_ops_in_the_documented_cache(tmp_path):
+def test_cli_keeps_stdout_for_results_and_builds_deepspeed_ops_in_the_documented_cache(tmp_path, monkeypatch):
     """--output wins over the recipe; DeepSpeed's build lines stay off stdout; without
     TORCH_EXTENSIONS_DIR the comm op is taken from (or built into) <cache>/longva/torch_extensions."""
     import shutil
 
-    from longva_cli.train import engine
+    from longva_cli import parallel
 
     cache, home = tmp_path / "cache", tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
     env.update(XDG_CACHE_HOME=str(cache), HOME=str(home), PYTHONPATH=str(REPO), COLUMNS="200")
-    saved = os.environ.pop("TORCH_EXTENSIONS_DIR")
-    try:
-        os.environ["XDG_CACHE_HOME"] = str(cache)
-        folder = engine.extension_cache()
-    finally:
-        os.environ["TORCH_EXTENSIONS_DIR"] = saved
-        del os.environ["XDG_CACHE_HOME"]
+    with monkeypatch.context() as m:
+        m.delenv("TORCH_EXTENSIONS_DIR")
+        m.setenv("XDG_CACHE_HOME", str(cache))
+        folder = parallel.extension_cache()
     assert folder.is_relative_to(cache / "longva" / "torch_extensions")
-    built = REPO / ".torch_extensions" / engine.COMM_OP
+    built = REPO / ".torch_extensions" / parallel.COMM_OP
     if built.is_dir():  # reuse the suite's build (mtimes kept, so it is not rebuilt)
-        shutil.copytree(built, folder / engine.COMM_OP)
+        shutil.copytree(built, folder / parallel.COMM_OP)
     done = subprocess.run(
         [sys.executable, "-m", "longva_cli", "extend-text", "--recipe", str(TINY), "train.max_steps=1", "data.seq_len=32",
          "--output", "mine"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
@@ -540,18 +537,18 @@ def test_cli_keeps_stdout_for_results_and_builds_deepspeed_ops_in_the_documented
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and "built successfully" not in done.stderr
     assert ("compiling DeepSpeed's CPU communication op, once" in done.stderr) == (not built.is_dir())
-    assert (folder / engine.COMM_OP / f"{engine.COMM_OP}.so").is_file()
+    assert (folder / parallel.COMM_OP / f"{parallel.COMM_OP}.so").is_file()
     assert not (home / ".cache" / "torch_extensions").exists()
     assert (tmp_path / "mine" / "latest").read_text().strip() == "step_1" and not (tmp_path / "runs").exists()
 
 
 def test_first_start_says_it_compiles_the_comm_op(tmp_path, monkeypatch, capsys):
-    from longva_cli.train import engine
+    from longva_cli import parallel
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "empty"))
-    assert engine.comm_op_needs_build()
+    assert parallel.comm_op_needs_build()
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
-    monkeypatch.setattr(engine, "comm_op_needs_build", lambda: True)  # no real rebuild in the test
+    monkeypatch.setattr(parallel, "comm_op_needs_build", lambda: True)  # no real rebuild in the test
     extend_text(tiny_recipe(tmp_path / "run", "train.max_steps=1", "data.seq_len=32"))
     out, err = capsys.readouterr()
     assert "compiling DeepSpeed's CPU communication op, once; ~1 min" in err

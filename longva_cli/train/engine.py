@@ -8,80 +8,11 @@ tokens (see `loss.CausalLMLoss`).
 
 from __future__ import annotations
 
-import io
 import math
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
-
-COMM_OP = "deepspeed_shm_comm"  # what DeepSpeed JIT-builds for its CPU collectives
-
-
-def extension_cache() -> Path:
-    """Where torch builds DeepSpeed's ops: $TORCH_EXTENSIONS_DIR, else a per-user cache folder
-    (`$XDG_CACHE_HOME` or `~/.cache`, then `longva/torch_extensions/py<version>_<cpu|cuXYZ>`),
-    the same for an editable and a regular install."""
-    if "TORCH_EXTENSIONS_DIR" in os.environ:
-        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    build = f"py{sys.version_info.major}{sys.version_info.minor}_" + (
-        f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-    )
-    return cache / "longva" / "torch_extensions" / build
-
-
-def set_extension_cache() -> Path:
-    """Point torch's JIT builds at `extension_cache()` before DeepSpeed loads any op (its comm
-    op loads in `init_distributed`), so the ~1 min build happens once; returns the folder."""
-    folder = extension_cache()
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
-    return folder
-
-
-def comm_op_needs_build() -> bool:
-    """Whether starting DeepSpeed on this machine will compile its CPU communication op first.
-
-    Only the CPU accelerator uses it, and only when g++ and ninja make it buildable; a build
-    already in `extension_cache()` is reused.
-    """
-    if torch.cuda.is_available():
-        return False
-    import deepspeed.ops
-
-    if not deepspeed.ops.__compatible_ops__.get(COMM_OP, False):
-        return False
-    return not (extension_cache() / COMM_OP / f"{COMM_OP}.so").is_file()
-
-
-class DeepSpeedChatter(io.TextIOBase):
-    """A stand-in for stdout while DeepSpeed runs: stdout carries results only.
-
-    DeepSpeed prints "DeepSpeed ... built successfully" on every start (with `print`); those
-    lines are dropped, any other line goes to stderr.
-    """
-
-    def __init__(self, target) -> None:
-        self.target, self.pending = target, ""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        self.pending += text
-        *lines, self.pending = self.pending.split("\n")
-        for line in lines:
-            if not (line.startswith("DeepSpeed ") and line.endswith("built successfully")):
-                self.target.write(line + "\n")
-        return len(text)
-
-    def flush(self) -> None:
-        if self.pending:
-            self.write("\n")
-        self.target.flush()
-
 
 def deepspeed_config(
     *,

@@ -6,9 +6,8 @@ accumulation, the loss averaged over ranks, one metrics record per step, progres
 checkpoints every `save_every` steps and at the end, resuming (engine, RNG, data position and
 metrics), and the summary.
 
-`processes()` is the start and end of every training run: DeepSpeed's op cache and output
-routed where they belong, the process group joined, and left again (gloo runs sometimes abort
-at exit otherwise). `prepare_output()` runs before either: a folder that holds an earlier run
+`processes()` is the start and end of every training run: DeepSpeed's output routed off
+stdout, the process group joined, and left again (gloo runs sometimes abort at exit otherwise). `prepare_output()` runs before either: a folder that holds an earlier run
 is only continued (`--resume`) or replaced (`--overwrite`) when asked.
 """
 
@@ -123,16 +122,13 @@ def processes(sp_degree: int = 1, backend: str = "ulysses") -> Iterator[Parallel
     import torch
 
     if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed's first import
     from longva_cli import parallel
-    from longva_cli.console import stderr
     from longva_cli.train import engine as engines
 
-    with contextlib.redirect_stdout(engines.DeepSpeedChatter(sys.stderr)):
-        engines.set_extension_cache()
+    # stdout carries results: whatever DeepSpeed prints during the run goes to stderr
+    with contextlib.redirect_stdout(parallel.DeepSpeedChatter(sys.stderr)):
         engines.quiet_libraries()
-        if int(os.environ.get("RANK", "0")) == 0 and engines.comm_op_needs_build():
-            stderr.print(f"compiling DeepSpeed's CPU communication op, once; ~1 min (into {engines.extension_cache()})")
         state = parallel.init_distributed(sp_degree, backend)
         try:
             yield state
