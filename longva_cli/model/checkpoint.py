@@ -13,7 +13,10 @@ belong to which part. Loading is strict: a missing key is an error, never a rand
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +28,8 @@ from longva_cli.model.config import (
     language_config,
     multimodal_config,
     read_config,
+    read_json,
+    refetch_hint,
     vision_settings,
 )
 from longva_cli.model.modeling import LongVAForCausalLM, build_projector
@@ -49,26 +54,58 @@ def weight_map(folder: Path) -> dict[str, str]:
     """Tensor name -> safetensors file, from the index or the single file."""
     folder = Path(folder)
     if (folder / INDEX_FILE).is_file():
-        return json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        files = read_json(folder / INDEX_FILE, folder).get("weight_map")
+        if not isinstance(files, dict) or not all(isinstance(name, str) for name in files.values()):
+            raise LongVAError(f"{folder / INDEX_FILE} has no weight_map of tensor names to files; {refetch_hint(folder)}.")
+        return files
     if (folder / SINGLE_FILE).is_file():
-        from safetensors import safe_open
-
-        with safe_open(folder / SINGLE_FILE, framework="pt") as f:
-            return {key: SINGLE_FILE for key in f.keys()}
+        return {key: SINGLE_FILE for key in tensor_names(folder / SINGLE_FILE)}
     if list(folder.glob("*.bin")):
         raise LongVAError(f"{folder} holds PyTorch .bin weights; LongVA checkpoints are safetensors: re-download or convert it.")
     raise LongVAError(f"{folder} has no weights ({SINGLE_FILE} or {INDEX_FILE}); the download may be incomplete: run `longva download` again.")
 
 
+def tensor_names(path: Path) -> list[str]:
+    """The tensors a safetensors file holds, read from its header; a LongVAError when the file is
+    empty, truncated or not safetensors at all (safetensors checks that the header's offsets
+    cover the file exactly, so a cut-off download is caught here, before any weight is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except SafetensorError as err:
+        reason = str(err).removeprefix("Error while deserializing header: ")
+        raise LongVAError(f"{path} is truncated or not a safetensors file ({reason}); {refetch_hint(path.parent)}.") from None
+    except OSError as err:
+        raise LongVAError(f"{path} cannot be read ({err.strerror or err}); check its permissions, or {refetch_hint(path.parent)}.") from None
+
+
+def check_weight_files(folder: Path, files: dict[str, str]) -> None:
+    """Every weight file named in `files` is present and a whole safetensors file."""
+    folder = Path(folder)
+    for name in sorted(set(files.values())):
+        if not (folder / name).is_file():
+            raise LongVAError(f"{folder} lacks the weight file {name}; run `longva download` again to complete it.")
+        tensor_names(folder / name)
+
+
 def missing_files(folder: Path) -> list[str]:
-    """What a LongVA checkpoint folder lacks among config, weights and tokenizer files."""
+    """What a LongVA checkpoint folder lacks among config, weights and tokenizer files.
+
+    An unreadable index lists no shards here; loading then says what is wrong with it.
+    """
     folder = Path(folder)
     missing = []
     if not (folder / "config.json").is_file():
         missing.append("config.json")
     if (folder / INDEX_FILE).is_file():
-        index = json.loads((folder / INDEX_FILE).read_text())
-        missing += sorted({f for f in index["weight_map"].values() if not (folder / f).is_file()})
+        try:
+            shards = set(weight_map(folder).values())
+        except LongVAError:
+            shards = set()
+        missing += sorted(f for f in shards if not (folder / f).is_file())
     elif not (folder / SINGLE_FILE).is_file():
         missing.append(f"{SINGLE_FILE} or {INDEX_FILE}")
     if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
@@ -76,6 +113,60 @@ def missing_files(folder: Path) -> list[str]:
     if not (folder / "tokenizer_config.json").is_file():
         missing.append("tokenizer_config.json")
     return missing
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Hold back transformers' own output while a checkpoint loads, and nothing else: its
+    "Loading weights" bars (commands show one status line of their own), the `rope_scaling`
+    FutureWarning that configs written by transformers 4 raise (`rope_scaling: null` or a
+    `{"type": ...}` dict), and its note that a `llava_qwen` config is read by a plain config
+    class (LongVA's design)."""
+    from transformers.utils import logging as transformers_logging
+
+    def no_weight_bars(factory, args, kwargs):
+        if kwargs.get("desc") == "Loading weights":
+            return transformers_logging.EmptyTqdm(*args, **kwargs)
+        return previous_hook(factory, args, kwargs) if previous_hook else factory(*args, **kwargs)
+
+    def not_llava_note(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("You are using a model of type `llava_qwen`")
+
+    config_logger = logging.getLogger("transformers.configuration_utils")
+    previous_hook = transformers_logging.set_tqdm_hook(no_weight_bars)
+    config_logger.addFilter(not_llava_note)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`rope_scaling` is deprecated", category=FutureWarning)
+            yield
+    finally:
+        config_logger.removeFilter(not_llava_note)
+        transformers_logging.set_tqdm_hook(previous_hook)
+
+
+# Tokenizer files that are JSON: checked first, so a damaged one is named rather than a parser's traceback.
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json")
+
+
+def load_tokenizer(folder: Path):
+    """The checkpoint's own tokenizer; a clear error when its files are missing (a known hub
+    defect) or damaged."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
+        raise LongVAError(
+            f"{folder} has no tokenizer files (tokenizer.json or vocab.json + merges.txt); copy them from Qwen/Qwen2-7B-Instruct into the folder."
+        )
+    for name in TOKENIZER_JSON:
+        if (folder / name).is_file():
+            read_json(folder / name, folder)
+    try:
+        with quiet_loading():
+            return AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a malformed file
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LongVAError(f"the tokenizer files in {folder} cannot be loaded ({detail}); {refetch_hint(folder)}.") from None
 
 
 def _read_tensors(folder: Path, files: dict[str, str], prefix: str) -> dict[str, torch.Tensor]:
@@ -98,6 +189,36 @@ def _strict(part: str, folder: Path, info: dict) -> None:
         )
 
 
+def load_language_model(
+    folder: Path,
+    *,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    device: torch.device | str = "cpu",
+    device_map: str | dict | None = None,
+    quantization_config=None,
+    files: dict[str, str] | None = None,
+) -> Qwen2ForCausalLM:
+    """The Qwen2 language model of a LongVA checkpoint alone, strictly loaded (text NIAH and
+    perplexity need no tower); `files` is the folder's `weight_map` when already read."""
+    folder = Path(folder)
+    config = language_config(read_config(folder), folder / "config.json")
+    files = weight_map(folder) if files is None else files
+    check_weight_files(folder, files)
+    with quiet_loading():
+        language_model, info = _LanguageModel.from_pretrained(
+            folder,
+            config=config,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            device_map=device_map if device_map is not None else device,
+            quantization_config=quantization_config,
+            output_loading_info=True,
+        )
+    _strict("language model", folder, info)
+    return language_model
+
+
 def load_longva(
     folder: Path,
     *,
@@ -108,43 +229,35 @@ def load_longva(
     quantization_config=None,
 ) -> LongVAForCausalLM:
     """The LongVA model in a checkpoint folder, strictly loaded, ready for inference."""
-    from transformers.utils import logging as transformers_logging
-
-    # transformers warns that a `llava_qwen` config feeds a Qwen2/CLIP class: that is the design.
-    transformers_logging.set_verbosity_error()
     folder = Path(folder)
     raw = read_config(folder)
-    mm = multimodal_config(raw)
+    mm = multimodal_config(raw, folder / "config.json")
     vision_config, _ = vision_settings(mm)
     files = weight_map(folder)
-    absent = sorted({f for f in files.values() if not (folder / f).is_file()})
-    if absent:
-        raise LongVAError(f"{folder} lacks the weight file {absent[0]}; run `longva download` again to complete it.")
-
-    language_model, info = _LanguageModel.from_pretrained(
+    language_model = load_language_model(
         folder,
-        config=language_config(raw),
         dtype=dtype,
         attn_implementation=attn_implementation,
-        device_map=device_map if device_map is not None else device,
+        device=device,
+        device_map=device_map,
         quantization_config=quantization_config,
-        output_loading_info=True,
+        files=files,
     )
-    _strict("language model", folder, info)
     home = language_model.get_input_embeddings().weight.device
 
     # Flash-attention is for the long text sequence; the tower's 577-token images gain nothing.
     tower_attn = "sdpa" if attn_implementation == "flash_attention_2" else attn_implementation
     if any(k.startswith(TOWER_PREFIX) for k in files):
-        vision_tower, info = _VisionTower.from_pretrained(
-            folder,
-            config=vision_config,
-            key_mapping={"^" + TOWER_PREFIX.replace(".", r"\."): ""},
-            dtype=dtype,
-            attn_implementation=tower_attn,
-            device_map=home,
-            output_loading_info=True,
-        )
+        with quiet_loading():
+            vision_tower, info = _VisionTower.from_pretrained(
+                folder,
+                config=vision_config,
+                key_mapping={"^" + TOWER_PREFIX.replace(".", r"\."): ""},
+                dtype=dtype,
+                attn_implementation=tower_attn,
+                device_map=home,
+                output_loading_info=True,
+            )
         _strict("vision tower", folder, info)
     else:
         # A checkpoint that froze its tower may leave it out: take it from mm_vision_tower.

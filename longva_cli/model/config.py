@@ -89,18 +89,63 @@ def parse_pinpoints(value, patch: int = 336) -> tuple[tuple[int, int], ...]:
     return tuple((int(w), int(h)) for w, h in value)
 
 
+def refetch_hint(folder: Path) -> str:
+    """What to do about a damaged file in a checkpoint `folder`, as the end of a sentence."""
+    folder = Path(folder)
+    # The hub cache keeps each repo under models--{org}--{name}/snapshots/{revision}.
+    repo_folder = folder.parent.parent.name if folder.parent.name == "snapshots" else ""
+    if repo_folder.startswith("models--"):
+        repo = repo_folder.removeprefix("models--").replace("--", "/")
+        return f"delete the damaged file (the link's target in the hub cache) and run `longva download {repo}`, which fetches only what is missing"
+    if (folder / ".cache" / "huggingface").is_dir():  # downloaded with --local-dir
+        return f"delete the damaged file and run `longva download <hub id> --local-dir {folder}`, which fetches only what is missing"
+    return "copy the checkpoint again, or download it again with `longva download <hub id>` (it fetches only what is missing)"
+
+
+def read_json(path: Path, folder: Path | None = None) -> dict:
+    """A JSON object from a checkpoint file; a LongVAError naming the file when it is not one."""
+    path = Path(path)
+    hint = refetch_hint(folder if folder is not None else path.parent)
+    try:
+        value = json.loads(path.read_bytes())
+    except json.JSONDecodeError as err:
+        raise LongVAError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); {hint}.") from None
+    except UnicodeDecodeError:
+        raise LongVAError(f"{path} is not JSON text (it holds binary data); {hint}.") from None
+    except OSError as err:
+        raise LongVAError(f"{path} cannot be read ({err.strerror or err}); check its permissions, or {hint}.") from None
+    if not isinstance(value, dict):
+        raise LongVAError(f"{path} holds a JSON {type(value).__name__}, not the object of settings it should; {hint}.")
+    return value
+
+
 def read_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise LongVAError(f"{folder} is not a LongVA checkpoint: it has no config.json.")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise LongVAError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); re-download the checkpoint.") from None
+    return read_json(path, folder)
 
 
-def multimodal_config(raw: dict) -> MultimodalConfig:
-    """The multimodal settings of a config dict, checked against what this implementation supports."""
+def _wrong_field(path: Path | None, key: str, value, expected: str) -> LongVAError:
+    where = path or "config.json"
+    return LongVAError(f"{where}: field {key!r} must be {expected}, got {value!r}; correct it, or {refetch_hint(Path(where).parent)}.")
+
+
+def _field(raw: dict, key: str, kind: type, default, path: Path | None, positive: bool = False):
+    """`raw[key]` checked against `kind` (null or absent -> `default`); bools are not ints."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _wrong_field(path, key, value, {int: "an integer", str: "a string"}[kind])
+    if positive and value < 1:
+        raise _wrong_field(path, key, value, "a positive integer")
+    return value
+
+
+def multimodal_config(raw: dict, path: Path | None = None) -> MultimodalConfig:
+    """The multimodal settings of a config dict (read from `path`), checked against what this
+    implementation supports."""
     if "mm_vision_tower" not in raw and "mm_hidden_size" not in raw:
         kind = raw.get("model_type", "unknown")
         raise LongVAError(
@@ -112,19 +157,26 @@ def multimodal_config(raw: dict) -> MultimodalConfig:
         "mm_vision_select_feature", "mm_patch_merge_type", "image_aspect_ratio", "image_grid_pinpoints",
         "mm_spatial_pool_stride", "mm_spatial_pool_mode", "tokenizer_model_max_length", "mm_tunable_parts",
     }
+    pinpoints = raw.get("image_grid_pinpoints")
+    try:
+        pinpoints = parse_pinpoints(pinpoints) if pinpoints else defaults.image_grid_pinpoints
+    except (TypeError, ValueError):
+        raise _wrong_field(path, "image_grid_pinpoints", pinpoints, "a list of [width, height] pairs") from None
+    if any(w < 1 or h < 1 for w, h in pinpoints):
+        raise _wrong_field(path, "image_grid_pinpoints", raw.get("image_grid_pinpoints"), "a list of positive [width, height] pairs")
     mm = MultimodalConfig(
-        vision_tower=raw.get("mm_vision_tower") or defaults.vision_tower,
-        mm_hidden_size=raw.get("mm_hidden_size", defaults.mm_hidden_size),
-        projector_type=raw.get("mm_projector_type") or defaults.projector_type,
-        select_layer=raw.get("mm_vision_select_layer", defaults.select_layer),
-        select_feature=raw.get("mm_vision_select_feature") or defaults.select_feature,
-        patch_merge_type=raw.get("mm_patch_merge_type") or defaults.patch_merge_type,
-        image_aspect_ratio=raw.get("image_aspect_ratio") or defaults.image_aspect_ratio,
-        image_grid_pinpoints=parse_pinpoints(raw["image_grid_pinpoints"]) if raw.get("image_grid_pinpoints") else defaults.image_grid_pinpoints,
-        pool_stride=raw.get("mm_spatial_pool_stride") or defaults.pool_stride,
-        pool_mode=raw.get("mm_spatial_pool_mode") or defaults.pool_mode,
-        tokenizer_model_max_length=raw.get("tokenizer_model_max_length"),
-        tunable_parts=raw.get("mm_tunable_parts") or "",
+        vision_tower=_field(raw, "mm_vision_tower", str, "", path) or defaults.vision_tower,
+        mm_hidden_size=_field(raw, "mm_hidden_size", int, defaults.mm_hidden_size, path, positive=True),
+        projector_type=_field(raw, "mm_projector_type", str, "", path) or defaults.projector_type,
+        select_layer=_field(raw, "mm_vision_select_layer", int, defaults.select_layer, path),
+        select_feature=_field(raw, "mm_vision_select_feature", str, "", path) or defaults.select_feature,
+        patch_merge_type=_field(raw, "mm_patch_merge_type", str, "", path) or defaults.patch_merge_type,
+        image_aspect_ratio=_field(raw, "image_aspect_ratio", str, "", path) or defaults.image_aspect_ratio,
+        image_grid_pinpoints=pinpoints,
+        pool_stride=_field(raw, "mm_spatial_pool_stride", int, defaults.pool_stride, path, positive=True),
+        pool_mode=_field(raw, "mm_spatial_pool_mode", str, "", path) or defaults.pool_mode,
+        tokenizer_model_max_length=_field(raw, "tokenizer_model_max_length", int, None, path),
+        tunable_parts=_field(raw, "mm_tunable_parts", str, "", path),
         extra={k: v for k, v in raw.items() if k.startswith("mm_") and k not in known},
     )
     mm.projector_depth  # noqa: B018 - raises early for an unsupported projector
@@ -135,12 +187,31 @@ def multimodal_config(raw: dict) -> MultimodalConfig:
     return mm
 
 
-def language_config(raw: dict):
-    """Qwen2's config from the checkpoint's config dict (unknown LLaVA keys are kept as attributes)."""
+# Sizes that build tensors: a zero or negative one fails deep inside torch.
+_POSITIVE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+
+
+def _config_error(err: Exception) -> str:
+    """transformers' strict-dataclass message, last line, without the exception type's name."""
+    return re.sub(r"^\w+Error: ", "", str(err).strip().splitlines()[-1].strip())
+
+
+def language_config(raw: dict, path: Path | None = None):
+    """Qwen2's config from the checkpoint's config dict, read from `path` (unknown LLaVA keys are
+    kept as attributes); a field of the wrong type or size is a LongVAError naming it."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import Qwen2Config
 
+    where = path or "config.json"
+    for key in _POSITIVE_SIZES:  # (a wrong type is left to transformers' own check below)
+        value = raw.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
+            raise _wrong_field(path, key, value, "a positive integer")
     fields = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
-    return Qwen2Config(**fields)
+    try:
+        return Qwen2Config(**fields)
+    except (StrictDataclassError, TypeError, ValueError, KeyError) as err:
+        raise LongVAError(f"{where}: {_config_error(err)}; correct it, or {refetch_hint(Path(where).parent)}.") from None
 
 
 def _tower_folder(tower: str) -> Path | None:
@@ -160,6 +231,7 @@ def _tower_folder(tower: str) -> Path | None:
 
 def vision_settings(mm: MultimodalConfig) -> tuple["CLIPVisionConfig", ImageProcessing]:  # noqa: F821
     """The CLIP vision config and preprocessing for `mm_vision_tower`, offline when need be."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import CLIPVisionConfig
 
     folder = _tower_folder(mm.vision_tower)
@@ -171,17 +243,27 @@ def vision_settings(mm: MultimodalConfig) -> tuple["CLIPVisionConfig", ImageProc
                 f"the vision tower {mm.vision_tower} named in config.json is not available offline; run `longva download {mm.vision_tower}` or fix mm_vision_tower."
             )
         return CLIPVisionConfig(**CLIP_L_336_VISION), ImageProcessing()
-    raw = json.loads((folder / "config.json").read_text())
-    vision = CLIPVisionConfig(**raw.get("vision_config", raw))
+    raw = read_json(folder / "config.json", folder)
+    try:
+        vision = CLIPVisionConfig(**raw.get("vision_config", raw))
+    except (StrictDataclassError, TypeError, ValueError, KeyError) as err:
+        raise LongVAError(f"{folder / 'config.json'}: {_config_error(err)}; correct it, or {refetch_hint(folder)}.") from None
     processing = ImageProcessing()
     preprocessor = folder / "preprocessor_config.json"
     if preprocessor.is_file():
-        pre = json.loads(preprocessor.read_text())
+        pre = read_json(preprocessor, folder)
         size, crop = pre.get("size", 336), pre.get("crop_size", 336)
-        processing = ImageProcessing(
-            resize=size["shortest_edge"] if isinstance(size, dict) else int(size),
-            crop=crop["height"] if isinstance(crop, dict) else int(crop),
-            mean=tuple(pre.get("image_mean", processing.mean)),
-            std=tuple(pre.get("image_std", processing.std)),
-        )
+        try:
+            processing = ImageProcessing(
+                resize=int(size["shortest_edge"] if isinstance(size, dict) else size),
+                crop=int(crop["height"] if isinstance(crop, dict) else crop),
+                mean=tuple(float(m) for m in pre.get("image_mean", processing.mean)),
+                std=tuple(float(s) for s in pre.get("image_std", processing.std)),
+            )
+            if min(processing.resize, processing.crop) < 1 or len(processing.mean) != 3 or len(processing.std) != 3:
+                raise ValueError("sizes must be positive, mean and std three numbers")
+        except (KeyError, TypeError, ValueError):
+            raise LongVAError(
+                f"{preprocessor}: size, crop_size, image_mean or image_std is malformed; correct it, or {refetch_hint(folder)}."
+            ) from None
     return vision, processing
