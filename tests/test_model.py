@@ -304,10 +304,11 @@ def test_ask_warns_when_the_kv_cache_will_not_fit(tiny_longva, video_file, monke
     assert len(warnings) == 1 and "KV cache" in warnings[0]
 
 
-def test_prefill_chunks_shrink_with_sequence_length_under_sdpa(tiny_longva):
-    from longva_cli.engine.runner import bounded_chunk
+def test_prefill_chunks_shrink_with_sequence_length_under_sdpa():
+    from longva_cli.model.attention import prefill_chunk as bounded_chunk
 
-    lm = tiny_longva.model.language_model
+    # transformers' own SDPA (the mask-free variant the loader selects keeps the chunk; test_attention.py)
+    lm = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"), device=torch.device("cpu"))
     assert bounded_chunk(lm, 10_000, 4096) == 4096
     assert bounded_chunk(lm, 74_000, 4096) == (1 << 26) // 74_000  # 906 on CPU
     assert bounded_chunk(lm, 10**9, 4096) == 128

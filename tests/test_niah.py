@@ -288,13 +288,12 @@ def test_a_folder_of_other_settings_is_refused_unless_overwrite(tmp_path):
 
 
 def test_ranks_split_cells_without_overlap():
-    from longva_cli.niah.grid import Ranks
+    from longva_cli.niah.grid import my_cells
+    from longva_cli.parallel import ParallelState
 
     cells = [(n, d) for n in (2, 4, 6) for d in (0.0, 0.5, 1.0)]
-    ranks = [Ranks() for _ in range(3)]
-    for index, rank in enumerate(ranks):
-        rank.rank, rank.world = index, 3
-    shares = [rank.my_cells(cells) for rank in ranks]
+    ranks = [ParallelState(rank=index, world_size=3, dp_rank=index, dp_world_size=3) for index in range(3)]
+    shares = [my_cells(rank, cells) for rank in ranks]
     assert set().union(*shares) == set(cells) and sum(len(s) for s in shares) == len(cells)
 
 

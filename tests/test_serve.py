@@ -251,6 +251,22 @@ def test_multi_turn_conversation_samples_reproducibly_with_a_seed(client, media_
     assert first.usage.prompt_tokens > one_turn.usage.prompt_tokens
 
 
+def test_follow_up_requests_prefill_only_their_new_tokens_and_answer_as_cold_ones(client, media_root, tiny_longva):
+    video = media_part("video_url", f"file://{media_root}/clip.mp4")
+
+    def ask(messages):
+        return client.chat.completions.create(model="longva", messages=messages, max_tokens=5, temperature=0, extra_body={"video": {"frames": 3}})
+
+    first = ask([user(video, text("What happens first?"))])
+    other_question = ask([user(video, text("What colour is the square?"))])
+    assert other_question.usage.prompt_tokens_details.cached_tokens >= 3 * 144  # the video's tokens were kept
+    cold = tiny_longva.ask(media_root / "clip.mp4", "What colour is the square?", frames=3, temperature=0, max_new_tokens=5)
+    assert other_question.choices[0].message.content == cold.answer
+    next_turn = ask([user(video, text("What happens first?")), {"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "And then?"}])
+    assert next_turn.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+
+
 def corrupt_video_url() -> str:
     return "data:video/mp4;base64," + base64.b64encode(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000)).decode()
 

@@ -141,6 +141,7 @@ def load(
     """A `LongVA` (kind "longva") or a `TextModel` (kind "causal-lm": any causal LM folder or hub
     id, and LongVA checkpoints too, whose language model is then used alone)."""
     from longva_cli.hub import locate_model
+    from longva_cli.model.attention import use_mask_free_attention
 
     started = time.perf_counter()
     target = target_device(device, device_map)
@@ -149,10 +150,17 @@ def load(
     quantization = quantization_config(quantize, torch_dtype, target)
     folder = locate_model(str(name), revision=revision, allow_download=download, kind=kind)
     if kind == "longva":
-        return load_longva_model(folder, str(name), torch_dtype, attention, target, device_map, quantization, started)
-    if kind != "causal-lm":
+        model = load_longva_model(folder, str(name), torch_dtype, attention, target, device_map, quantization, started)
+        language_model = model.model.language_model
+    elif kind == "causal-lm":
+        model = load_text_model(folder, str(name), torch_dtype, attention, target, device_map, quantization)
+        language_model = model.language_model
+    else:
         raise ValueError(f"unknown model kind {kind!r}")
-    return load_text_model(folder, str(name), torch_dtype, attention, target, device_map, quantization)
+    # SDPA without flash-attn: chunks after a cached prefix attend without a dense mask, so
+    # prefill keeps 4096-token chunks at any length (model/attention.py).
+    use_mask_free_attention(language_model)
+    return model
 
 
 def load_longva_model(folder: Path, name: str, dtype, attention, target, device_map, quantization, started: float):

@@ -28,22 +28,10 @@ from transformers import DynamicCache
 
 from longva_cli.engine.memory import kv_bytes_per_token
 from longva_cli.engine.sequence import Sequence
+from longva_cli.model.attention import prefill_chunk
 from longva_cli.model.compat import cache_kwargs
 
 DEFAULT_PREFILL_CHUNK = 4096
-# SDPA and eager attention build a [chunk, seq] mask for each chunk (and on CPU float scores
-# beside it, ~6 bytes an element measured): cap chunk x seq so that memory stays near the
-# KV cache. At 74K tokens on CPU, chunks of 1024 instead of 4096 cut peak memory from 1.8 GB
-# to 0.8 GB and ran faster. Flash-attention materialises neither.
-MASK_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 31}
-
-
-def bounded_chunk(language_model, total: int, requested: int) -> int:
-    """The prefill chunk to use for a `total`-token sequence (see MASK_ELEMENTS)."""
-    if language_model.config._attn_implementation == "flash_attention_2":
-        return requested
-    budget = MASK_ELEMENTS["cuda" if language_model.device.type == "cuda" else "cpu"]
-    return min(requested, max(128, budget // max(total, 1)))
 
 
 @dataclass
@@ -109,11 +97,20 @@ class PrefixCache:
             self.keys = self.keys[:length]
 
     @torch.inference_mode()
+    def fork(self, length: int) -> "PrefixCache":
+        """A new cache holding a copy of this one's first `length` positions (this one is unchanged)."""
+        twin = PrefixCache(self.language_model, self.chunk)
+        for index, layer in enumerate(self.cache.layers):
+            twin.cache.update(layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone(), index)
+        twin.keys = self.keys[:length].copy()
+        return twin
+
+    @torch.inference_mode()
     def chunks(self, sequence: Sequence, stop: int, need_from: int) -> Iterator[Chunk]:
         reuse = min(common_prefix(self.keys, sequence.keys[:stop]), need_from)
         self.truncate(reuse)
         decoder = self.language_model.model
-        size = bounded_chunk(self.language_model, stop, self.chunk)
+        size = prefill_chunk(self.language_model, stop, self.chunk)
         for start in range(reuse, stop, size):
             end = min(start + size, stop)
             hidden = decoder(inputs_embeds=sequence.embed(start, end)[None], **cache_kwargs(self.cache)).last_hidden_state
@@ -146,11 +143,24 @@ class RunnerPool:
         self.runners: list[PrefixCache] = []  # least recently used first
 
     def acquire(self, sequence: Sequence) -> PrefixCache:
+        """The cache to run `sequence` in.
+
+        The cache holding the longest prefix of `sequence` is used as it is when the sequence
+        continues all of it (the same conversation plus a turn); when it shares at least half of
+        it (another question about its video), the shared part is copied into a new cache, so
+        the first conversation keeps its own; otherwise (e.g. only the system prompt is shared)
+        a fresh cache is started.
+        """
+        if self.budget_bytes <= 0:  # nothing is kept
+            return PrefixCache(self.language_model, self.chunk)
         best = max(self.runners, key=lambda runner: runner.shared_with(sequence), default=None)
-        if best is None or best.shared_with(sequence) == 0:
-            best = PrefixCache(self.language_model, self.chunk)
-        else:
+        shared = best.shared_with(sequence) if best is not None else 0
+        if best is not None and shared == len(best):
             self.runners.remove(best)
+        elif best is not None and 2 * shared >= len(best):
+            best = best.fork(shared)
+        else:
+            best = PrefixCache(self.language_model, self.chunk)
         self.runners.append(best)
         self._evict(keep=best, incoming=len(sequence))
         return best

@@ -13,7 +13,6 @@ outputs once all ranks are done.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from longva_cli.errors import LongVAError
 from longva_cli.niah.results import ITEMS, RESULTS, SIZE_KEYS, append_line, read_lines
+from longva_cli.parallel import ParallelState
 
 
 @dataclass(frozen=True)
@@ -36,72 +36,32 @@ class Unit:
         return (self.size, self.depth)
 
 
-class Ranks:
+def join_ranks(sequence_parallel: int = 1) -> ParallelState:
     """This process's place among torchrun's ranks (one rank without torchrun).
 
     With sequence parallelism of degree p, consecutive groups of p ranks score the same
     sequences together; cells are spread over the groups and the first rank of each writes.
+    The barriers wait long: rank 0 may spend an hour embedding the haystack alone.
     """
+    from longva_cli.parallel import join
 
-    def __init__(self, sequence_parallel: int = 1) -> None:
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.sequence_parallel = sequence_parallel
-        if sequence_parallel < 1 or self.world % sequence_parallel:
-            raise LongVAError(
-                f"--sequence-parallel {sequence_parallel} needs a multiple of {sequence_parallel} processes, got {self.world}; "
-                f"launch with `torchrun --nproc-per-node {max(sequence_parallel, 1)} -m longva_cli niah ...`."
-            )
-        if self.world > 1:
-            import torch
-            import torch.distributed as dist
+    return join(sequence_parallel, timeout=timedelta(days=7), setting="--sequence-parallel")
 
-            if not dist.is_initialized():
-                # gloo carries barriers (a long timeout: rank 0 may spend an hour embedding the
-                # haystack while the others wait); NCCL carries sequence-parallel GPU traffic
-                backend = "cpu:gloo,cuda:nccl" if sequence_parallel > 1 and torch.cuda.is_available() else "gloo"
-                dist.init_process_group(backend, timeout=timedelta(days=7))
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+def writes(ranks: ParallelState) -> bool:
+    """Whether this rank writes results (one rank of each sequence-parallel group)."""
+    return ranks.sp_rank == 0
 
-    @property
-    def writer(self) -> bool:
-        """Whether this rank writes results (one rank of each sequence-parallel group)."""
-        return self.rank % self.sequence_parallel == 0
 
-    def device(self, requested: str) -> str:
-        """Each rank on its own GPU when the device is auto or plain cuda."""
-        import torch
+def my_cells(ranks: ParallelState, cells: list[tuple[int, float]]) -> set[tuple[int, float]]:
+    """The cells this rank's group scores: every n-th of the sorted cells, n = the number of groups."""
+    return set(sorted(cells)[ranks.dp_rank :: ranks.dp_world_size])
 
-        if self.world > 1 and requested in ("auto", "cuda") and torch.cuda.is_available():
-            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
-        return requested
 
-    def check_device_map(self, device_map: str | None) -> None:
-        """A model spread over all GPUs leaves none for other ranks: one or the other."""
-        if device_map is not None and self.world > 1:
-            raise LongVAError("--device-map auto spreads one model over every GPU; run it as one process, not under torchrun.")
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        """Leave the process group: without it, gloo processes sometimes abort at exit."""
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-    def my_cells(self, cells: list[tuple[int, float]]) -> set[tuple[int, float]]:
-        groups = self.world // self.sequence_parallel
-        return set(sorted(cells)[self.rank // self.sequence_parallel :: groups])
+def check_device_map(ranks: ParallelState, device_map: str | None) -> None:
+    """A model spread over all GPUs leaves none for other ranks: one or the other."""
+    if device_map is not None and ranks.world_size > 1:
+        raise LongVAError("--device-map auto spreads one model over every GPU; run it as one process, not under torchrun.")
 
 
 def run_units(
@@ -109,7 +69,7 @@ def run_units(
     score: Callable[[Unit], dict],
     folder: Path,
     mode: str,
-    ranks: Ranks,
+    ranks: ParallelState,
     on_start: Callable[[int], None] | None = None,
     on_unit: Callable[[], None] | None = None,
 ) -> int:
@@ -130,8 +90,8 @@ def run_units(
         append_line(folder / RESULTS, {size_key: cell[0], "depth": cell[1], "score": score_value, "items": records})
         finished.add(cell)
 
-    mine = ranks.my_cells(list(units_per_cell))
-    for cell in sorted(mine) if ranks.writer else []:
+    mine = my_cells(ranks, list(units_per_cell))
+    for cell in sorted(mine) if writes(ranks) else []:
         finish_if_complete(cell)  # all its units were written before a kill, its line was not
     todo = [u for u in units if u.cell in mine and u.cell not in finished and u.index not in items.get(u.cell, {})]
     todo.sort(key=lambda u: u.order)
@@ -141,7 +101,7 @@ def run_units(
     for unit in todo:
         record = {size_key: unit.size, "depth": unit.depth, "index": unit.index, **score(unit)}
         items.setdefault(unit.cell, {})[unit.index] = record
-        if ranks.writer:
+        if writes(ranks):
             append_line(folder / ITEMS, record)
             finish_if_complete(unit.cell)
         if on_unit:
@@ -176,7 +136,7 @@ def score_grid(
     score: Callable[[Unit], dict],
     folder: Path,
     mode: str,
-    ranks: Ranks,
+    ranks: ParallelState,
     title: str,
     tokens_forwarded: Callable[[], int] = lambda: 0,
 ) -> GridRun | None:
@@ -184,7 +144,7 @@ def score_grid(
     from longva_cli.console import progress
     from longva_cli.niah.results import write_outputs
 
-    bar = progress(unit="needles" if mode == "video" else "samples") if ranks.main else None
+    bar = progress(unit="needles" if mode == "video" else "samples") if ranks.is_main else None
     task = None
 
     def start(total: int) -> None:
@@ -205,7 +165,7 @@ def score_grid(
             bar.stop()
     ranks.barrier()
     ranks.close()
-    if not ranks.main:
+    if not ranks.is_main:
         return None
     cells = finished_cells(folder, mode)
     average, warning = write_outputs(folder, mode, cells, title)

@@ -165,16 +165,16 @@ def run_text(settings, *, overwrite: bool = False):
     if settings.haystack != "synthetic" and not Path(settings.haystack).expanduser().exists():
         raise LongVAError(f"haystack {settings.haystack} does not exist; give a folder of .txt files or `synthetic`.")
     from longva_cli.engine import PrefixCache, load, token_sequence
-    from longva_cli.niah.grid import Ranks, score_grid
+    from longva_cli.niah.grid import check_device_map, join_ranks, score_grid
     from longva_cli.niah.results import prepare_folder
     from longva_cli.niah.scoring import answer_matches, greedy, teacher_forced
     from longva_cli.recipes import to_dict
 
-    ranks = Ranks(settings.sequence_parallel)
-    if ranks.main:
+    ranks = join_ranks(settings.sequence_parallel)
+    if ranks.is_main:
         prepare_folder(settings.output, "text", to_dict(settings), identity(settings), overwrite)
     ranks.barrier()  # no rank reads the folder before rank 0 has checked (or cleared) it
-    ranks.check_device_map(settings.device_map)
+    check_device_map(ranks, settings.device_map)
     model = load(
         settings.model, kind="causal-lm", device=ranks.device(settings.device), dtype=settings.dtype, attn=settings.attn,
         device_map=settings.device_map,
@@ -184,9 +184,9 @@ def run_text(settings, *, overwrite: bool = False):
     haystack = haystack_tokens(tokenizer, settings.haystack, max(sizes))
     prompts = TextNeedlePrompts(tokenizer, haystack, numbers, distractor_numbers, settings.seed)
     if settings.sequence_parallel > 1:
-        from longva_cli.niah.sharded import sharded_forward
+        from longva_cli.engine.sequence_parallel import sequence_parallel_runner
 
-        runner = sharded_forward(model.language_model, settings.sequence_parallel)
+        runner = sequence_parallel_runner(model.language_model, settings.sequence_parallel)
     else:
         runner = PrefixCache(model.language_model, settings.prefill_chunk)
 

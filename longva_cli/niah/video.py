@@ -257,21 +257,21 @@ def run_video(settings, *, overwrite: bool = False):
     from longva_cli.engine.encoder import encode_batches
     from longva_cli.engine.sequence import identity_of
     from longva_cli.engine.visual_cache import default_cache_dir
-    from longva_cli.niah.grid import Ranks, score_grid
+    from longva_cli.niah.grid import check_device_map, join_ranks, score_grid
     from longva_cli.niah.results import prepare_folder
     from longva_cli.niah.scoring import answer_matches, greedy, teacher_forced
     from longva_cli.recipes import to_dict
 
-    ranks = Ranks(settings.sequence_parallel)
+    ranks = join_ranks(settings.sequence_parallel)
     run_identity = {**identity(settings), "haystack": f"{path.name} (content {content_hash(path)})"}
-    if ranks.main:
+    if ranks.is_main:
         prepare_folder(settings.output, "video", to_dict(settings), run_identity, overwrite)
     ranks.barrier()  # no rank reads the folder before rank 0 has checked (or cleared) it
-    ranks.check_device_map(settings.device_map)
+    check_device_map(ranks, settings.device_map)
     longva = load(settings.model, device=ranks.device(settings.device), device_map=settings.device_map, dtype=settings.dtype, attn=settings.attn)
     cache = VisualCache(settings.cache_dir or default_cache_dir())
     entry = haystack_entry(cache, longva, path)
-    if ranks.main:  # one rank embeds, the others wait and read the cache
+    if ranks.is_main:  # one rank embeds, the others wait and read the cache
         with progress(unit="frames") as bar:
             task = bar.add_task("haystack frames", total=None)
             embed_haystack(
@@ -284,9 +284,9 @@ def run_video(settings, *, overwrite: bool = False):
     needle_embeds = drive(encode_batches(longva, [[n.image for n in needles]], len(needles), pad_to_square=True))  # [needles, 144, d]
     prompts = VideoNeedlePrompts(longva, haystack, needles, needle_embeds, haystack_identity=identity_of(json.dumps(entry.key, sort_keys=True)))
     if settings.sequence_parallel > 1:
-        from longva_cli.niah.sharded import sharded_forward
+        from longva_cli.engine.sequence_parallel import sequence_parallel_runner
 
-        runner = sharded_forward(longva.model.language_model, settings.sequence_parallel)
+        runner = sequence_parallel_runner(longva.model.language_model, settings.sequence_parallel)
     else:
         runner = PrefixCache(longva.model.language_model, settings.prefill_chunk)
 

@@ -67,13 +67,10 @@ class ServeSettings:
     max_queue: int = 32
     ui: bool = False
     prefill_chunk: int = 4096
+    cache_bytes: int = 8 * 2**30  # --cache-gb: embeddings and KV caches kept for follow-up requests
     host: str = "127.0.0.1"  # the bound address: which Host headers name this server
     allowed_hosts: tuple[str, ...] = ()  # --allowed-hosts
     cors_origins: tuple[str, ...] = ()  # --cors-origin
-
-
-class Cancelled(Exception):
-    """Raised inside the worker when the client went away or the server is stopping."""
 
 
 class ClientGone(Exception):
@@ -87,8 +84,8 @@ def shutting_down() -> APIError:
 class Generation:
     """One request's trip through the worker; events go back to the request's event loop.
 
-    `cancelled` is set the moment the client leaves or the server stops: whatever runs the
-    model checks it (`check`) between frames, tokens and prefill chunks.
+    `cancelled` is set the moment the client leaves or the server stops: the worker checks it
+    between frame batches, prefill chunks and tokens (`until_cancelled`).
     """
 
     def __init__(self, job: ChatJob, loop: asyncio.AbstractEventLoop) -> None:
@@ -107,18 +104,19 @@ class Generation:
     def cancel(self) -> None:
         self.cancelled.set()
 
-    def check(self) -> None:
-        if self.cancelled.is_set():
-            raise Cancelled
-
 
 class ModelWorker:
     """The one thread that touches the model, and the count of requests admitted to wait for it."""
 
     def __init__(self, longva, settings: ServeSettings, max_prompt_tokens: int) -> None:
+        from longva_cli.engine import RunnerPool, VisualCache
+
         self.longva = longva
         self.settings = settings
         self.max_prompt_tokens = max_prompt_tokens
+        # Recent media and prompts, for follow-ups: a quarter of the budget for embeddings, the rest for KV.
+        self.visual_cache = VisualCache(memory_bytes=settings.cache_bytes // 4)
+        self.runners = RunnerPool(longva.model.language_model, settings.cache_bytes - settings.cache_bytes // 4, settings.prefill_chunk)
         self._jobs: queue.Queue = queue.Queue()
         # Re-entrant: `close` runs in a signal handler that may interrupt `admit` on the same thread.
         self._lock = threading.RLock()
@@ -237,11 +235,10 @@ class ModelWorker:
                 generation.job.cleanup()
 
     def _answer(self, generation: Generation) -> tuple[str, Any]:
-        """Run the request; the final event: ("done", (text, prompt tokens, generated)), ("error", APIError) or ("cancelled", None)."""
+        """Run the request; the final event: ("done", (text, prompt, generated, cached tokens)), ("error", APIError) or ("cancelled", None)."""
         try:
-            return "done", self._generate(generation)
-        except Cancelled:
-            return "cancelled", None
+            result = self._generate(generation)
+            return ("cancelled", None) if result is None else ("done", result)
         except APIError as err:
             return "error", err
         except LongVAError as err:
@@ -254,31 +251,46 @@ class ModelWorker:
 
     # ---- the model: every call into LongVA is in this method --------------------------------
 
-    def _generate(self, generation: Generation) -> tuple[str, int, int]:
+    def _generate(self, generation: Generation) -> tuple[str, int, int, int] | None:
         """Encode the media, build the prompt, generate; streamed text is emitted as it comes.
-        Returns (text, prompt tokens, generated tokens)."""
-        job, longva = generation.job, self.longva
+        Returns (text, prompt tokens, generated tokens, cached prompt tokens), or None once the
+        request is cancelled.
+
+        Media embeddings stay in memory (by content) and the KV caches of recent prompts in a
+        pool, so a follow-up (the same video, or the same conversation plus a turn) prefills
+        only its new tokens; the answer is the same as a cold request's.
+        """
+        from longva_cli.engine import Generate, MediaSpec, Token, build, encode, prompt_parts, run
+        from longva_cli.engine.memory import check_fits
         from longva_cli.model.prompt import chat_prompt
 
-        progress = lambda _done: generation.check()  # noqa: E731 - a callback that stops encoding early
+        job, longva = generation.job, self.longva
         visuals = []
         for item in job.media:
             with media_errors(item):
-                visuals.append(longva.encode_media(item.path, frames=job.frames, fps=job.fps, on_progress=progress))
+                visual = until_cancelled(encode(longva, MediaSpec(item.path, job.frames, job.fps), self.visual_cache), generation)
+            if visual is None:
+                return None
+            visuals.append(visual)
         job.cleanup()  # encoded: the files from data: URLs and the held files are no longer needed
-        embeds, _text_tokens = longva.prompt_embeds(chat_prompt(job.turns, job.system), visuals)
-        self.check_prompt_length(len(embeds), job)
-        warning = longva.check_fits(len(embeds))
+        sequence = build(longva, prompt_parts(chat_prompt(job.turns, job.system), visuals))
+        self.check_prompt_length(len(sequence), job)
+        warning = check_fits(longva.model.language_model, len(sequence))
         if warning:
             log.warning(warning)
         generation.emit("ready")
         sampling = longva.sampling_settings(max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k)
         sampling.seed = job.seed
-        on_text = (lambda text: generation.emit("text", text)) if job.stream else None
-        text, generated = longva.generate_text(
-            embeds, sampling, on_text, self.settings.prefill_chunk, on_token=lambda _id: generation.check()
-        )
-        return text, len(embeds), generated
+
+        def stream(event) -> None:
+            if job.stream and isinstance(event, Token) and event.text:
+                generation.emit("text", event.text)
+
+        runner = self.runners.acquire(sequence)
+        generated = until_cancelled(run(longva, runner, sequence, Generate(sampling)), generation, stream)
+        if generated is None:
+            return None
+        return generated.text, len(sequence), len(generated.token_ids), generated.reused_tokens
 
     # ---------------------------------------------------------------------------------------
 
@@ -305,6 +317,20 @@ def media_errors(item: MediaItem) -> Iterator[None]:
         if isinstance(err, Image.DecompressionBombError):
             message = f"{item.label} is an image too large to decode (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels); send a smaller image."
         raise APIError(400, message, param=item.param, code="invalid_media") from None
+
+
+def until_cancelled(events, generation: Generation, on_event=None):
+    """Run an engine generator to its result, or stop it (None) as soon as the request is
+    cancelled: between frame batches, prefill chunks and tokens."""
+    while not generation.cancelled.is_set():
+        try:
+            event = next(events)
+        except StopIteration as finished:
+            return finished.value
+        if on_event is not None:
+            on_event(event)
+    events.close()
+    return None
 
 
 def api_error_response(err: APIError) -> JSONResponse:
@@ -479,8 +505,8 @@ def build_app(longva, settings: ServeSettings) -> FastAPI:
             watcher.cancel()
         if kind == "error":
             raise payload
-        text, prompt_tokens, generated = payload
-        return fmt.completion(job, text, fmt.finish_reason(generated, job.max_tokens), prompt_tokens, generated)
+        text, prompt_tokens, generated, cached = payload
+        return fmt.completion(job, text, fmt.finish_reason(generated, job.max_tokens), prompt_tokens, generated, cached)
 
     if settings.ui:
         page = resources.files("longva_cli.serve").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -574,10 +600,10 @@ async def stream_events(generation: Generation):
                 yield sse(payload.body())
                 break
             elif kind == "done":
-                _text, prompt_tokens, generated = payload
+                _text, prompt_tokens, generated, cached = payload
                 yield sse(fmt.chunk(job, {}, fmt.finish_reason(generated, job.max_tokens)))
                 if job.include_usage:
-                    yield sse(fmt.usage_chunk(job, prompt_tokens, generated))
+                    yield sse(fmt.usage_chunk(job, prompt_tokens, generated, cached))
                 break
         yield sse("[DONE]")
     finally:
@@ -634,10 +660,9 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Load `model` once and serve it on `settings.host` until SIGINT/SIGTERM."""
-    from longva_cli.ask import load
-    from longva_cli.console import stderr
+    from longva_cli.console import load_model, stderr
 
-    longva = load(model, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize, revision=revision)
+    longva = load_model(model, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize, revision=revision)
     app = build_app(longva, settings)
     host = settings.host
     where = f"http://{host if ':' not in host else f'[{host}]'}:{port}"

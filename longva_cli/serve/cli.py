@@ -98,6 +98,9 @@ def command(
     quantize: options.Quantize = None,
     revision: options.Revision = None,
     prefill_chunk: options.PrefillChunk = 4096,
+    cache_gb: float = typer.Option(
+        8.0, "--cache-gb", help="Memory kept for the visual embeddings and KV caches of recent requests, so a follow-up (same video, or the same conversation plus a turn) prefills only its new tokens; 0 keeps nothing."
+    ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."),
 ) -> None:
     """Serve LongVA over an OpenAI-compatible HTTP API (chat completions with images and videos).
@@ -120,6 +123,8 @@ def command(
         raise LongVAError(f"--port must be between 1 and 65535, got {port}.")
     if max_request_mb <= 0 or queue_timeout <= 0:
         raise LongVAError("--max-request-mb and --queue-timeout must be positive.")
+    if not cache_gb >= 0:
+        raise LongVAError(f"--cache-gb must be 0 or more, got {cache_gb}.")
     roots = []
     for root in media_root:
         resolved = root.expanduser().resolve()
@@ -150,6 +155,7 @@ def command(
         max_queue=max_queue,
         ui=ui,
         prefill_chunk=prefill_chunk,
+        cache_bytes=int(cache_gb * 2**30),
         host=host,
         allowed_hosts=hosts,
         cors_origins=origins,

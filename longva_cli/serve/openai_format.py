@@ -470,8 +470,12 @@ def _open_local_file(parsed, kind: str, param: str, roots: tuple[Path, ...]) -> 
 # ---- responses -----------------------------------------------------------------------------
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens whose KV cache an earlier request left."""
+    return {
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
 def finish_reason(generated: int, max_tokens: int) -> str:
@@ -479,14 +483,14 @@ def finish_reason(generated: int, max_tokens: int) -> str:
     return "length" if generated >= max_tokens else "stop"
 
 
-def completion(job: ChatJob, text: str, reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def completion(job: ChatJob, text: str, reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {
         "id": job.id,
         "object": "chat.completion",
         "created": job.created,
         "model": job.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 
@@ -500,11 +504,11 @@ def chunk(job: ChatJob, delta: dict, reason: str | None = None) -> dict:
     }
 
 
-def usage_chunk(job: ChatJob, prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_chunk(job: ChatJob, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     """The extra last chunk of `stream_options.include_usage`: no choices, only usage."""
     return {
         "id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model,
-        "choices": [], "usage": usage(prompt_tokens, completion_tokens),
+        "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 

@@ -1,12 +1,12 @@
-"""One NIAH sequence split over several processes: DeepSpeed Ulysses sequence parallelism.
+"""One sequence split over several processes: DeepSpeed Ulysses sequence parallelism.
 
-For a haystack whose sequence does not fit one GPU, the p ranks of a group each hold a
-contiguous 1/p of it; Ulysses attention (registered by `longva_cli.train.sequence_parallel`,
-the same engine `extend-text` trains with) exchanges heads for sequence so every position
-still attends to all earlier ones. The sequence is padded at its end to a multiple of p:
+For a sequence that does not fit one GPU (a V-NIAH haystack, a perplexity window), the p ranks
+of a group each hold a contiguous 1/p of it; Ulysses attention (registered by
+`longva_cli.parallel`, the same engine `extend-text` trains with) exchanges heads for sequence
+so every position still attends to all earlier ones. The sequence is padded at its end to a multiple of p:
 attention is causal, so padding changes no real position.
 
-`ShardedForward` is an engine KV runner (`engine.KVRunner`) for teacher-forced scoring: it
+`SequenceParallelRunner` is an engine KV runner (`engine.KVRunner`) for teacher-forced scoring: it
 answers `chunks(sequence, stop, need_from)` with one chunk, the hidden states of positions
 need_from .. stop - 1 gathered from the ranks that hold them. Each call runs the whole sequence
 (no prefix reuse); generation is not offered.
@@ -14,16 +14,15 @@ need_from .. stop - 1 gathered from the ranks that hold them. Each call runs the
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 
 from longva_cli.errors import LongVAError
-from longva_cli.engine import Chunk, Sequence
+from longva_cli.engine.runner import Chunk
+from longva_cli.engine.sequence import Sequence
 
 
-class ShardedForward:
+class SequenceParallelRunner:
     def __init__(self, language_model, state) -> None:
         self.language_model = language_model
         self.state = state
@@ -35,7 +34,7 @@ class ShardedForward:
     @torch.inference_mode()
     def chunks(self, sequence: Sequence, stop: int, need_from: int):
         """One chunk: final hidden states [stop - need_from, d] of positions need_from .. stop - 1."""
-        from longva_cli.train.sequence_parallel import shard_indices
+        from longva_cli.parallel import shard_indices
 
         degree, rank = self.state.sp_degree, self.state.sp_rank
         padded = -(-stop // degree) * degree
@@ -60,7 +59,7 @@ class ShardedForward:
         raise LongVAError("generate scoring is not supported with --sequence-parallel; use --scoring teacher-forced.")
 
 
-def sharded_forward(language_model, degree: int) -> ShardedForward:
+def sequence_parallel_runner(language_model, degree: int) -> SequenceParallelRunner:
     """Join the sequence-parallel groups of `degree` ranks and route attention through Ulysses."""
     heads = language_model.config.num_key_value_heads
     if heads % degree:
@@ -69,10 +68,8 @@ def sharded_forward(language_model, degree: int) -> ShardedForward:
             f"Ulysses splits attention heads, and this model's {heads} KV heads do not divide by {degree}; "
             f"use --sequence-parallel in {divisors}."
         )
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's comm layer on gloo
-    from longva_cli.train import sequence_parallel as sp
+    from longva_cli import parallel
 
-    state = sp.init_distributed(degree, "ulysses")
-    sp.enable(language_model, state)
-    return ShardedForward(language_model, state)
+    state = parallel.init_distributed(degree, "ulysses", setting="--sequence-parallel")
+    parallel.enable(language_model, state)
+    return SequenceParallelRunner(language_model, state)
