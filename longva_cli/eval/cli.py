@@ -178,3 +178,116 @@ def import_lmms_runner():
     except (ImportError, RuntimeError, AttributeError) as err:  # a torchvision built for another torch fails here
         raise LongVAError(f"lmms-eval is installed but does not import ({type(err).__name__}: {str(err).splitlines()[0]}); {INSTALL_HINT.split('; ', 1)[1]}") from None
     return run_lmms_eval
+
+
+# ---- `longva eval ppl` and `longva eval ppl plot RUN` ---------------------------------------------
+
+ppl_app = typer.Typer(no_args_is_help=True, invoke_without_command=True)
+app.add_typer(ppl_app, name="ppl")
+
+
+@ppl_app.callback()
+def ppl_command(
+    ctx: typer.Context,
+    model: list[str] = typer.Option(None, "--model", "-m", help="Causal LM folder or hub id, or a LongVA checkpoint (its language model); repeat for several."),
+    data: str = typer.Option(None, "--data", "-d", help="A .txt/.jsonl/.parquet file or folder of them (.txt: one document a file), a saved `datasets` folder, or a hub dataset name."),
+    output: Path = typer.Option(Path("runs/ppl"), "--output", "-o", help="Run folder (ppl.csv, ppl.jsonl, ppl.png); rerun to continue."),
+    min_tokens: int = typer.Option(4096, "--min-tokens", help="Smallest context length L."),
+    max_tokens: int = typer.Option(131072, "--max-tokens", help="Largest context length L."),
+    tokens_step: int = typer.Option(None, "--tokens-step", help="Step between context lengths (default: double from --min-tokens)."),
+    stride: int = typer.Option(None, "--stride", help="Tokens between window starts; each window scores only tokens no earlier one did (default: L, disjoint windows)."),
+    text_field: str = typer.Option("text", "--text-field", help="Field (.jsonl) or column (.parquet, datasets) holding the text."),
+    split: str = typer.Option("test", "--split", help="Split of a `datasets` name or saved DatasetDict."),
+    samples: int = typer.Option(None, "--samples", help="Score only the first N documents (after --min-doc-tokens)."),
+    min_doc_tokens: int = typer.Option(0, "--min-doc-tokens", help="Drop documents shorter than this many tokens."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Where tokenized documents are cached (default: ~/.cache/longva/ppl)."),
+    device: options.Device = "auto",
+    device_map: options.DeviceMap = None,
+    sequence_parallel: int = typer.Option(1, "--sequence-parallel", help="Split each window over this many torchrun ranks (DeepSpeed Ulysses)."),
+    dtype: options.Dtype = "auto",
+    attn: options.Attention = "auto",
+    prefill_chunk: options.PrefillChunk = 4096,
+    revision: options.Revision = None,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results in --output (made with other data, stride or selection) and start over."),
+) -> None:
+    """Perplexity on long documents against context length, for any causal LM.
+
+    At each context length L (doubling from --min-tokens to --max-tokens, or every
+    --tokens-step), each document is scored in windows of L tokens, advanced by --stride;
+    tokens scored by an earlier window do not count again. Perplexity is exp of the mean NLL
+    over all scored tokens; the original's average of per-window means is in ppl.jsonl too.
+    Documents are tokenized once and cached. Each finished (model, L) is saved at once:
+    rerun the same command to continue, or add models and lengths to the same folder.
+    Prints ppl.csv on stdout.
+
+    examples:
+      longva eval ppl --model runs/extend-qwen2-7b-224k/step_1000 --model Qwen/Qwen2-7B-Instruct --data pg19/ --min-tokens 4096 --max-tokens 262144 --output runs/ppl
+      longva eval ppl --model lmms-lab/Qwen2-7B-Instrcuct-224K --data emozilla/pg19-test --tokens-step 32000 --max-tokens 512000
+      longva eval ppl --model lmms-lab/LongVA-7B --data books.jsonl --text-field content --samples 10 --stride 2048
+      torchrun --nproc-per-node 4 -m longva_cli eval ppl --model lmms-lab/Qwen2-7B-Instrcuct-224K --data pg19/ --max-tokens 524288 --sequence-parallel 4
+      longva eval ppl plot runs/ppl
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from longva_cli.console import progress as progress_bar
+    from longva_cli.eval.ppl import PplSettings, csv_text, curves, evaluate_perplexity
+
+    if not data:
+        raise LongVAError("give --data (text files, a saved `datasets` folder or a hub dataset name); see `longva eval ppl --help`.")
+    settings = PplSettings(
+        models=list(model or []), data=data, output=output, min_tokens=min_tokens, max_tokens=max_tokens, tokens_step=tokens_step,
+        stride=stride, text_field=text_field, split=split, samples=samples, min_doc_tokens=min_doc_tokens, cache_dir=cache_dir,
+        device=device, dtype=dtype, attn=attn, device_map=device_map, sequence_parallel=sequence_parallel, prefill_chunk=prefill_chunk,
+        revision=revision,
+    )
+    bar = progress_bar(unit="tok")
+    with bar:
+        run = evaluate_perplexity(
+            settings, overwrite=overwrite, progress=bar, on_warning=lambda message: bar.console.print(f"[bold red]warning:[/bold red] {message}"),
+        )
+    if run is None:  # not the main rank
+        return
+    print_ppl_table(run.records)
+    if run.plot_note:
+        stderr.print(f"[yellow]note:[/yellow] {run.plot_note}")
+    stderr.print(f"results: {run.folder} (ppl.csv, ppl.jsonl{'' if run.plot_note else ', ppl.png'}); measured now: {len(run.scored_now)}")
+    typer.echo(csv_text(*curves(run.records)), nl=False)
+
+
+def print_ppl_table(records: list[dict]) -> None:
+    """Token-weighted perplexity per model and length, and the original's window mean under it."""
+    from rich.table import Table
+
+    from longva_cli.eval.ppl import curves
+    from longva_cli.eval.ppl_plot import length_label
+
+    lengths, weighted = curves(records)
+    _, window_means = curves(records, "window_mean_perplexity")
+    table = Table("model", *[length_label(length) for length in lengths], title="perplexity against context length",
+                  caption="second row: mean of per-window perplexity means, as the original averaged")
+    for model, values in weighted.items():
+        table.add_row(model, *["-" if value is None else f"{value:.3f}" for value in values])
+        table.add_row("", *["" if value is None else f"[dim]{value:.3f}[/dim]" for value in window_means[model]])
+    stderr.print(table)
+
+
+@ppl_app.command("plot", no_args_is_help=True)
+def ppl_plot_command(
+    run: Path = typer.Argument(..., help="A run folder of `longva eval ppl` or a ppl.csv (the original's layout)."),
+    output: Path = typer.Option(None, "--output", "-o", help="Where to write the PNG (default: ppl.png beside the table)."),
+    title: str = typer.Option(None, "--title", help="A title above the plot."),
+) -> None:
+    """Redraw the perplexity curve from a run's ppl.csv (or any CSV in the original's layout).
+
+    examples:
+      longva eval ppl plot runs/ppl
+      longva eval ppl plot runs/ppl/ppl.csv --output qwen2-224k.png --title "Qwen2-7B-224K on PG-19"
+    """
+    from longva_cli.eval.ppl import PLOT, TABLE, read_table
+    from longva_cli.eval.ppl_plot import draw_curves
+
+    table = run if run.is_file() else run / TABLE
+    if not table.is_file():
+        raise LongVAError(f"{table} does not exist; give a run folder of `longva eval ppl` or its ppl.csv.")
+    path = draw_curves(*read_table(table), output or table.parent / PLOT, title)
+    stderr.print(f"plot: {path}")
