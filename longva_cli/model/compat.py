@@ -1,7 +1,8 @@
 """Differences between the transformers releases we support, named once.
 
 transformers 5.24 renamed the decoder's `past_key_values` argument to `cache` (the old name
-is deprecated until 5.40); vLLM and many GPU images pin releases before the rename.
+is deprecated until 5.40) and `gradient_checkpointing_enable` to `activation_checkpointing_enable`
+(the old name is deprecated until 6); vLLM and many GPU images (5.17) pin releases before both.
 """
 
 from __future__ import annotations
@@ -17,3 +18,12 @@ CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(Qwen2Model.forward).par
 def cache_kwargs(cache) -> dict:
     """Keyword arguments that make a decoder forward read and extend `cache`."""
     return {CACHE_ARGUMENT: cache, "use_cache": True}
+
+
+def enable_activation_checkpointing(model, **checkpoint_kwargs) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them;
+    `checkpoint_kwargs` go to `torch.utils.checkpoint.checkpoint` (e.g. use_reentrant=False)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
