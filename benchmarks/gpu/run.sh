@@ -45,7 +45,7 @@ trap 'rm -rf "$work"' EXIT
 # Seconds each stage may take: 8 minutes in all on a GPU.
 if [ "$dry_run" = 1 ]; then
     mode=cpu-dry-run tiny=--tiny
-    declare -A budget=([install]=60 [pytest]=60 [train]=120 [scale]=90)
+    declare -A budget=([install]=60 [pytest]=60 [train]=180 [scale]=90)
     export CUDA_VISIBLE_DEVICES=""
 else
     mode=gpu tiny=
@@ -63,12 +63,13 @@ record() { "$python" "$here/record.py" "$@"; }
 
 install() {
     local found=()
-    if [ -d "$wheels" ]; then
-        found=("$wheels"/*.whl)
+    shopt -s nullglob
+    found=("$wheels"/*.whl)
+    if [ ${#found[@]} -gt 0 ]; then
         echo "wheels from $wheels: ${found[*]##*/}"
         "$python" -m pip install --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${found[@]}" || return 1
     else
-        echo "no wheel folder at $wheels: using what the interpreter already has (make one with benchmarks/gpu/wheels.sh)"
+        echo "no wheels in $wheels: using what the interpreter already has (fetch them with benchmarks/gpu/wheels.sh)"
     fi
     # longva itself from this checkout, so the suite always tests the code beside it; built from a
     # copy because setuptools' build/ folder in the checkout can hold modules deleted since
@@ -96,7 +97,9 @@ stage() {  # stage NAME COMMAND...: run under the stage's time limit, log it, re
     shift
     record stage "$results" "$name" --status running --budget "$limit"
     started=$(date +%s%N)
-    timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+    # SIGINT first: Python unwinds, so torch releases the lock of a JIT build it was cut off in
+    # (a SIGTERM'd build leaves it, and every later DeepSpeed start waits on it for ever)
+    timeout --signal=INT --kill-after=15 "$limit" "$@" >"$out/$name.log" 2>&1
     rc=$?
     seconds=$(awk "BEGIN { print ($(date +%s%N) - $started) / 1e9 }")
     case $rc in
