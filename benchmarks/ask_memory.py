@@ -30,7 +30,9 @@ VOCAB = 152_064
 def measure(mode: str, checkpoint: Path, video: Path, frames: int) -> dict:
     import torch
 
-    from longva_cli.model.longva import LongVA, kv_cache_bytes
+    from longva_cli.engine import MediaSpec, build, drive, encode, prompt_parts
+    from longva_cli.engine.memory import kv_cache_bytes
+    from longva_cli.model.longva import LongVA
     from longva_cli.model.prompt import question_prompt
 
     longva = LongVA.from_pretrained(str(checkpoint), device="cpu")
@@ -39,8 +41,9 @@ def measure(mode: str, checkpoint: Path, video: Path, frames: int) -> dict:
         answer = longva.ask(video, "What is moving?", frames=frames, temperature=0, max_new_tokens=1)
         tokens = answer.prompt_tokens
     else:
-        visual = longva.encode_video(video, frames=frames)
-        embeds, _ = longva.prompt_embeds(question_prompt("What is moving?"), [visual])
+        visual = drive(encode(longva, MediaSpec(video, frames=frames)))
+        sequence = build(longva, prompt_parts(question_prompt("What is moving?"), [visual]))
+        embeds = sequence.embed(0, len(sequence))
         with torch.inference_mode():
             logits = longva.model.language_model(inputs_embeds=embeds[None]).logits.float()  # [1, seq, vocab]
         tokens = logits.shape[1]

@@ -47,7 +47,7 @@ def measure(way: str, checkpoint: Path, frames: list[int], depth_step: float) ->
     import torch
 
     from longva_cli.model.longva import LongVA
-    from longva_cli.model.prefix_cache import PrefixCache
+    from longva_cli.engine import PrefixCache
     from longva_cli.niah import scoring
     from longva_cli.niah.settings import depth_grid
     from longva_cli.niah.video import Needle, VideoNeedlePrompts, video_units

@@ -46,7 +46,7 @@ def example(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(example):
-    from longva_cli.model.longva import load_tokenizer
+    from longva_cli.model.checkpoint import load_tokenizer
 
     return load_tokenizer(example / "model")
 
@@ -328,10 +328,13 @@ def test_saved_checkpoint_reloads_with_the_same_logits(example, stage2):
     trained = LongVA(summary["model"].eval(), loaded.tokenizer, loaded.processing)
     image = example / "images" / "red-on-blue.png"
     logits = []
+    from longva_cli.engine import MediaSpec, build, drive, encode, prompt_parts
+
     for lv in (loaded, trained):
         with torch.no_grad():
-            embeds, _ = lv.prompt_embeds(chat_prompt([Turn("user", "<image>\nWhat is in the image?")]), [lv.encode_image(image)])
-            logits.append(lv.model.language_model(inputs_embeds=embeds[None]).logits)
+            visual = drive(encode(lv, MediaSpec(image)))
+            sequence = build(lv, prompt_parts(chat_prompt([Turn("user", "<image>\nWhat is in the image?")]), [visual]))
+            logits.append(lv.model.language_model(inputs_embeds=sequence.embed(0, len(sequence))[None]).logits)
     assert torch.allclose(logits[0], logits[1], atol=1e-5)
 
 
@@ -433,7 +436,9 @@ def test_trained_tiny_checkpoint_loads_from_any_working_directory(tmp_path, monk
     assert done.stdout == "" and (work / "runs/one/latest").read_text().strip() == "step_1"
     monkeypatch.chdir(elsewhere)
     longva = LongVA.from_pretrained(str(work / "runs/one/step_1"), device="cpu")
-    visual = longva.encode_image(work / "runs/align-tiny-example/images/red-on-blue.png")
+    from longva_cli.engine import MediaSpec, drive, encode
+
+    visual = drive(encode(longva, MediaSpec(work / "runs/align-tiny-example/images/red-on-blue.png")))
     assert visual.embeds.shape[-1] == longva.model.config.hidden_size
 
 

@@ -328,8 +328,11 @@ def test_lmms_model_generates_and_scores_by_teacher_forcing(tiny_longva, video_f
 
     (scored,) = lm.loglikelihood([make_request("What is shown?", " a red square", video_file, "loglikelihood")])
     # reference: one forward over context + continuation, log-probs read at continuation positions
-    visual = tiny_longva.encode_video(video_file, frames=3)
-    context, _ = tiny_longva.prompt_embeds(question_prompt("What is shown?"), [visual])
+    from longva_cli.engine import MediaSpec, build, drive, encode, prompt_parts
+
+    visual = drive(encode(tiny_longva, MediaSpec(video_file, frames=3)))
+    prompt = build(tiny_longva, prompt_parts(question_prompt("What is shown?"), [visual]))
+    context = prompt.embed(0, len(prompt))
     ids = tiny_longva.tokenizer(" a red square", add_special_tokens=False).input_ids
     full = torch.cat([context, tiny_longva.model.embed_tokens(torch.tensor(ids))])
     with torch.inference_mode():

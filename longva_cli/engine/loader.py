@@ -164,9 +164,9 @@ def load(
 
 
 def load_longva_model(folder: Path, name: str, dtype, attention, target, device_map, quantization, started: float):
-    from longva_cli.model.checkpoint import load_longva
+    from longva_cli.model.checkpoint import load_longva, load_tokenizer
     from longva_cli.model.config import vision_settings
-    from longva_cli.model.longva import LongVA, load_tokenizer
+    from longva_cli.model.longva import LongVA
 
     network = load_longva(
         folder, dtype=dtype, attn_implementation=attention, device=target, device_map=device_map, quantization_config=quantization
@@ -184,8 +184,7 @@ def load_text_model(folder: Path, name: str, dtype, attention, target, device_ma
     """A causal LM; for a LongVA checkpoint, its language model (the vision parts are dropped)."""
     from transformers import AutoModelForCausalLM
 
-    from longva_cli.model.checkpoint import load_longva
-    from longva_cli.model.longva import load_tokenizer
+    from longva_cli.model.checkpoint import load_longva, load_tokenizer
 
     config = json.loads((folder / "config.json").read_text())
     tokenizer = load_tokenizer(folder)

@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 from longva_cli.hub import DEFAULT_MODEL
-from longva_cli.model.checkpoint import load_tokenizer  # noqa: F401 - moved to checkpoint; callers here still import it
 from longva_cli.model.config import ImageProcessing
 from longva_cli.model.modeling import LongVAForCausalLM
 from longva_cli.model.prompt import DEFAULT_SYSTEM, END_OF_TURN
@@ -131,76 +130,6 @@ class LongVA:
                 on_event(event)
 
         return drive(session.ask(question, sampling), handle)
-
-
-    # ---- transitional: the pre-engine methods, until serve, eval and niah call the engine ----
-
-    def encode_frames(self, frames, count, pad_to_square=False, on_progress=None):
-        from longva_cli.engine.encoder import encode_batches
-        from longva_cli.engine.objectives import drive
-
-        done = [0]
-
-        def progress(event):
-            if on_progress:
-                on_progress(event.done - done[0])
-            done[0] = event.done
-
-        return drive(encode_batches(self, frames, count, pad_to_square), progress)
-
-    def encode_media(self, path, frames=None, fps=None, on_progress=None, on_start=None):
-        from longva_cli.engine import MediaSpec, drive, encode
-
-        done = [0]
-
-        def progress(event):
-            if on_start and done[0] == 0:
-                on_start(event.total)
-            if on_progress:
-                on_progress(event.done - done[0])
-            done[0] = event.done
-
-        return drive(encode(self, MediaSpec(path if isinstance(path, Image.Image) else Path(path), frames, fps)), progress)
-
-    encode_video = encode_media
-
-    def encode_image(self, image):
-        return self.encode_media(image)
-
-    def prompt_sequence(self, prompt, visuals):
-        from longva_cli.engine import build, prompt_parts
-
-        sequence = build(self, prompt_parts(prompt, visuals))
-        return sequence, len(sequence) - sum(len(v) for v in visuals)
-
-    def prompt_embeds(self, prompt, visuals):
-        sequence, text_tokens = self.prompt_sequence(prompt, visuals)
-        with torch.inference_mode():
-            return sequence.embed(0, len(sequence)), text_tokens
-
-    def check_fits(self, tokens):
-        from longva_cli.engine.memory import check_fits
-
-        return check_fits(self.model.language_model, tokens)
-
-    def generate_text(self, prompt, sampling, on_text=None, prefill_chunk=4096, timings=None, on_token=None, prefix_cache=None):
-        from longva_cli.engine import Generate, PrefixCache, Token, Visual, build, drive, run
-
-        if isinstance(prompt, torch.Tensor):
-            prompt = build(self, [Visual(prompt, "video", 1)])
-        runner = prefix_cache or PrefixCache(self.model.language_model, prefill_chunk)
-
-        def handle(event):
-            if isinstance(event, Token):
-                if on_token:
-                    on_token(event.id)
-                if on_text and event.text:
-                    on_text(event.text)
-
-        generated = drive(run(self, runner, prompt, Generate(sampling)), handle)
-        if timings is not None:
-            timings.update(prefill_s=generated.prefill_s, generate_s=generated.generate_s)
-        return generated.text, len(generated.token_ids)
 
 
 __all__ = ["LongVA", "DEFAULT_MODEL"]

@@ -195,7 +195,6 @@ class VideoNeedlePrompts:
 
     def __init__(self, longva, haystack: torch.Tensor, needles: list[Needle], needle_embeds: torch.Tensor, haystack_identity: int | None = None) -> None:
         from longva_cli.engine import Visual
-        from longva_cli.engine.encoder import content_of
         from longva_cli.engine.sequence import identity_of, tokenize
         from longva_cli.model.prompt import IMAGE_PLACEHOLDER, Turn, chat_prompt
 
@@ -205,7 +204,8 @@ class VideoNeedlePrompts:
         self.haystack = Visual(frames, "video", haystack.shape[0])
         if haystack_identity is not None:  # the cache entry's: runs on the same haystack share keys
             self.haystack.identity = haystack_identity
-        self.needles = [Visual(embeds, "image", 1, identity=identity_of("needle", content_of(n.image))) for n, embeds in zip(needles, needle_embeds)]
+        # needle i of this run: its keys differ from every other needle's and every frame's
+        self.needles = [Visual(embeds, "image", 1, identity=identity_of("needle", i, n.question, n.answer)) for i, (n, embeds) in enumerate(zip(needles, needle_embeds))]
         self.questions, self.answers = [], []
         for needle in needles:
             # the system prompt and "user\n" come before the frames, the question after them

@@ -178,7 +178,7 @@ def build_model(recipe: AlignRecipe, dtype, attn_implementation: str):
     if settings.name_or_path is not None:
         from longva_cli.hub import locate_model
         from longva_cli.model.checkpoint import load_longva
-        from longva_cli.model.longva import load_tokenizer
+        from longva_cli.model.checkpoint import load_tokenizer
 
         folder = locate_model(settings.name_or_path)
         model = load_longva(folder, dtype=dtype, attn_implementation=attn_implementation)

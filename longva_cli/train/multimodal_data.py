@@ -9,9 +9,11 @@ A preference record (JSONL): {"id", "image" | "video", "prompt", "chosen", "reje
 
 Each sample becomes token ids in which every media item is one `MEDIA_TOKEN` (the original's
 IMAGE_TOKEN_INDEX), labels that are -100 everywhere but on the assistant's words, and the
-pixels of its media: UniRes crops for an image (as `LongVA.encode_image`), `frames` uniform
-frames for a video (as `ask`). The model turns the pixels into 144 tokens per crop or frame
-with `LongVAForCausalLM.encode_pixels` and puts them where the MEDIA_TOKEN stands.
+pixels of its media, sampled and preprocessed by the engine's one media path
+(`engine.media_pixels`: UniRes crops for an image, `frames` uniform frames for a video, as `ask`).
+The model turns the pixels into 144 tokens per crop or frame with
+`LongVAForCausalLM.encode_pixels`, and the engine's one splice (`engine.build`) puts them where the
+MEDIA_TOKEN stands.
 
 Templates:
 - `qwen_1_5`: the ChatML prompt of `ask` (`chat_prompt`); loss on each assistant reply and its
@@ -256,19 +258,22 @@ def expand_labels(input_ids: torch.Tensor, labels: torch.Tensor, visual_tokens: 
 
 def load_pixels(media: Media, processing, pinpoints, frames: int) -> torch.Tensor:
     """[n, 3, 336, 336]: UniRes crops of an image, or `frames` uniform frames of a video."""
-    from longva_cli.model import media as media_io
-    from longva_cli.model.processing import preprocess, unires_crops
+    from longva_cli.engine.encoder import MediaSpec, media_pixels
 
-    path = media_io.check_file(media.path)
-    if media.kind == "image":
-        image = media_io.open_image(path)
-        if image is None:
-            raise LongVAError(f"{path} is not an image that can be read.")
-        crops, _ = unires_crops(image, processing, pinpoints)
-        return preprocess(crops, processing)
-    video = media_io.open_video(path)
-    ids = media_io.uniform_frame_ids(video.num_frames, frames)
-    return preprocess(list(next(video.batches(ids, len(ids)))), processing)
+    return media_pixels(MediaSpec(media.path, frames if media.kind == "video" else None), processing, pinpoints)
+
+
+def spliced(input_ids: torch.Tensor, visuals: list[torch.Tensor]) -> list:
+    """Engine parts for `engine.build`: the token ids between MEDIA_TOKENs, each MEDIA_TOKEN
+    replaced by its media's visual tokens ([n * 144, d], kept in the autograd graph)."""
+    from longva_cli.engine.sequence import Visual
+
+    parts, begin = [], 0
+    places = (input_ids == MEDIA_TOKEN).nonzero().flatten().tolist()
+    for place, tokens in zip(places, visuals if places else []):
+        parts += [input_ids[begin:place].numpy(), Visual(tokens, "media", 0)]
+        begin = place + 1
+    return parts + [input_ids[begin:].numpy()]
 
 
 class AlignDataset(torch.utils.data.Dataset):
@@ -421,16 +426,12 @@ class AlignModule(torch.nn.Module):
 
             sequences = [Tokens(torch.zeros(2, dtype=torch.long), torch.full((2,), IGNORE), 0)]
             labels = [torch.full((2,), IGNORE)]
+        from longva_cli.engine.sequence import build
+
         embeds = []
         for seq, label in zip(sequences, labels):
-            text = model.embed_tokens(seq.input_ids.clamp(min=0))  # [L, d]; MEDIA_TOKEN rows replaced below
-            pieces, begin = [], 0
-            places = (seq.input_ids == MEDIA_TOKEN).nonzero().flatten().tolist()
-            for place, tokens in zip(places, per_media[seq.group] if places else []):
-                pieces += [text[begin:place], tokens.to(text.dtype)]
-                begin = place + 1
-            pieces.append(text[begin:])
-            embeds.append(torch.cat(pieces)[: len(label)])  # [T_i, d], capped as the labels were
+            sequence = build(model, spliced(seq.input_ids, [v.to(model.dtype) for v in per_media[seq.group]]))
+            embeds.append(sequence.embed(0, len(label)))  # [T_i, d], capped as the labels were
         # right padding with an attention mask, as LLaVA pads
         width = max(len(e) for e in embeds)
         inputs = embeds[0].new_zeros(len(embeds), width, embeds[0].shape[-1])  # [S, T, d]
