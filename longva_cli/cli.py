@@ -11,6 +11,7 @@ import errno
 import sys
 
 import typer
+from rich.markup import escape
 
 from longva_cli import __version__, ask, chat, download, recipes_cmd
 from longva_cli.errors import LongVAError
@@ -19,13 +20,15 @@ from longva_cli.niah import cli as niah_cli
 from longva_cli.serve import cli as serve_cli
 from longva_cli.train import align, extend_text
 
+HELP_OPTION_NAMES = ["-h", "--help"]
+
 app = typer.Typer(
     name="longva",
     help="LongVA: ask questions about hour-long videos, run V-NIAH, train and serve long-context video models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": HELP_OPTION_NAMES},
 )
 
 
@@ -58,6 +61,25 @@ app.add_typer(eval_cli.app, name="eval")
 app.add_typer(recipes_cmd.app, name="recipes")
 
 
+def plain_help(command) -> None:
+    """Make every help text plain text, shown as written.
+
+    Typer reads help as Rich markup, which swallows `[default: 200]` and `'longva[niah]'`; and it
+    labels flags `<bool>` as if they took a value. Escape the markup and give flags no label, for
+    `command` and everything under it (the help option included).
+    """
+    if command.help:
+        command.help = escape(command.help)
+    help_option = command.get_help_option(typer.Context(command, help_option_names=HELP_OPTION_NAMES))
+    for param in [*command.params, *([help_option] if help_option else [])]:
+        if getattr(param, "help", None):
+            param.help = escape(param.help)
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        plain_help(sub)
+
+
 def fail(message: str, code: int = 1) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
@@ -65,8 +87,10 @@ def fail(message: str, code: int = 1) -> None:
 
 def main() -> None:
     """Run the CLI; user-facing errors become one line on stderr and a non-zero exit."""
+    command = typer.main.get_command(app)
+    plain_help(command)
     try:
-        app()
+        command(prog_name="longva")
     except LongVAError as err:
         fail(str(err), err.exit_code)
     except KeyboardInterrupt:

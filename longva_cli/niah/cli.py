@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from longva_cli import options
 from longva_cli.console import stderr
@@ -68,8 +69,9 @@ def report(run) -> None:
         table.add_row(f"{depth_label(depth):g}", *[f"{scores[(s, depth)]:.2f}" if (s, depth) in scores else "-" for s in sizes])
     stderr.print(table)
     if run.warning:
-        stderr.print(f"[yellow]note:[/yellow] {run.warning}")
-    stderr.print(f"results: {run.folder} (all_accuracies.json, avg_accuracy.txt, heatmap.png, results.jsonl)")
+        stderr.print(f"[yellow]note:[/yellow] {escape(run.warning)}")
+    written = [name for name in ("all_accuracies.json", "avg_accuracy.txt", "heatmap.png", "results.jsonl") if (run.folder / name).is_file()]
+    stderr.print(f"results: {escape(str(run.folder))} ({', '.join(written)})")
     typer.echo(f"Average Accuracy: {run.average}")
 
 
@@ -85,7 +87,7 @@ def video_command(
     depth_step: float | None = typer.Option(None, "--depth-step", help="Step between needle depths from 0 to 1 [default: 0.2]."),
     scoring: str | None = typer.Option(None, "--scoring", help=SCORING_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Longest generated answer (generate scoring) [default: 32]."),
-    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where haystack embeddings are cached [default: ~/.cache/longva/niah]."),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where haystack embeddings are cached (the visual cache) [default: ~/.cache/longva/visual]."),
     device: options.Device = None,
     device_map: options.DeviceMap = None,
     sequence_parallel: int | None = typer.Option(
@@ -94,8 +96,8 @@ def video_command(
     dtype: options.Dtype = None,
     attn: options.Attention = None,
     prefill_chunk: options.PrefillChunk = None,
-    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Settings from a recipe (recipes/niah/*.yaml); flags override it."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output with the settings stored there."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Settings from a recipe: a YAML file or a bundled name (`longva recipes list`); flags override it."),
+    resume: bool = typer.Option(False, "--resume", help="A switch: continue the run in --output with the settings stored there (rerunning the same command continues it too)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results in --output and start over."),
 ) -> None:
     """V-NIAH: can the model find one needle image among N frames of a long video?
@@ -112,7 +114,7 @@ def video_command(
       longva niah video --haystack movie.mp4 --model lmms-lab/LongVA-7B --output runs/niah-longva
       longva niah video --haystack movie.mp4 --min-frames 200 --max-frames 3000 --frame-step 200 --depth-step 0.2
       longva niah video --haystack movie.mp4 --needles my_needles/ --scoring generate
-      longva niah video --recipe recipes/niah/v-niah-longva-7b.yaml --haystack movie.mp4
+      longva niah video --recipe niah/v-niah-longva-7b --haystack movie.mp4
       torchrun --nproc-per-node 8 -m longva_cli niah video --haystack movie.mp4 --output runs/niah-8gpu
       longva niah video --haystack movie.mp4 --max-frames 5000 --device-map auto
       torchrun --nproc-per-node 4 -m longva_cli niah video --haystack movie.mp4 --max-frames 6000 --sequence-parallel 4
@@ -150,8 +152,8 @@ def text_command(
     dtype: options.Dtype = None,
     attn: options.Attention = None,
     prefill_chunk: options.PrefillChunk = None,
-    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Settings from a recipe (recipes/niah/*.yaml); flags override it."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output with the settings stored there."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Settings from a recipe: a YAML file or a bundled name (`longva recipes list`); flags override it."),
+    resume: bool = typer.Option(False, "--resume", help="A switch: continue the run in --output with the settings stored there (rerunning the same command continues it too)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results in --output and start over."),
 ) -> None:
     """Text NIAH: find "The special magic Singapore number is: NNNNNNN." in a long book.
@@ -163,7 +165,7 @@ def text_command(
     examples:
       longva niah text --model lmms-lab/Qwen2-7B-Instrcuct-224K --haystack essays/ --max-tokens 512000 --distractors 3
       longva niah text --model Qwen/Qwen2-7B-Instruct --max-tokens 128000 --token-step 16000 --output runs/niah-qwen2
-      longva niah text --recipe recipes/niah/text-qwen2-224k.yaml --haystack essays/
+      longva niah text --recipe niah/text-qwen2-224k --haystack essays/
     """
     from longva_cli.niah.text import run_text
 

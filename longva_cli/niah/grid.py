@@ -141,7 +141,7 @@ def score_grid(
     tokens_forwarded: Callable[[], int] = lambda: 0,
 ) -> GridRun | None:
     """Run the units with a progress bar on rank 0, then (rank 0) write the output files."""
-    from longva_cli.console import progress
+    from longva_cli.console import progress, stderr
     from longva_cli.niah.results import write_outputs
 
     bar = progress(unit="needles" if mode == "video" else "samples") if ranks.is_main else None
@@ -149,15 +149,18 @@ def score_grid(
 
     def start(total: int) -> None:
         nonlocal task
-        if bar:
-            task = bar.add_task(f"{mode} NIAH", total=total)
+        if bar is None:
+            return
+        if total == 0:  # a finished run resumed: no empty 0/0 bar
+            stderr.print(f"[dim]{folder}: every cell is already scored; writing the outputs again.[/dim]")
+            return
+        bar.start()
+        task = bar.add_task(f"{mode} NIAH", total=total)
 
     def advance() -> None:
         if bar:
             bar.advance(task)
 
-    if bar:
-        bar.start()
     try:
         scored = run_units(units, score, folder, mode, ranks, on_start=start, on_unit=advance)
     finally:

@@ -1,4 +1,4 @@
-"""Settings of a NIAH run (also the schema of `recipes/niah/*.yaml`) and the grids they span.
+"""Settings of a NIAH run (also the schema of the `niah/*` recipes) and the grids they span.
 
 A recipe holds one `mode` (video or text) and that mode's section:
 
@@ -33,7 +33,7 @@ class VideoSettings:
     depth_step: float = 0.2
     scoring: Scoring = "teacher-forced"
     max_new_tokens: int = 32  # generate scoring only
-    cache_dir: Path | None = None  # haystack embeddings; default ~/.cache/longva/niah
+    cache_dir: Path | None = None  # haystack embeddings (the visual cache); default ~/.cache/longva/visual
     device: str = "auto"
     device_map: str | None = None  # "auto": one sequence's layers and KV cache spread over the GPUs
     sequence_parallel: int = 1  # >1: each sequence split over this many torchrun ranks (Ulysses)
