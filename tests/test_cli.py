@@ -41,6 +41,31 @@ def test_version_and_help():
         assert longva(command, "--help").returncode == 0
 
 
+def test_help_pages_show_defaults_and_brackets_as_written():
+    niah = longva("niah", "video", "--help", env={"COLUMNS": "200"}).stdout
+    assert "Smallest haystack, in frames [default: 200]." in niah
+    assert "Run folder [default: runs/niah-video]" in niah
+    ask = longva("ask", "--help", env={"COLUMNS": "200"}).stdout
+    assert "[default: lmms-lab/LongVA-7B-DPO]" in ask and "[default: 32]" in ask
+    assert "<bool>" not in ask + niah  # flags take no value
+    json_line = next(line for line in ask.splitlines() if "--json" in line and "Print" in line)
+    assert "--json" in json_line and "<" not in json_line.split("--json", 1)[1].split("Print")[0]
+
+
+def test_a_run_without_plotting_names_the_extra_and_only_the_files_it_wrote(tmp_path, capsys):
+    from longva_cli.niah.cli import report
+    from longva_cli.niah.grid import GridRun
+    from longva_cli.niah.heatmap import INSTALL_HINT
+
+    (tmp_path / "all_accuracies.json").write_text("[]")
+    (tmp_path / "avg_accuracy.txt").write_text("Average Accuracy: 1.0\n")
+    cells = [{"num_frames": 2, "depth": 0.0, "score": 1.0}]
+    report(GridRun(tmp_path, "video", cells, 1.0, 1, 0, INSTALL_HINT))
+    err = capsys.readouterr().err
+    assert "pip install 'longva[niah]'" in err
+    assert "heatmap.png" not in err.split("results:", 1)[1]
+
+
 def test_ask_streams_an_answer_about_the_demo_video(tiny_checkpoint):
     result = longva("ask", str(REPO / "assets" / "demo.mp4"), "What is moving?", "--model", str(tiny_checkpoint),
                     "--max-new-tokens", "5", "--temperature", "0")

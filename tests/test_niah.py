@@ -277,6 +277,12 @@ def test_a_killed_run_resumes_without_losing_or_recomputing_a_cell(video_run, vi
     assert run_video(settings).scored_now == 0
 
 
+def test_resuming_a_finished_run_says_it_is_complete(video_run, video_settings, capsys):
+    assert run_video(video_settings).scored_now == 0
+    err = capsys.readouterr().err
+    assert "every cell is already scored" in err and "0/0" not in err
+
+
 def test_a_folder_of_other_settings_is_refused_unless_overwrite(tmp_path):
     identity = {"model": "a", "max_frames": 6}
     niah_results.prepare_folder(tmp_path, "video", {}, identity, overwrite=False)

@@ -69,9 +69,9 @@ def report(run) -> None:
         table.add_row(f"{depth_label(depth):g}", *[f"{scores[(s, depth)]:.2f}" if (s, depth) in scores else "-" for s in sizes])
     stderr.print(table)
     if run.warning:
-        stderr.print(f"[yellow]note:[/yellow] {escape(run.warning)}")
+        stderr.print(f"[yellow]note:[/yellow] {escape(run.warning)}", soft_wrap=True)  # unbroken, to copy the command
     written = [name for name in ("all_accuracies.json", "avg_accuracy.txt", "heatmap.png", "results.jsonl") if (run.folder / name).is_file()]
-    stderr.print(f"results: {escape(str(run.folder))} ({', '.join(written)})")
+    stderr.print(f"results: {escape(str(run.folder))} ({', '.join(written)})", soft_wrap=True)
     typer.echo(f"Average Accuracy: {run.average}")
 
 
