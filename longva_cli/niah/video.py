@@ -271,7 +271,7 @@ def run_video(settings, *, overwrite: bool = False):
     longva = load(settings.model, device=ranks.device(settings.device), device_map=settings.device_map, dtype=settings.dtype, attn=settings.attn)
     cache = VisualCache(settings.cache_dir or default_cache_dir())
     entry = haystack_entry(cache, longva, path)
-    if ranks.is_main:  # one rank embeds, the others wait and read the cache
+    if ranks.is_main and entry.stored() < max(sizes):  # one rank embeds, the others wait and read the cache
         with progress(unit="frames") as bar:
             task = bar.add_task("haystack frames", total=None)
             embed_haystack(
