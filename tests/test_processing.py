@@ -80,7 +80,8 @@ def test_uniform_frame_ids_are_floored_linspace_with_duplicates():
 def test_fps_sampling_takes_every_rounded_fps_frame():
     assert frame_ids_at_fps(100, 29.97, 1.0) == [0, 30, 60, 90]
     assert frame_ids_at_fps(100, 25.0, 2.0) == list(range(0, 100, 12))
-    assert frame_ids_at_fps(100, 30.0, 1.0, max_frames=2) == [0, 30]
+    assert frame_ids_at_fps(100, 30.0, 1.0, max_frames=4) == [0, 30, 60, 90]  # the cap is not reached
+    assert frame_ids_at_fps(100, 30.0, 1.0, max_frames=2) == [0, 99]  # reached: spread over the whole video
 
 
 def test_best_resolution_keeps_most_pixels_then_wastes_least():
