@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -42,48 +43,85 @@ def read_questions(arguments: list[str], questions_file: str | None) -> list[str
     return questions
 
 
-def ask(
-    media: Path | None,
-    questions: list[str],
-    *,
-    model: str = DEFAULT_MODEL,
-    frames: int | None = None,
-    fps: float | None = None,
-    system: str | None = None,
-    max_new_tokens: int = 1024,
-    temperature: float = 0.5,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    seed: int | None = 0,
-    device: str = "auto",
-    dtype: str = "auto",
-    attn: str = "auto",
-    device_map: str | None = None,
-    quantize: str | None = None,
-    revision: str | None = None,
-    prefill_chunk: int = 4096,
-    cache_dir: Path | None = None,
-    use_cache: bool = True,
-    stream: bool = True,
-    on_answer=None,
-):
-    """Load `model` and answer each question about `media` (encoded and prefilled once).
+@dataclass
+class AskSettings:
+    """What `ask` and `chat` share: the model and how to load it, how the media is sampled, how
+    answers are sampled, and the visual cache. `check()` before loading anything."""
+
+    model: str = DEFAULT_MODEL
+    frames: int | None = None  # uniform frames (32 when None); with fps, the cap
+    fps: float | None = None
+    system: str | None = None  # None: the original's system prompt
+    max_new_tokens: int = 1024
+    temperature: float = 0.5
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    attn: str = "auto"
+    device_map: str | None = None
+    quantize: str | None = None
+    revision: str | None = None
+    prefill_chunk: int = 4096
+    cache_dir: Path | None = None
+    use_cache: bool = True
+
+    def check(self) -> None:
+        """One sentence per impossible value (NaN and infinity included)."""
+        if self.frames is not None and self.frames < 1:
+            raise LongVAError(f"--frames must be at least 1, got {self.frames}.")
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
+            raise LongVAError(f"--fps must be positive (a number of frames a second), got {self.fps}.")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise LongVAError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}.")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise LongVAError(f"--top-p must be in (0, 1], got {self.top_p}.")
+        if self.max_new_tokens < 1:
+            raise LongVAError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}.")
+        if self.prefill_chunk < 1:
+            raise LongVAError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}.")
+
+    def open(self, media: Path | None, keep_history: bool):
+        """Load the model; a `Session` about `media` and the sampling settings of its answers."""
+        from longva_cli.engine import MediaSpec, Session
+        from longva_cli.engine.visual_cache import disk_cache
+        from longva_cli.model.prompt import DEFAULT_SYSTEM
+
+        longva = load_model(
+            self.model, device=self.device, dtype=self.dtype, attn=self.attn, device_map=self.device_map,
+            quantize=self.quantize, revision=self.revision,
+        )
+        session = Session(
+            longva, [MediaSpec(media, self.frames, self.fps)] if media is not None else [],
+            system=DEFAULT_SYSTEM if self.system is None else self.system, cache=disk_cache(self.cache_dir, self.use_cache),
+            prefill_chunk=self.prefill_chunk, keep_history=keep_history,
+        )
+        sampling = longva.sampling_settings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        sampling.seed = self.seed
+        return session, sampling
+
+
+def checked_settings(media: Path | None, **flags) -> AskSettings:
+    """The commands' flags as settings, checked with the media file: bad input fails before any model loads."""
+    from longva_cli.engine.encoder import media_kind
+
+    settings = AskSettings(**flags)
+    settings.check()
+    if media is not None:
+        media_kind(media)
+    return settings
+
+
+def ask(media: Path | None, questions: list[str], settings: AskSettings = AskSettings(), *, stream: bool = True, on_answer=None):
+    """Load the model and answer each question about `media` (encoded and prefilled once).
 
     With `stream`, answers are written to stdout as they are generated (several questions are
     shown as "Q: ..." / "A: ..." blocks); `on_answer(answer)` gets each finished `Answer`.
     """
-    from longva_cli.engine import MediaSpec, Session, drive
-    from longva_cli.engine.visual_cache import disk_cache
-    from longva_cli.model.prompt import DEFAULT_SYSTEM
+    from longva_cli.engine import drive
 
-    longva = load_model(model, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize, revision=revision)
-    specs = [MediaSpec(media, frames, fps)] if media is not None else []
-    session = Session(
-        longva, specs, system=DEFAULT_SYSTEM if system is None else system, cache=disk_cache(cache_dir, use_cache),
-        prefill_chunk=prefill_chunk, keep_history=False,
-    )
-    sampling = longva.sampling_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-    sampling.seed = seed
+    session, sampling = settings.open(media, keep_history=False)
     several = len(questions) > 1
     answers = []
     for number, question in enumerate(questions):
@@ -119,37 +157,19 @@ def report(answer) -> None:
     )
 
 
-def check_sampling_options(frames, fps, temperature, top_p, max_new_tokens, prefill_chunk) -> None:
-    """One sentence per impossible value (NaN and infinity included), before anything loads."""
-    if frames is not None and frames < 1:
-        raise LongVAError(f"--frames must be at least 1, got {frames}.")
-    if fps is not None and not (math.isfinite(fps) and fps > 0):
-        raise LongVAError(f"--fps must be positive (a number of frames a second), got {fps}.")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise LongVAError(f"--temperature must be 0 (greedy) or positive, got {temperature}.")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise LongVAError(f"--top-p must be in (0, 1], got {top_p}.")
-    if max_new_tokens < 1:
-        raise LongVAError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")
-    if prefill_chunk < 1:
-        raise LongVAError(f"--prefill-chunk must be at least 1, got {prefill_chunk}.")
-
-
 def command(
     media: Path = typer.Argument(..., help="A video or image file (recognised by content)."),
     question: Optional[List[str]] = typer.Argument(None, help="One or more questions; '-' reads one from standard input."),
     questions_file: Optional[str] = typer.Option(None, "--questions", help="A file with one question a line ('-': standard input)."),
-    frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Frames sampled uniformly from the video, 144 tokens each. [default: 32]"),
-    fps: Optional[float] = typer.Option(
-        None, "--fps", help="Sample this many frames per second instead; with --frames as a cap, the capped frames are spread over the whole video."
-    ),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint folder, hub id or short name."),
-    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", help="Most tokens to generate."),
-    temperature: float = typer.Option(0.5, "--temperature", "-t", help="Sampling temperature; 0 = greedy (the original demo used 0.5)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling threshold (off by default, as in the original)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k sampling (default: the checkpoint's generation config, else 50)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed for sampling."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: 'You are a helpful assistant.'; '' for none)."),
+    frames: options.Frames = None,
+    fps: options.Fps = None,
+    model: options.Model = DEFAULT_MODEL,
+    max_new_tokens: options.MaxNewTokens = 1024,
+    temperature: options.Temperature = 0.5,
+    top_p: options.TopP = None,
+    top_k: options.TopK = None,
+    seed: options.Seed = 0,
+    system: options.System = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     attn: options.Attention = "auto",
@@ -175,31 +195,9 @@ def command(
       echo "What colour is the car?" | longva ask clip.mp4 - --json | jq .answer
     """
     questions = read_questions(question or [], questions_file)
-    check_sampling_options(frames, fps, temperature, top_p, max_new_tokens, prefill_chunk)
-    from longva_cli.engine.encoder import media_kind
-
-    media_kind(media)  # bad media fails before any model is loaded
-    ask(
-        media,
-        questions,
-        model=model,
-        frames=frames,
-        fps=fps,
-        system=system,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        attn=attn,
-        device_map=device_map,
-        quantize=quantize,
-        revision=revision,
-        prefill_chunk=prefill_chunk,
-        cache_dir=cache_dir,
-        use_cache=not no_cache,
-        stream=not json_output,
-        on_answer=(lambda answer: typer.echo(answer.to_json())) if json_output else None,
+    settings = checked_settings(
+        media, model=model, frames=frames, fps=fps, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, top_k=top_k, seed=seed, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize,
+        revision=revision, prefill_chunk=prefill_chunk, cache_dir=cache_dir, use_cache=not no_cache,
     )
+    ask(media, questions, settings, stream=not json_output, on_answer=(lambda answer: typer.echo(answer.to_json())) if json_output else None)

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
-
 import typer
 
 from longva_cli import options
-from longva_cli.ask import EMPTY_ANSWER, check_sampling_options
-from longva_cli.console import EventDisplay, load_model, stderr
+from longva_cli.ask import EMPTY_ANSWER, AskSettings, checked_settings
+from longva_cli.console import EventDisplay, stderr
 from longva_cli.hub import DEFAULT_MODEL
 
 COMMANDS = "/reset forgets the conversation, /save FILE writes it as JSON, Ctrl-D (or /exit) leaves"
@@ -33,41 +31,11 @@ def next_line(interactive: bool) -> str | None:
     return None if line == "" else line
 
 
-def chat(
-    media: Path,
-    *,
-    model: str = DEFAULT_MODEL,
-    frames: int | None = None,
-    fps: float | None = None,
-    system: str | None = None,
-    max_new_tokens: int = 1024,
-    temperature: float = 0.5,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    seed: int | None = 0,
-    device: str = "auto",
-    dtype: str = "auto",
-    attn: str = "auto",
-    device_map: str | None = None,
-    quantize: str | None = None,
-    revision: str | None = None,
-    prefill_chunk: int = 4096,
-    cache_dir: Path | None = None,
-    use_cache: bool = True,
-    json_output: bool = False,
-) -> int:
+def chat(media: Path, settings: AskSettings = AskSettings(), *, json_output: bool = False) -> int:
     """Run the conversation until the input ends; the number of turns answered."""
-    from longva_cli.engine import MediaSpec, Session, drive
-    from longva_cli.engine.visual_cache import disk_cache
-    from longva_cli.model.prompt import DEFAULT_SYSTEM
+    from longva_cli.engine import drive
 
-    longva = load_model(model, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize, revision=revision)
-    session = Session(
-        longva, [MediaSpec(media, frames, fps)], system=DEFAULT_SYSTEM if system is None else system,
-        cache=disk_cache(cache_dir, use_cache), prefill_chunk=prefill_chunk,
-    )
-    sampling = longva.sampling_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-    sampling.seed = seed
+    session, sampling = settings.open(media, keep_history=True)
     display = EventDisplay(stream_text=False)
     try:
         visuals = drive(session.encode(), display)  # before the first question, so it is answered at once
@@ -123,15 +91,15 @@ def chat(
 
 def command(
     media: Path = typer.Argument(..., help="A video or image file (recognised by content)."),
-    frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Frames sampled uniformly from the video, 144 tokens each. [default: 32]"),
-    fps: Optional[float] = typer.Option(None, "--fps", help="Sample this many frames per second instead (--frames caps the count)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint folder, hub id or short name."),
-    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", help="Most tokens to generate per answer."),
-    temperature: float = typer.Option(0.5, "--temperature", "-t", help="Sampling temperature; 0 = greedy (the original demo used 0.5)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling threshold (off by default, as in the original)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k sampling (default: the checkpoint's generation config, else 50)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed for sampling (each turn starts from it)."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: 'You are a helpful assistant.'; '' for none)."),
+    frames: options.Frames = None,
+    fps: options.Fps = None,
+    model: options.Model = DEFAULT_MODEL,
+    max_new_tokens: options.MaxNewTokens = 1024,
+    temperature: options.Temperature = 0.5,
+    top_p: options.TopP = None,
+    top_k: options.TopK = None,
+    seed: options.Seed = 0,
+    system: options.System = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     attn: options.Attention = "auto",
@@ -152,12 +120,9 @@ def command(
       longva chat movie.mp4 --frames 128
       printf 'What happens?\\nWhy?\\n' | longva chat clip.mp4 --temperature 0
     """
-    check_sampling_options(frames, fps, temperature, top_p, max_new_tokens, prefill_chunk)
-    from longva_cli.engine.encoder import media_kind
-
-    media_kind(media)
-    chat(
+    settings = checked_settings(
         media, model=model, frames=frames, fps=fps, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, seed=seed, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize,
-        revision=revision, prefill_chunk=prefill_chunk, cache_dir=cache_dir, use_cache=not no_cache, json_output=json_output,
+        revision=revision, prefill_chunk=prefill_chunk, cache_dir=cache_dir, use_cache=not no_cache,
     )
+    chat(media, settings, json_output=json_output)

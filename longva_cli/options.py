@@ -25,3 +25,17 @@ CacheDir = Annotated[
     typer.Option("--cache-dir", help="Where visual embeddings are cached (by the media's content) [default: ~/.cache/longva/visual]."),
 ]
 NoCache = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the visual-embedding cache.")]
+
+# `ask` and `chat`: the model, how the media is sampled, how answers are sampled
+Model = Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, hub id or short name.")]
+Frames = Annotated[Optional[int], typer.Option("--frames", "-n", help="Frames sampled uniformly from the video, 144 tokens each. [default: 32]")]
+Fps = Annotated[
+    Optional[float],
+    typer.Option("--fps", help="Sample this many frames per second instead; with --frames as a cap, the capped frames are spread over the whole video."),
+]
+MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate per answer.")]
+Temperature = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 = greedy (the original demo used 0.5).")]
+TopP = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold (off by default, as in the original).")]
+TopK = Annotated[Optional[int], typer.Option("--top-k", help="Top-k sampling (default: the checkpoint's generation config, else 50).")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed for sampling (each answer starts from it).")]
+System = Annotated[Optional[str], typer.Option("--system", help="System prompt (default: 'You are a helpful assistant.'; '' for none).")]

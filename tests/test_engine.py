@@ -247,6 +247,6 @@ def test_an_empty_answer_is_said_on_stderr(tiny_longva, video_file, monkeypatch,
     first_token = drive(run(tiny_longva, PrefixCache(tiny_longva.model.language_model), sequence, Generate(GREEDY))).token_ids[0]
     monkeypatch.setattr(ask, "load_model", lambda *a, **k: tiny_longva)
     monkeypatch.setattr(tiny_longva, "stop_ids", {*tiny_longva.stop_ids, first_token})
-    answers = ask.ask(video_file, ["Q?"], frames=2, temperature=0, max_new_tokens=4, use_cache=False)
+    answers = ask.ask(video_file, ["Q?"], ask.AskSettings(frames=2, temperature=0, max_new_tokens=4, use_cache=False))
     assert answers[0].answer == ""
     assert "ended its answer at once" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, Union
 
 import torch
@@ -137,15 +137,25 @@ Event = Union[Prefilling, Token, Any]
 Result = TypeVar("Result")
 
 
-def drive(events: Generator[Any, None, Result], on_event: Callable[[Any], None] | None = None) -> Result:
-    """Run a generator of events to the end (handing each event to `on_event`); its result."""
-    while True:
+def drive(
+    events: Generator[Any, None, Result],
+    on_event: Callable[[Any], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> Result | None:
+    """Run a generator of events to the end (handing each event to `on_event`); its result.
+
+    With `stop`, checked before each step, the generator is closed as soon as it returns True
+    (between frame batches, prefill chunks or tokens) and the result is None.
+    """
+    while stop is None or not stop():
         try:
             event = next(events)
         except StopIteration as finished:
             return finished.value
         if on_event is not None:
             on_event(event)
+    events.close()
+    return None
 
 
 # ---- running --------------------------------------------------------------------------------------

@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from longva_cli.errors import LongVAError
 from longva_cli.niah.grid import Unit
-
-if TYPE_CHECKING:  # torch loads only once a run starts: bad input fails fast
-    from longva_cli.engine import Sequence
 
 NEEDLE = "\nThe special magic Singapore number is: {}.\n"
 CITIES = ["New York", "London", "Paris", "Tokyo", "Beijing", "Berlin"]

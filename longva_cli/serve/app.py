@@ -85,7 +85,7 @@ class Generation:
     """One request's trip through the worker; events go back to the request's event loop.
 
     `cancelled` is set the moment the client leaves or the server stops: the worker checks it
-    between frame batches, prefill chunks and tokens (`until_cancelled`).
+    between frame batches, prefill chunks and tokens (`engine.drive(..., stop=...)`).
     """
 
     def __init__(self, job: ChatJob, loop: asyncio.AbstractEventLoop) -> None:
@@ -260,7 +260,7 @@ class ModelWorker:
         pool, so a follow-up (the same video, or the same conversation plus a turn) prefills
         only its new tokens; the answer is the same as a cold request's.
         """
-        from longva_cli.engine import Generate, MediaSpec, Token, build, encode, prompt_parts, run
+        from longva_cli.engine import Generate, MediaSpec, Token, build, drive, encode, prompt_parts, run
         from longva_cli.engine.memory import check_fits
         from longva_cli.model.prompt import chat_prompt
 
@@ -268,7 +268,7 @@ class ModelWorker:
         visuals = []
         for item in job.media:
             with media_errors(item):
-                visual = until_cancelled(encode(longva, MediaSpec(item.path, job.frames, job.fps), self.visual_cache), generation)
+                visual = drive(encode(longva, MediaSpec(item.path, job.frames, job.fps), self.visual_cache), stop=generation.cancelled.is_set)
             if visual is None:
                 return None
             visuals.append(visual)
@@ -287,7 +287,7 @@ class ModelWorker:
                 generation.emit("text", event.text)
 
         runner = self.runners.acquire(sequence)
-        generated = until_cancelled(run(longva, runner, sequence, Generate(sampling)), generation, stream)
+        generated = drive(run(longva, runner, sequence, Generate(sampling)), stream, stop=generation.cancelled.is_set)
         if generated is None:
             return None
         return generated.text, len(sequence), len(generated.token_ids), generated.reused_tokens
@@ -317,20 +317,6 @@ def media_errors(item: MediaItem) -> Iterator[None]:
         if isinstance(err, Image.DecompressionBombError):
             message = f"{item.label} is an image too large to decode (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels); send a smaller image."
         raise APIError(400, message, param=item.param, code="invalid_media") from None
-
-
-def until_cancelled(events, generation: Generation, on_event=None):
-    """Run an engine generator to its result, or stop it (None) as soon as the request is
-    cancelled: between frame batches, prefill chunks and tokens."""
-    while not generation.cancelled.is_set():
-        try:
-            event = next(events)
-        except StopIteration as finished:
-            return finished.value
-        if on_event is not None:
-            on_event(event)
-    events.close()
-    return None
 
 
 def api_error_response(err: APIError) -> JSONResponse:
