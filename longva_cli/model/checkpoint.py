@@ -288,7 +288,8 @@ def _load_separate_tower(mm: MultimodalConfig, dtype, attn_implementation, devic
             raise LongVAError(
                 f"the checkpoint has no vision tower weights and {mm.vision_tower} is not downloaded; run `longva download {mm.vision_tower}`."
             ) from None
-    return CLIPVisionModel.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, device_map=device)
+    with quiet_loading():
+        return CLIPVisionModel.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, device_map=device)
 
 
 def build_longva(language_config_, vision_config, mm: MultimodalConfig, attn_implementation: str = "sdpa") -> LongVAForCausalLM:
