@@ -153,18 +153,17 @@ def test_image_takes_its_unires_crops_without_the_base_image(processor, media, r
     assert out["mm_kwargs"]["image"][0]["pixel_values"].data.shape == (4, 3, 336, 336)
 
 
-def test_a_prompt_lists_its_images_before_its_videos(processor, media):
+def test_images_and_videos_take_their_own_placeholders_in_any_order(processor, media):
     from PIL import Image
 
     from longva_cli.vllm.video import load_video
 
     frames, _ = load_video(media["video"], frames=2)
     image = Image.open(media["image"]).convert("RGB")
-    items = processor.info.parse_mm_data({"image": image, "video": frames})
-    out = processor("<image> then <video>", items)
-    assert [p.length for p in out["mm_placeholders"]["image"] + out["mm_placeholders"]["video"]] == [4 * 144, 2 * 144]
-    with pytest.raises(ValueError, match="images before its videos"):
-        processor("<video> then <image>", items)
+    out = processor("<video> then <image>", processor.info.parse_mm_data({"image": image, "video": frames}))
+    (video,), (picture,) = out["mm_placeholders"]["video"], out["mm_placeholders"]["image"]
+    assert (video.length, picture.length) == (2 * 144, 4 * 144)
+    assert video.offset < picture.offset
 
 
 def test_memory_is_profiled_for_videos_that_fill_the_context(processor):

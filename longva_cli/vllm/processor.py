@@ -5,7 +5,8 @@ preprocessing and UniRes, `longva_cli.model.media` for decoding), so vLLM sees t
 `longva ask` sees. Each media item takes one placeholder in the prompt:
 
     <image>   an image: UniRes crops x 144 tokens (the squashed base image is not encoded)
-    <video>   a video: frames x 144 tokens (`<image>` also works, as in the original's prompts)
+    <video>   a video: frames x 144 tokens (`<image>` when the prompt has no images, as in
+              the original's prompts)
 
 The prompt is tokenised as the native engine tokenises it: the text between placeholders piece
 by piece, so byte-pair merges never cross a placeholder.
@@ -13,6 +14,7 @@ by piece, so byte-pair merges never cross a placeholder.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from functools import cached_property
@@ -22,15 +24,17 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 from vllm.config.multimodal import MultiModalDummyOptions
-from vllm.inputs import MultiModalDataDict
+from vllm.inputs import MultiModalDataDict, MultiModalInput
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageSize, MultiModalDataItems
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
     BaseProcessingInfo,
+    ProcessorInputs,
     PromptReplacement,
     PromptUpdate,
+    TimingContext,
 )
 
 from longva_cli.model.config import ImageProcessing
@@ -100,9 +104,10 @@ class LongVAProcessingInfo(BaseProcessingInfo):
         return {"image": None, "video": None}
 
     @cached_property
-    def placeholder_ids(self) -> list[int]:
-        """The tokens one placeholder becomes when tokenised on its own (what prompt updates look for)."""
-        return self.get_tokenizer().encode(IMAGE_PLACEHOLDER, add_special_tokens=False)
+    def placeholder_ids(self) -> dict[str, list[int]]:
+        """Each placeholder's tokens when tokenised on its own: what prompt updates look for."""
+        tokenizer = self.get_tokenizer()
+        return {text: tokenizer.encode(text, add_special_tokens=False) for text in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)}
 
     @cached_property
     def feature_id(self) -> int:
@@ -175,25 +180,28 @@ class LongVAMultiModalProcessor(BaseMultiModalProcessor[LongVAProcessingInfo]):
             video_num_frames=MultiModalFieldConfig.batched("video", keep_on_cpu=True),
         )
 
-    def _postprocess_prompt(self, prompt: list[int]) -> list[int]:
-        """Tokenise the prompt as `longva ask` does: each text piece between placeholders on its
-        own, each placeholder as `placeholder_ids`.
+    def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
+        """vLLM's processing, on the prompt re-tokenised as `longva ask` tokenises it."""
+        prompt = self.native_tokens(inputs.prompt, inputs.mm_data_items.get_all_counts())
+        return super().apply(dataclasses.replace(inputs, prompt=prompt), timing_ctx)
+
+    def native_tokens(self, prompt: list[int], counts: Mapping[str, int]) -> list[int]:
+        """The prompt's text pieces between placeholders tokenised one by one, each placeholder
+        on its own.
 
         vLLM tokenised the whole prompt in one go, which lets byte-pair merges cross a
-        placeholder (`>\\n` is one Qwen2 token): the model would then read other tokens than
-        the ones it reads natively.
+        placeholder (`>\\n` is one Qwen2 token): the model would read other tokens than the ones
+        it reads natively.
         """
         tokenizer = self.info.get_tokenizer()
         text = tokenizer.decode(prompt, clean_up_tokenization_spaces=False)
-        kinds = _PLACEHOLDERS.findall(text)
-        if VIDEO_PLACEHOLDER in kinds and IMAGE_PLACEHOLDER in kinds[kinds.index(VIDEO_PLACEHOLDER) :]:
-            # vLLM hands images and videos over in two separate lists: their order in the
-            # prompt is only known when images come first.
-            raise ValueError("put a prompt's images before its videos: LongVA on vLLM takes <image> placeholders first, then <video>.")
+        placeholders = _PLACEHOLDERS.findall(text)
+        if not counts.get("image") and VIDEO_PLACEHOLDER not in placeholders:
+            placeholders = [VIDEO_PLACEHOLDER] * len(placeholders)  # the original writes <image> for a video
         pieces = tokenize_segments(tokenizer, _PLACEHOLDERS.sub(IMAGE_PLACEHOLDER, text))
         ids = pieces[0].tolist()
-        for piece in pieces[1:]:
-            ids += self.info.placeholder_ids + piece.tolist()
+        for placeholder, piece in zip(placeholders, pieces[1:]):
+            ids += self.info.placeholder_ids[placeholder] + piece.tolist()
         return ids
 
     def _get_prompt_updates(
@@ -212,7 +220,8 @@ class LongVAMultiModalProcessor(BaseMultiModalProcessor[LongVAProcessingInfo]):
 
             return replacement
 
+        targets = self.info.placeholder_ids
         return [
-            PromptReplacement(modality="image", target=self.info.placeholder_ids, replacement=features("image", "image_num_crops")),
-            PromptReplacement(modality="video", target=self.info.placeholder_ids, replacement=features("video", "video_num_frames")),
+            PromptReplacement(modality="image", target=targets[IMAGE_PLACEHOLDER], replacement=features("image", "image_num_crops")),
+            PromptReplacement(modality="video", target=targets[VIDEO_PLACEHOLDER], replacement=features("video", "video_num_frames")),
         ]
