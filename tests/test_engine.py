@@ -86,6 +86,16 @@ def test_the_disk_cache_evicts_the_least_recently_used_entry(tiny_longva, video_
     assert len(left) == 2 and newest in left
 
 
+def test_a_frame_cap_on_fps_sampling_says_what_it_covered(tiny_longva, video_file):
+    from longva_cli.engine import Notice
+
+    events = []
+    visual = drive(encode(tiny_longva, MediaSpec(video_file, frames=3, fps=5)), events.append)
+    notices = [event.message for event in events if isinstance(event, Notice)]
+    assert visual.frame_ids == [0, 14, 29]  # the whole 3-second clip, not its first 0.6 s
+    assert notices == ["--fps 5 would take 15 frames; took 3 (--frames) spread over the whole video (0-3.0 s)."]
+
+
 # ---- questions, chats, cancellations --------------------------------------------------------------------
 
 

@@ -435,6 +435,22 @@ def test_bad_input_is_one_line_without_traceback(haystack, needle_dir, tmp_path)
         assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
 
 
+def test_a_needle_that_is_not_an_image_file_gets_one_sentence(tmp_path):
+    from test_inputs import png_claiming
+
+    numbered = tmp_path / "numbered"
+    numbered.mkdir()
+    (numbered / "needles.jsonl").write_text(json.dumps({"image": 5, "question": "\nWhat?", "answer": "A"}) + "\n")
+    with pytest.raises(LongVAError, match='"image" must be a file name'):
+        load_needles(str(numbered))
+    bomb = tmp_path / "bomb"
+    bomb.mkdir()
+    (bomb / "big.png").write_bytes(png_claiming(30000, 30000))
+    (bomb / "needles.jsonl").write_text(json.dumps({"image": "big.png", "question": "\nWhat?", "answer": "A"}) + "\n")
+    with pytest.raises(LongVAError, match="pixels"):
+        load_needles(str(bomb))
+
+
 def test_flags_override_the_recipe_and_resume_reads_the_folder(tmp_path):
     from longva_cli.niah.cli import settings_for
     from longva_cli.niah.results import prepare_folder

@@ -30,7 +30,7 @@ _WHERE = {
     "Scored": "objectives", "TeacherForce": "objectives", "Token": "objectives", "drive": "objectives", "run": "objectives",
     "DEFAULT_PREFILL_CHUNK": "runner", "Chunk": "runner", "KVRunner": "runner", "PrefixCache": "runner", "RunnerPool": "runner",
     "Sequence": "sequence", "Visual": "sequence", "build": "sequence", "prompt_parts": "sequence", "token_sequence": "sequence",
-    "Answer": "session", "Notice": "session", "Session": "session",
+    "Answer": "session", "Notice": "objectives", "Session": "session",
     "RunStore": "runs",
     "VisualCache": "visual_cache", "default_cache_dir": "visual_cache",
 }

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
+from longva_cli.engine.objectives import Notice
 from longva_cli.engine.sequence import Visual, identity_of
 from longva_cli.engine.visual_cache import VisualCache, content_hash
 from longva_cli.errors import LongVAError
@@ -94,6 +95,8 @@ class Pixels:
     batches: Iterator[torch.Tensor]  # float32 [b, 3, 336, 336], `count` rows in all
     frame_ids: list[int]
     grid: tuple[int, int] | None = None
+    seconds: float | None = None  # a video's length
+    rate_frames: int | None = None  # frames the fps alone asks for (more than `count` when capped)
 
 
 def frame_ids(video: media_io.Video, spec: MediaSpec) -> list[int]:
@@ -103,7 +106,8 @@ def frame_ids(video: media_io.Video, spec: MediaSpec) -> list[int]:
 
 
 def pixels(spec: MediaSpec, processing: "ImageProcessing", pinpoints, batch: int = VISION_BATCH) -> Pixels:
-    """Sample and preprocess a media item, lazily: frames are decoded batch by batch."""
+    """Sample and preprocess a media item, lazily: frames are decoded a few at a time and only
+    their 336-px crops accumulate, whatever the video's frame size."""
     source = spec.source
     image = source if isinstance(source, Image.Image) else media_io.open_image(media_io.check_file(Path(source)))
     if image is not None:
@@ -112,8 +116,15 @@ def pixels(spec: MediaSpec, processing: "ImageProcessing", pinpoints, batch: int
         return Pixels("image", len(crops), batches, [], grid)
     video = media_io.open_video(Path(source))
     ids = frame_ids(video, spec)
-    batches = (preprocess(list(frames), processing, pad_to_square=spec.pad_to_square) for frames in video.batches(ids, batch))
-    return Pixels("video", len(ids), batches, ids)
+    batches = video.pixel_batches(ids, processing, batch_size=batch, pad_to_square=spec.pad_to_square)
+    return Pixels("video", len(ids), batches, ids, seconds=video.num_frames / video.fps, rate_frames=rate_frames(video, spec))
+
+
+def rate_frames(video: media_io.Video, spec: MediaSpec) -> int | None:
+    """How many frames `--fps` alone would take (None when sampling by count)."""
+    if spec.fps is None:
+        return None
+    return len(media_io.frame_ids_at_fps(video.num_frames, video.fps, spec.fps))
 
 
 def media_pixels(spec: MediaSpec, processing: "ImageProcessing", pinpoints) -> torch.Tensor:
@@ -166,7 +177,7 @@ def cache_key(model: "LongVA", spec: MediaSpec, content: str) -> dict:
     }
 
 
-def encode(model: "LongVA", spec: MediaSpec, cache: VisualCache | None = None) -> Generator[Encoding, None, Visual]:
+def encode(model: "LongVA", spec: MediaSpec, cache: VisualCache | None = None) -> Generator[Encoding | Notice, None, Visual]:
     """The visual tokens of one media item, from `cache` when it has them."""
     if spec.frames is not None and spec.fps is None:
         check_memory(model, spec.frames)
@@ -183,6 +194,11 @@ def encode(model: "LongVA", spec: MediaSpec, cache: VisualCache | None = None) -
     source = pixels(spec, model.processing, model.model.mm.image_grid_pinpoints)
     if source.kind == "video" and spec.fps is not None:
         check_memory(model, source.count)
+        if source.rate_frames > source.count:
+            yield Notice(
+                f"--fps {spec.fps:g} would take {source.rate_frames:,} frames; took {source.count:,} (--frames) spread over "
+                f"the whole video (0-{source.seconds:.1f} s)."
+            )
     embeds = yield from encode_batches(model, source.batches, source.count)  # [n, 144, d]
     info = {"kind": source.kind, "images": source.count, "frame_ids": source.frame_ids, "grid": source.grid}
     if usable:

@@ -8,7 +8,6 @@ quantisation are resolved once, here, the same way for every command.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +164,7 @@ def load(
 
 def load_longva_model(folder: Path, name: str, dtype, attention, target, device_map, quantization, started: float):
     from longva_cli.model.checkpoint import load_longva, load_tokenizer
-    from longva_cli.model.config import vision_settings
+    from longva_cli.model.config import read_json, vision_settings
     from longva_cli.model.longva import LongVA
 
     network = load_longva(
@@ -174,27 +173,29 @@ def load_longva_model(folder: Path, name: str, dtype, attention, target, device_
     tokenizer = load_tokenizer(folder)
     _, processing = vision_settings(network.mm)
     generation_path = folder / "generation_config.json"
-    generation_config = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
+    generation_config = read_json(generation_path, folder) if generation_path.is_file() else {}
     return LongVA(
         network, tokenizer, processing, name, generation_config, time.perf_counter() - started, folder=folder, fingerprint=fingerprint(folder)
     )
 
 
 def load_text_model(folder: Path, name: str, dtype, attention, target, device_map, quantization) -> TextModel:
-    """A causal LM; for a LongVA checkpoint, its language model (the vision parts are dropped)."""
+    """A causal LM; for a LongVA checkpoint, its language model alone (the tower is not loaded)."""
     from transformers import AutoModelForCausalLM
 
-    from longva_cli.model.checkpoint import load_longva, load_tokenizer
+    from longva_cli.model.checkpoint import load_language_model, load_tokenizer, quiet_loading
+    from longva_cli.model.config import read_config
 
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)
     tokenizer = load_tokenizer(folder)
     if config.get("model_type") == "llava_qwen":
-        language_model = load_longva(
+        language_model = load_language_model(
             folder, dtype=dtype, attn_implementation=attention, device=target, device_map=device_map, quantization_config=quantization
-        ).language_model
-    else:
-        language_model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, attn_implementation=attention, device_map=device_map if device_map is not None else target,
-            quantization_config=quantization,
         )
+    else:
+        with quiet_loading():
+            language_model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, attn_implementation=attention, device_map=device_map if device_map is not None else target,
+                quantization_config=quantization,
+            )
     return TextModel(language_model.eval(), tokenizer, name, folder, text_stop_ids(tokenizer))

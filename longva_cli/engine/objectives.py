@@ -128,6 +128,13 @@ class Prefilling:
 
 
 @dataclass
+class Notice:
+    """Something the user should know (the KV cache may not fit, a frame cap was applied)."""
+
+    message: str
+
+
+@dataclass
 class Token:
     id: int
     text: str  # new text this token completes ("" while inside a multi-byte character)

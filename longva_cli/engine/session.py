@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from longva_cli.engine.encoder import MediaSpec, encode
 from longva_cli.engine.memory import check_fits
-from longva_cli.engine.objectives import Generate, Generated, SamplingSettings, run
+from longva_cli.engine.objectives import Generate, Generated, Notice, SamplingSettings, run
 from longva_cli.engine.runner import DEFAULT_PREFILL_CHUNK, PrefixCache
 from longva_cli.engine.sequence import Visual, build, prompt_parts
 from longva_cli.model.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, Turn, chat_prompt
@@ -28,13 +28,6 @@ from longva_cli.model.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, Turn, cha
 if TYPE_CHECKING:
     from longva_cli.engine.visual_cache import VisualCache
     from longva_cli.model.longva import LongVA
-
-
-@dataclass
-class Notice:
-    """Event: something the user should know (e.g. the KV cache may not fit)."""
-
-    message: str
 
 
 @dataclass

@@ -85,7 +85,7 @@ def embed_haystack(
                 on_progress(start + event.done - encoded[0])
             encoded[0] = start + event.done
 
-        batches = video.batches(ids[start:stop], VISION_BATCH)
+        batches = video.pixel_batches(ids[start:stop], longva.processing, batch_size=VISION_BATCH, pad_to_square=True)
         embeds = drive(encode_batches(longva, batches, stop - start, pad_to_square=True), progress)  # [b, 144, d]
         entry.append(start, embeds)
 
@@ -140,8 +140,6 @@ def needle_folder(source: str) -> Path:
 
 def parquet_needles(files: list[Path]) -> list[Needle]:
     """Rows of the HF data set: image {bytes, path}, question, answer."""
-    import io
-
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -154,7 +152,7 @@ def parquet_needles(files: list[Path]) -> list[Needle]:
                 raise LongVAError(f"{file} has a needle without {missing[0]}; each row needs image, question and answer.")
             image = row["image"]
             data = image.get("bytes") if isinstance(image, dict) else image
-            needles.append(Needle(Image.open(io.BytesIO(data)).convert("RGB"), str(row["question"]), str(row["answer"])))
+            needles.append(Needle(media_io.image_from_bytes(data, f"{file} (needle {len(needles) + 1})"), str(row["question"]), str(row["answer"])))
     return needles
 
 
@@ -179,6 +177,8 @@ def json_needles(folder: Path) -> list[Needle]:
         missing = [k for k in ("image", "question", "answer") if row.get(k) in (None, "")]
         if missing:
             raise LongVAError(f"{file} needle {number} has no {missing[0]}; every needle needs image, question and answer.")
+        if not isinstance(row["image"], str):
+            raise LongVAError(f"{file} needle {number}: \"image\" must be a file name relative to {folder}, got {row['image']!r}.")
         image = media_io.open_image(media_io.check_file(folder / row["image"]))
         if image is None:
             raise LongVAError(f"{folder / row['image']} (needle {number}) is not an image that can be read.")

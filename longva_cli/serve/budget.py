@@ -135,10 +135,12 @@ def _pieces(text: str, size: int):
 def image_size(item: MediaItem) -> tuple[int, int] | None:
     """(width, height) from an image file's header, None when it is not an image PIL knows.
 
-    PIL's own pixel limit (`Image.MAX_IMAGE_PIXELS`) is this server's: a bigger image is refused
-    here, before it could be decoded.
+    The core's pixel limit (`media.MAX_IMAGE_PIXELS`) is this server's: a bigger image is refused
+    here, before it is queued or decoded.
     """
     from PIL import Image
+
+    from longva_cli.model.media import MAX_IMAGE_PIXELS
 
     try:
         with Image.open(item.path) as image:
@@ -147,9 +149,9 @@ def image_size(item: MediaItem) -> tuple[int, int] | None:
         width = height = None
     except Exception:  # noqa: BLE001 - any header PIL cannot read: not an image; the worker says what it is
         return None
-    limit = Image.MAX_IMAGE_PIXELS
-    if width is None or (limit is not None and width * height > limit):
-        size = f"{width}x{height} pixels" if width else f"more than {2 * limit:,} pixels"
+    limit = MAX_IMAGE_PIXELS
+    if width is None or width * height > limit:
+        size = f"{width}x{height} pixels" if width else f"more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
         raise APIError(
             400, f"{item.label} is an image of {size}; this server decodes images of at most {limit:,} pixels: send a smaller one.",
             param=item.param, code="image_too_large",
