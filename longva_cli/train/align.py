@@ -463,11 +463,12 @@ def _train(recipe: AlignRecipe, resume, state: ParallelState, records, missing) 
     }
     groups = set_trainable(model, parts, lrs)
     if train.gradient_checkpointing:
+        from longva_cli.model.compat import enable_activation_checkpointing
+
         # non-reentrant checkpointing works with ZeRO-3 hooks and with inputs that need no grad
-        kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
-        model.language_model.activation_checkpointing_enable(**kwargs)
+        enable_activation_checkpointing(model.language_model, use_reentrant=False)
         if "mm_vision_tower" in parts:
-            model.vision_tower.activation_checkpointing_enable(**kwargs)
+            enable_activation_checkpointing(model.vision_tower, use_reentrant=False)
 
     dataset = AlignDataset(
         records, tokenizer, mode=train.mode, template=data.template, system=data.system, processing=processing,

@@ -134,6 +134,8 @@ def build_model(recipe: ExtendTextRecipe, ds_config: dict[str, Any], dtype):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
 
+    from longva_cli.model.compat import enable_activation_checkpointing
+
     settings = recipe.model
     if settings.init == "random":
         config = Qwen2Config(**settings.config)
@@ -162,7 +164,7 @@ def build_model(recipe: ExtendTextRecipe, ds_config: dict[str, Any], dtype):
         del keep_alive
     if recipe.train.gradient_checkpointing:
         # non-reentrant checkpointing works with ZeRO-3 hooks and with inputs that need no grad
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)
     return model
 
 
