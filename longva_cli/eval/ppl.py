@@ -32,7 +32,6 @@ import gc
 import hashlib
 import io
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -137,13 +136,14 @@ class Measurement:
     window_means: list[float] = field(default_factory=list)  # each window's mean NLL
     documents: int = 0
 
+    # numpy's exp: a broken model's huge NLL (a float16 overflow) gives inf, not an OverflowError
     @property
     def perplexity(self) -> float:
-        return math.exp(self.nll / self.tokens)
+        return float(np.exp(self.nll / self.tokens))
 
     @property
     def window_mean_perplexity(self) -> float:
-        return math.exp(sum(self.window_means) / len(self.window_means))
+        return float(np.exp(sum(self.window_means) / len(self.window_means)))
 
 
 def score_document(

@@ -53,7 +53,7 @@ def draw_curves(lengths: list[int], rows: dict[str, list[float | None]], path: P
     axes.set_xlabel("Context window (tokens)")
     axes.set_ylabel("Perplexity (lower is better)")
     axes.grid(alpha=0.3)
-    axes.legend(loc="upper right")
+    axes.legend(loc="best")
     if title:
         axes.set_title(title)
     figure.tight_layout()
