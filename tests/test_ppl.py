@@ -144,6 +144,11 @@ def test_chunked_windowed_nll_equals_a_full_forward_with_labels(models, tokenize
     assert ours == pytest.approx(plain, rel=1e-4)
 
 
+def test_a_model_whose_loss_overflows_reports_infinite_perplexity_not_a_crash():
+    broken = ppl.Measurement(nll=1e6, tokens=10, window_means=[1e5], documents=1)
+    assert broken.perplexity == broken.window_mean_perplexity == math.inf
+
+
 @pytest.fixture(scope="module")
 def run(models, books, tmp_path_factory):
     output = tmp_path_factory.mktemp("ppl-run") / "run"
@@ -350,24 +355,51 @@ def test_lengths_past_max_position_embeddings_warn_and_still_run(models, books, 
 # ---- the command line ----------------------------------------------------------------------------
 
 
-def test_the_issue_commands_run_as_written(models, books, tmp_path):
+def readme_commands() -> list[list[str]]:
+    """The `longva ...` commands of the README's perplexity section, as argument lists (comments dropped)."""
+    import shlex
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text.split("\n### Perplexity against context length\n", 1)[1], re.S).group(1)
+    return [shlex.split(line, comments=True)[1:] for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_the_readme_commands_run_as_written(models, tmp_path, monkeypatch):
+    """The issue's three commands, word for word: hub models and the hub dataset are tiny stand-ins."""
+    import datasets
     from typer.testing import CliRunner
 
+    from longva_cli import hub
     from longva_cli.cli import app
 
+    commands = readme_commands()
+    assert [command[:3] for command in commands] == [["eval", "ppl", "--model"]] * 2 + [["eval", "ppl", "plot"]]
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(models[0], "runs/extend-qwen2-7b-224k/step_1000")
+    hub_models = {"Qwen/Qwen2-7B-Instruct": models[1], "lmms-lab/Qwen2-7B-Instrcuct-224K": models[0]}
+    monkeypatch.setattr(hub, "cached", lambda name, revision=None, repo_type=None: hub_models.get(name))
+    pg19 = {"emozilla/pg19-test": datasets.Dataset.from_dict({"text": [book(20, 120), book(21, 130)]})}
+    monkeypatch.setattr(ppl, "load_hub_dataset", lambda name, split: pg19[name])
+    Path("pg19").mkdir()
+    for index in range(2):
+        Path(f"pg19/{index}.txt").write_text(book(index, 240))  # about 9,500 tokens: 4K and 8K of the grid
+
     runner = CliRunner()
-    output = tmp_path / "cli"
-    common = ["--data", str(books), "--device", "cpu", "--prefill-chunk", "16", "--output", str(output)]
-    doubling = runner.invoke(app, ["eval", "ppl", "--model", str(models[0]), "--model", str(models[1]), *common, "--min-tokens", "32", "--max-tokens", "64", "--samples", "1", "--min-doc-tokens", "100"])
+    doubling = runner.invoke(app, commands[0])
     assert doubling.exit_code == 0, doubling.output
-    assert doubling.stdout == (output / "ppl.csv").read_text() and doubling.stdout.startswith(",32,64\n")
-    stepped = runner.invoke(app, ["eval", "ppl", "--model", str(models[0]), *common, "--min-tokens", "32", "--tokens-step", "32", "--max-tokens", "96", "--samples", "1", "--min-doc-tokens", "100"])
+    assert doubling.stdout == Path("runs/ppl/ppl.csv").read_text()
+    lines = doubling.stdout.splitlines()
+    assert lines[0] == ",4096,8192"  # 16K to 256K: no book is that long; they are named, then left out
+    assert [line.split(",")[0] for line in lines[1:]] == ["runs/extend-qwen2-7b-224k/step_1000", "Qwen/Qwen2-7B-Instruct"]
+    assert "16,384" in doubling.stderr
+    stepped = runner.invoke(app, commands[1])
     assert stepped.exit_code == 0, stepped.output
-    assert stepped.stdout.splitlines()[0] == ",32,64,96"  # added to the same folder: 96 measured now
-    (output / "ppl.png").unlink()
-    plotted = runner.invoke(app, ["eval", "ppl", "plot", str(output)])
+    assert stepped.stdout == Path("runs/ppl-pg19-test/ppl.csv").read_text()  # no --output: a folder of its own
+    assert stepped.stdout.splitlines()[0] == ",4096"
+    Path("runs/ppl/ppl.png").unlink()
+    plotted = runner.invoke(app, commands[2])
     assert plotted.exit_code == 0, plotted.output
-    assert (output / "ppl.png").is_file()
+    assert Path("runs/ppl/ppl.png").is_file()
 
 
 def test_bad_input_on_the_command_line_is_one_line_without_a_traceback(tmp_path):

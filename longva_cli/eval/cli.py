@@ -191,7 +191,7 @@ def ppl_command(
     ctx: typer.Context,
     model: list[str] = typer.Option(None, "--model", "-m", help="Causal LM folder or hub id, or a LongVA checkpoint (its language model); repeat for several."),
     data: str = typer.Option(None, "--data", "-d", help="A .txt/.jsonl/.parquet file or folder of them (.txt: one document a file), a saved `datasets` folder, or a hub dataset name."),
-    output: Path = typer.Option(Path("runs/ppl"), "--output", "-o", help="Run folder (ppl.csv, ppl.jsonl, ppl.png); rerun to continue."),
+    output: Path = typer.Option(None, "--output", "-o", help="Run folder for ppl.csv, ppl.jsonl and ppl.png (default: runs/ppl-<data name>); rerun to continue."),
     min_tokens: int = typer.Option(4096, "--min-tokens", help="Smallest context length L."),
     max_tokens: int = typer.Option(131072, "--max-tokens", help="Largest context length L."),
     tokens_step: int = typer.Option(None, "--tokens-step", help="Step between context lengths (default: double from --min-tokens)."),

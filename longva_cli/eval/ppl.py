@@ -32,7 +32,9 @@ import gc
 import hashlib
 import io
 import json
+import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -62,7 +64,7 @@ DATA_HINT = "give a .txt/.jsonl/.parquet file, a folder of them, a saved `datase
 class PplSettings:
     models: list[str]
     data: str
-    output: Path = Path("runs/ppl")
+    output: Path | None = None  # None: runs/ppl-<data name> (see `run_folder`)
     min_tokens: int = 4096
     max_tokens: int = 131072
     tokens_step: int | None = None  # None: double from min_tokens
@@ -136,14 +138,18 @@ class Measurement:
     window_means: list[float] = field(default_factory=list)  # each window's mean NLL
     documents: int = 0
 
-    # numpy's exp: a broken model's huge NLL (a float16 overflow) gives inf, not an OverflowError
     @property
     def perplexity(self) -> float:
-        return float(np.exp(self.nll / self.tokens))
+        return exp_or_inf(self.nll / self.tokens)
 
     @property
     def window_mean_perplexity(self) -> float:
-        return float(np.exp(sum(self.window_means) / len(self.window_means)))
+        return exp_or_inf(sum(self.window_means) / len(self.window_means))
+
+
+def exp_or_inf(mean_nll: float) -> float:
+    """exp, but inf where a broken model's NLL (a float16 overflow) would raise OverflowError."""
+    return math.exp(mean_nll) if mean_nll < math.log(sys.float_info.max) else math.inf
 
 
 def score_document(
@@ -427,6 +433,13 @@ class PreparedModel:
     max_positions: int | None
 
 
+def run_folder(settings: PplSettings) -> Path:
+    """--output, or runs/ppl-<data name>: runs on other data never meet in one folder by default."""
+    if settings.output is not None:
+        return Path(settings.output)
+    return Path("runs") / f"ppl-{Path(settings.data.rstrip('/')).stem or 'data'}"
+
+
 def identity(settings: PplSettings, source: TextSource) -> dict:
     """What the numbers depend on besides the model and L: another value needs --overwrite."""
     return {
@@ -531,7 +544,8 @@ def evaluate_perplexity(
     try:
         main = ranks.is_main  # the other ranks of a sequence-parallel group compute the same, silently
         prepared = prepare_models(settings, source, lengths, on_warning if main else lambda message: None, progress if main else None)
-        store = RunStore(settings.output, SETTINGS)
+        folder = run_folder(settings)
+        store = RunStore(folder, SETTINGS)
         if main:
             store.open(identity(settings, source), overwrite=overwrite, results=(RESULTS, TABLE, PLOT), settings=settings_record(settings))
         ranks.barrier()  # no rank reads the folder before the main rank has checked (or cleared) it
@@ -546,7 +560,7 @@ def evaluate_perplexity(
                 record = measure_length(model, runner, entry, length, settings, progress if main else None)
                 if main:
                     store.append(RESULTS, record)
-                    write_table(settings.output, store.read(RESULTS))
+                    write_table(folder, store.read(RESULTS))
                 scored_now.append((entry.name, length))
             del model, runner
             release_memory()
@@ -555,15 +569,15 @@ def evaluate_perplexity(
     if not ranks.is_main:
         return None
     records = store.read(RESULTS)
-    write_table(settings.output, records)
+    write_table(folder, records)
     from longva_cli.eval.ppl_plot import INSTALL_HINT, draw_curves, plotting_available
 
     plot_note = None
     if not plotting_available():
         plot_note = INSTALL_HINT
     elif records:
-        draw_curves(*curves(records), settings.output / PLOT)
-    return PplRun(settings.output, records, scored_now, plot_note)
+        draw_curves(*curves(records), folder / PLOT)
+    return PplRun(folder, records, scored_now, plot_note)
 
 
 def join_ranks(sequence_parallel: int):
