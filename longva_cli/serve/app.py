@@ -1,41 +1,43 @@
-"""The HTTP server: one LongVA in memory, one generation at a time, OpenAI's wire format.
+"""The HTTP server: OpenAI's wire format in front of an engine worker.
 
-    app = build_app(LongVA.from_pretrained("lmms-lab/LongVA-7B-DPO"), ServeSettings())
+    worker = NativeWorker(LongVA.from_pretrained("lmms-lab/LongVA-7B-DPO"), settings)
+    app = build_app(worker, settings)
 
 A request passes, in order and before anything is read from its body: the Host, Origin and
 Content-Type checks (`guard`), the API key, and a place in the queue (`--max-queue` requests
 may be past this point and not yet running: reading their bodies, parsed, or waiting; more get
 503 at once). Its body is then read under `--max-request-mb` (to a file under the server's
 temporary folder when larger than 1 MiB), checked completely (`openai_format`, off the event
-loop; `budget` refuses a prompt longer than `--max-prompt-tokens`) and queued for the single
-worker thread that owns the model. The worker reports back through an asyncio queue
-(`loop.call_soon_threadsafe`), so streamed text reaches the client as it is generated.
+loop; `budget` refuses a prompt longer than `--max-prompt-tokens`) and queued for the worker
+(`worker`: the native engine's one thread, or vLLM's async engine). The worker reports back
+through an asyncio queue, so streamed text reaches the client as it is generated.
 
-Cancelling: when the client hangs up or the server stops, `Generation.cancelled` is set at
-that moment; the worker checks it between frames and tokens. On SIGTERM/SIGINT every waiting
-request is answered at once (503, or an error event then `[DONE]` on a stream), and the process
-exits 0 even if the model is inside work it cannot interrupt.
+Cancelling: when the client hangs up or the server stops, `Generation.cancel()` is called at
+that moment; the native engine stops at its next frame batch, prefill chunk or token, vLLM
+aborts the request. On SIGTERM/SIGINT every waiting request is answered at once (503, or an
+error event then `[DONE]` on a stream), and the process exits 0 even if the model is inside
+work it cannot interrupt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import logging
 import os
-import queue
 import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
@@ -43,10 +45,10 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
-from longva_cli.errors import LongVAError
 from longva_cli.serve import openai_format as fmt
 from longva_cli.serve.guard import HostPolicy, RequestGuard
-from longva_cli.serve.openai_format import APIError, ChatJob, MediaItem, RequestLimits
+from longva_cli.serve.openai_format import APIError, ChatJob, RequestLimits
+from longva_cli.serve.worker import Generation, Worker, shutting_down
 
 log = logging.getLogger("longva.serve")
 
@@ -73,250 +75,19 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = ()  # --cors-origin
 
 
+@dataclass
+class VLLMSettings:
+    """How `--engine vllm` starts vLLM's engine (None: vLLM's own default)."""
+
+    dtype: str = "float32"  # the native engine's choice for --dtype auto: bfloat16 on CUDA, float32 on CPU
+    tensor_parallel: int = 1
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    extra_args: str = ""  # --vllm-args: more engine arguments, as `vllm serve` spells them
+
+
 class ClientGone(Exception):
     """The client hung up while its request waited; nothing is left to answer."""
-
-
-def shutting_down() -> APIError:
-    return APIError(503, "the server is shutting down; retry on another server or later.", type="server_error", code="shutting_down")
-
-
-class Generation:
-    """One request's trip through the worker; events go back to the request's event loop.
-
-    `cancelled` is set the moment the client leaves or the server stops: the worker checks it
-    between frame batches, prefill chunks and tokens (`engine.drive(..., stop=...)`).
-    """
-
-    def __init__(self, job: ChatJob, loop: asyncio.AbstractEventLoop) -> None:
-        self.job = job
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.state = "queued"  # -> "running" -> "finished", or -> "withdrawn"; under the worker's lock
-        self._loop = loop
-
-    def emit(self, kind: str, payload: Any = None) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-        except RuntimeError:  # the loop is closed: the server is gone, nobody is listening
-            pass
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-
-class ModelWorker:
-    """The one thread that touches the model, and the count of requests admitted to wait for it."""
-
-    def __init__(self, longva, settings: ServeSettings, max_prompt_tokens: int) -> None:
-        from longva_cli.engine import RunnerPool, VisualCache
-
-        self.longva = longva
-        self.settings = settings
-        self.max_prompt_tokens = max_prompt_tokens
-        # Recent media and prompts, for follow-ups: a quarter of the budget for embeddings, the rest for KV.
-        self.visual_cache = VisualCache(memory_bytes=settings.cache_bytes // 4)
-        self.runners = RunnerPool(longva.model.language_model, settings.cache_bytes - settings.cache_bytes // 4, settings.prefill_chunk)
-        self._jobs: queue.Queue = queue.Queue()
-        # Re-entrant: `close` runs in a signal handler that may interrupt `admit` on the same thread.
-        self._lock = threading.RLock()
-        self._waiting = 0  # admitted, not yet running: reading a body, parsing, or queued
-        self._queued: set[Generation] = set()
-        self._current: Generation | None = None
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="longva-generate", daemon=True)
-        self._thread.start()
-
-    @property
-    def waiting(self) -> int:
-        return self._waiting
-
-    @property
-    def queued(self) -> int:
-        return len(self._queued)
-
-    @property
-    def busy(self) -> bool:
-        return self._current is not None
-
-    def admit(self) -> None:
-        """Take a place in the queue before the request's body is read; 503 when none is left."""
-        with self._lock:
-            if self._closed:
-                raise shutting_down()
-            if self._waiting >= self.settings.max_queue:
-                raise APIError(
-                    503, f"the server is busy: {self._waiting} requests are already waiting (--max-queue {self.settings.max_queue}); retry later.",
-                    type="server_error", code="queue_full",
-                )
-            self._waiting += 1
-
-    def leave(self) -> None:
-        """Give back the place of an admitted request that will not be queued."""
-        with self._lock:
-            self._waiting -= 1
-
-    def submit(self, generation: Generation) -> None:
-        """Queue an admitted request; on 503 its place is given back and its files released."""
-        with self._lock:
-            if self._closed:
-                self._waiting -= 1
-                generation.job.cleanup()
-                raise shutting_down()
-            self._queued.add(generation)
-        self._jobs.put(generation)
-
-    def withdraw(self, generation: Generation) -> bool:
-        """Take back a request still in the queue (its client left, or it waited too long) and
-        release its files now; False once the worker has it."""
-        with self._lock:
-            if generation.state != "queued":
-                return False
-            generation.state = "withdrawn"
-            self._queued.discard(generation)
-            self._waiting -= 1
-        generation.cancel()
-        generation.job.cleanup()
-        return True
-
-    def close(self) -> None:
-        """Refuse new requests; cancel the running one and every queued one, and answer their
-        clients now rather than when the model gets round to noticing."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            outstanding = [*self._queued, *([self._current] if self._current else [])]
-        for generation in outstanding:
-            generation.cancel()
-            generation.emit("cancelled")
-        self._jobs.put(None)
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait for the worker thread to end; whether it did."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def _run(self) -> None:
-        while True:
-            generation = self._jobs.get()
-            if generation is None:
-                break
-            with self._lock:
-                if generation.state == "withdrawn":
-                    continue
-                self._queued.discard(generation)
-                self._waiting -= 1
-                runnable = not self._closed and not generation.cancelled.is_set()
-                generation.state = "running" if runnable else "finished"
-                self._current = generation if runnable else None
-            if not runnable:
-                generation.job.cleanup()
-                generation.emit("cancelled")
-                continue
-            generation.emit("started")
-            # The last event goes out only after the data: URL files are gone and the held
-            # files closed, so a client that has its answer never sees them.
-            try:
-                final = self._answer(generation)
-            finally:
-                generation.job.cleanup()
-                with self._lock:
-                    self._current = None
-                    generation.state = "finished"
-            generation.emit(*final)
-        # Requests still queued when the server stops: `close` has answered them.
-        while True:
-            try:
-                generation = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if generation is not None:
-                generation.job.cleanup()
-
-    def _answer(self, generation: Generation) -> tuple[str, Any]:
-        """Run the request; the final event: ("done", (text, prompt, generated, cached tokens)), ("error", APIError) or ("cancelled", None)."""
-        try:
-            result = self._generate(generation)
-            return ("cancelled", None) if result is None else ("done", result)
-        except APIError as err:
-            return "error", err
-        except LongVAError as err:
-            return "error", APIError(400, str(err))
-        except MemoryError:
-            return "error", APIError(500, "out of memory; send fewer frames or smaller media.", type="server_error", code="out_of_memory")
-        except Exception as err:  # noqa: BLE001 - the server must outlive any one request
-            log.exception("generation failed for %s", generation.job.id)
-            return "error", APIError(500, f"generation failed: {type(err).__name__}: {err}", type="server_error")
-
-    # ---- the model: every call into LongVA is in this method --------------------------------
-
-    def _generate(self, generation: Generation) -> tuple[str, int, int, int] | None:
-        """Encode the media, build the prompt, generate; streamed text is emitted as it comes.
-        Returns (text, prompt tokens, generated tokens, cached prompt tokens), or None once the
-        request is cancelled.
-
-        Media embeddings stay in memory (by content) and the KV caches of recent prompts in a
-        pool, so a follow-up (the same video, or the same conversation plus a turn) prefills
-        only its new tokens; the answer is the same as a cold request's.
-        """
-        from longva_cli.engine import Generate, MediaSpec, Token, build, drive, encode, prompt_parts, run
-        from longva_cli.engine.memory import check_fits
-        from longva_cli.model.prompt import chat_prompt
-
-        job, longva = generation.job, self.longva
-        visuals = []
-        for item in job.media:
-            with media_errors(item):
-                visual = drive(encode(longva, MediaSpec(item.path, job.frames, job.fps), self.visual_cache), stop=generation.cancelled.is_set)
-            if visual is None:
-                return None
-            visuals.append(visual)
-        job.cleanup()  # encoded: the files from data: URLs and the held files are no longer needed
-        sequence = build(longva, prompt_parts(chat_prompt(job.turns, job.system), visuals))
-        self.check_prompt_length(len(sequence), job)
-        warning = check_fits(longva.model.language_model, len(sequence))
-        if warning:
-            log.warning(warning)
-        generation.emit("ready")
-        sampling = longva.sampling_settings(max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k)
-        sampling.seed = job.seed
-
-        def stream(event) -> None:
-            if job.stream and isinstance(event, Token) and event.text:
-                generation.emit("text", event.text)
-
-        runner = self.runners.acquire(sequence)
-        generated = drive(run(longva, runner, sequence, Generate(sampling)), stream, stop=generation.cancelled.is_set)
-        if generated is None:
-            return None
-        return generated.text, len(sequence), len(generated.token_ids), generated.reused_tokens
-
-    # ---------------------------------------------------------------------------------------
-
-    def check_prompt_length(self, tokens: int, job: ChatJob) -> None:
-        """The exact count, before prefill: the parse-time count estimates videos sampled by fps."""
-        if tokens > self.max_prompt_tokens:
-            param = "video.frames" if job.fps is not None else "messages"
-            raise APIError(
-                400, f"the prompt is {tokens:,} tokens, above this server's limit of {self.max_prompt_tokens:,} (--max-prompt-tokens); "
-                "ask for fewer frames or send less text.", param=param, code="prompt_too_long",
-            )
-
-
-@contextmanager
-def media_errors(item: MediaItem) -> Iterator[None]:
-    """A media item the core cannot read becomes a 400 naming the request's field and the
-    client's own name for the file (never a temporary file's or a descriptor's)."""
-    from PIL import Image
-
-    try:
-        yield
-    except (LongVAError, Image.DecompressionBombError) as err:
-        message = str(err).replace(str(item.path), item.label)
-        if isinstance(err, Image.DecompressionBombError):
-            message = f"{item.label} is an image too large to decode (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels); send a smaller image."
-        raise APIError(400, message, param=item.param, code="invalid_media") from None
 
 
 def api_error_response(err: APIError) -> JSONResponse:
@@ -380,17 +151,14 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def build_app(longva, settings: ServeSettings) -> FastAPI:
-    """The FastAPI app around a loaded `LongVA`; starts its worker thread at once.
+def build_app(worker: Worker, settings: ServeSettings) -> FastAPI:
+    """The FastAPI app in front of a started worker.
 
     `app.state.stop()` (called on SIGINT/SIGTERM, and at the end of the lifespan) refuses new
     work and answers every request in flight.
     """
-    from longva_cli.serve.budget import PromptBudget
-
     workdir = Path(tempfile.mkdtemp(prefix="longva-serve-"))
-    budget = PromptBudget.of(longva, settings.limits.max_prompt_tokens)
-    worker = ModelWorker(longva, settings, budget.max_tokens)
+    budget = worker.budget
     created = int(time.time())
     served = {settings.served_model_name, *settings.model_aliases}
     stopping = asyncio.Event()
@@ -444,12 +212,15 @@ def build_app(longva, settings: ServeSettings) -> FastAPI:
     @app.get("/health")
     async def health():
         # waiting: requests admitted and not yet running (bodies being read included); queued: those checked and in line.
-        return {"status": "ok", "model": settings.served_model_name, "busy": worker.busy, "waiting": worker.waiting, "queued": worker.queued}
+        return {
+            "status": "ok", "model": settings.served_model_name, "engine": worker.engine,
+            "busy": worker.busy, "waiting": worker.waiting, "queued": worker.queued,
+        }
 
     @app.get("/v1/models")
     async def models(request: Request):
         check_api_key(request, settings.api_key)
-        return fmt.models_list([settings.served_model_name], created, longva.name)
+        return fmt.models_list([settings.served_model_name], created, worker.model_root)
 
     async def receive_job(request: Request) -> ChatJob:
         """Read and check the body of an admitted request."""
@@ -547,7 +318,7 @@ async def next_event(generation: Generation, timeout: float | None = None) -> tu
     return kind, payload
 
 
-async def wait_started(worker: ModelWorker, generation: Generation, queue_timeout: float) -> None:
+async def wait_started(worker: Worker, generation: Generation, queue_timeout: float) -> None:
     """Returns when the worker takes the job; 503 if it is still queued after `queue_timeout`."""
     try:
         await next_event(generation, queue_timeout)
@@ -609,33 +380,61 @@ def _signals_end_cleanly():
             signal.signal(sig, handler)
 
 
-def run_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM. At the first signal every request in flight is answered and
-    the running generation cancelled; the process then exits 0."""
+def run_server(start_worker: Callable[[], Worker | Awaitable[Worker]], settings: ServeSettings, port: int, log_level: str = "info") -> None:
+    """Start the worker, then serve until SIGINT/SIGTERM. At the first signal every request in
+    flight is answered and the running generations cancelled; the process then exits 0.
+
+    The worker starts inside the server's event loop (vLLM's async engine lives in it); an
+    error while it starts (a `LongVAError`) ends the command before anything listens.
+    """
     import uvicorn
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            app.state.stop()
-            super().handle_exit(sig, frame)
+    from longva_cli.console import stderr
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on")
-    with _signals_end_cleanly():
-        Server(config).run()
-    if not app.state.worker.join(WORKER_STOP_S):
-        # Native code in the middle of a step it cannot leave (a prefill chunk): letting the
-        # interpreter tear down around that thread aborts the process ("terminate called...").
-        log.warning("the model is still inside its current step; exiting without waiting for it.")
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    started: list[Worker] = []
+
+    async def main() -> None:
+        worker = start_worker()
+        if inspect.isawaitable(worker):
+            worker = await worker
+        started.append(worker)
+        app = build_app(worker, settings)
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:
+                app.state.stop()
+                super().handle_exit(sig, frame)
+
+        host = settings.host
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on")
+        where = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        stderr.print(
+            f"Serving {settings.served_model_name!r} on the {worker.engine} engine at {where}/v1" + (f", chat page at {where}/ui" if settings.ui else ""),
+            soft_wrap=True,
+        )
+        with _signals_end_cleanly():
+            await Server(config).serve()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for worker in started:
+            worker.close()
+            if not worker.join(WORKER_STOP_S):
+                # Native code in the middle of a step it cannot leave (a prefill chunk): letting the
+                # interpreter tear down around that thread aborts the process ("terminate called...").
+                log.warning("the model is still inside its current step; exiting without waiting for it.")
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
 
 
 def serve(
     model: str,
     settings: ServeSettings,
     *,
+    engine: str = "native",
     port: int = 8000,
     device: str = "auto",
     dtype: str = "auto",
@@ -643,14 +442,19 @@ def serve(
     device_map: str | None = None,
     quantize: str | None = None,
     revision: str | None = None,
+    vllm: VLLMSettings | None = None,
     log_level: str = "info",
 ) -> None:
-    """Load `model` once and serve it on `settings.host` until SIGINT/SIGTERM."""
-    from longva_cli.console import load_model, stderr
+    """Load `model` on `engine` ("native" or "vllm") and serve it on `settings.host` until SIGINT/SIGTERM."""
+    if engine == "vllm":
+        # vLLM reads its log level when it is imported.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", {"trace": "DEBUG"}.get(log_level, log_level.upper()))
+        from longva_cli.serve import vllm_worker
+
+        run_server(lambda: vllm_worker.start(model, settings, vllm or VLLMSettings(), revision), settings, port, log_level)
+        return
+    from longva_cli.console import load_model
+    from longva_cli.serve.native import NativeWorker
 
     longva = load_model(model, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize, revision=revision)
-    app = build_app(longva, settings)
-    host = settings.host
-    where = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-    stderr.print(f"Serving {settings.served_model_name!r} at {where}/v1" + (f", chat page at {where}/ui" if settings.ui else ""), soft_wrap=True)
-    run_server(app, host, port, log_level)
+    run_server(lambda: NativeWorker(longva, settings), settings, port, log_level)

@@ -1,0 +1,117 @@
+"""The native worker: one LongVA in this process, one thread that owns it, one request at a time.
+
+Requests wait in a queue for the thread. Media embeddings stay in memory (by content) and the
+KV caches of recent prompts in a pool (`--cache-gb`), so a follow-up (the same video, or the
+same conversation plus a turn) prefills only its new tokens; the answer is the same as a cold
+request's. A cancelled request stops at its next frame batch, prefill chunk or token.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from longva_cli.serve.worker import Admission, Generation, check_prompt_length, error_event, media_errors
+
+log = logging.getLogger("longva.serve")
+
+
+class NativeWorker(Admission):
+    """The one thread that touches the model, and the count of requests admitted to wait for it."""
+
+    engine = "native"
+
+    def __init__(self, longva, settings) -> None:
+        from longva_cli.engine import RunnerPool, VisualCache
+        from longva_cli.serve.budget import PromptBudget
+
+        super().__init__(settings.max_queue)
+        self.longva = longva
+        self.model_root = longva.name
+        self.budget = PromptBudget.of(longva, settings.limits.max_prompt_tokens)
+        # Recent media and prompts, for follow-ups: a quarter of the budget for embeddings, the rest for KV.
+        self.visual_cache = VisualCache(memory_bytes=settings.cache_bytes // 4)
+        self.runners = RunnerPool(longva.model.language_model, settings.cache_bytes - settings.cache_bytes // 4, settings.prefill_chunk)
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="longva-generate", daemon=True)
+        self._thread.start()
+
+    def _enqueue(self, generation: Generation) -> None:
+        self._jobs.put(generation)
+
+    def _closed_hook(self) -> None:
+        self._jobs.put(None)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the worker thread to end; whether it did."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            generation = self._jobs.get()
+            if generation is None:
+                break
+            if not self._start(generation):
+                continue
+            try:
+                final = self._answer(generation)
+            except BaseException:
+                self._finish(generation, ("cancelled", None))
+                raise
+            self._finish(generation, final)
+        # Requests still queued when the server stops: `close` has answered them.
+        while True:
+            try:
+                generation = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if generation is not None:
+                generation.job.cleanup()
+
+    def _answer(self, generation: Generation):
+        """Run the request; the final event: ("done", (text, prompt, generated, cached tokens)), ("error", APIError) or ("cancelled", None)."""
+        try:
+            result = self._generate(generation)
+            return ("cancelled", None) if result is None else ("done", result)
+        except Exception as err:  # noqa: BLE001 - the server must outlive any one request
+            return error_event(err, generation.job)
+
+    # ---- the model: every call into LongVA is in this method --------------------------------
+
+    def _generate(self, generation: Generation) -> tuple[str, int, int, int] | None:
+        """Encode the media, build the prompt, generate; streamed text is emitted as it comes.
+        Returns (text, prompt tokens, generated tokens, cached prompt tokens), or None once the
+        request is cancelled."""
+        from longva_cli.engine import Generate, MediaSpec, Token, build, drive, encode, prompt_parts, run
+        from longva_cli.engine.memory import check_fits
+        from longva_cli.model.prompt import chat_prompt
+
+        job, longva = generation.job, self.longva
+        visuals = []
+        for item in job.media:
+            with media_errors(item):
+                visual = drive(encode(longva, MediaSpec(item.path, job.frames, job.fps), self.visual_cache), stop=generation.cancelled.is_set)
+            if visual is None:
+                return None
+            visuals.append(visual)
+        job.cleanup()  # encoded: the files from data: URLs and the held files are no longer needed
+        sequence = build(longva, prompt_parts(chat_prompt(job.turns, job.system), visuals))
+        check_prompt_length(len(sequence), self.budget.max_tokens, job)
+        warning = check_fits(longva.model.language_model, len(sequence))
+        if warning:
+            log.warning(warning)
+        generation.emit("ready")
+        sampling = longva.sampling_settings(max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k)
+        sampling.seed = job.seed
+
+        def stream(event) -> None:
+            if job.stream and isinstance(event, Token) and event.text:
+                generation.emit("text", event.text)
+
+        runner = self.runners.acquire(sequence)
+        generated = drive(run(longva, runner, sequence, Generate(sampling)), stream, stop=generation.cancelled.is_set)
+        if generated is None:
+            return None
+        return generated.text, len(sequence), len(generated.token_ids), generated.reused_tokens
