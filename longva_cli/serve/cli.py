@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import ipaddress
 import os
@@ -24,6 +25,57 @@ def require_serve_extra() -> None:
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
         raise LongVAError(f"`longva serve` needs {' and '.join(missing)}: pip install 'longva[serve]'.")
+
+
+def require_vllm() -> None:
+    """vLLM must be installed and import (a CPU machine's pip may pull CUDA builds that do not)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise LongVAError("`longva serve --engine vllm` needs vLLM, which is not installed: pip install 'longva[vllm]'.")
+    try:
+        importlib.import_module("vllm")
+    except Exception as err:  # noqa: BLE001 - a broken install fails in many ways
+        raise LongVAError(f"vLLM is installed but does not import ({type(err).__name__}: {err}); see README, Serving at scale.") from None
+
+
+def resolve_engine(engine: str) -> str:
+    """"native" or "vllm": `auto` is vLLM when a GPU is visible and vLLM imports, else native."""
+    if engine not in ("native", "vllm", "auto"):
+        raise LongVAError(f"--engine {engine!r} is not known; use native, vllm or auto.")
+    if engine == "vllm":
+        require_vllm()
+        return engine
+    if engine == "native":
+        return engine
+    import torch
+
+    if not torch.cuda.is_available():
+        return "native"
+    try:
+        require_vllm()
+    except LongVAError:
+        return "native"
+    return "vllm"
+
+
+def vllm_dtype(dtype: str) -> str:
+    """--dtype in vLLM's spelling; auto as the native engine resolves it (bfloat16 on CUDA, float32 on CPU)."""
+    import torch
+
+    from longva_cli.engine.loader import DTYPES
+
+    if dtype == "auto":
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+    if dtype not in DTYPES:
+        raise LongVAError(f"--dtype {dtype!r} is not known; use auto, bfloat16, float16 or float32.")
+    return str(DTYPES[dtype]).removeprefix("torch.")
+
+
+def check_engine_flags(engine: str, native_only: dict[str, bool], vllm_only: dict[str, bool]) -> None:
+    """A flag the chosen engine would ignore is an error, not a surprise."""
+    wrong = [flag for flag, given in (vllm_only if engine == "native" else native_only).items() if given]
+    if wrong:
+        other = "vllm" if engine == "native" else "native"
+        raise LongVAError(f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} to --engine {other}; this server runs on the {engine} engine.")
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -99,22 +151,43 @@ def command(
     revision: options.Revision = None,
     prefill_chunk: options.PrefillChunk = 4096,
     cache_gb: float = typer.Option(
-        8.0, "--cache-gb", help="Memory kept for the visual embeddings and KV caches of recent requests, so a follow-up (same video, or the same conversation plus a turn) prefills only its new tokens; 0 keeps nothing."
+        8.0, "--cache-gb", help="With the native engine: memory kept for the visual embeddings and KV caches of recent requests, so a follow-up (same video, or the same conversation plus a turn) prefills only its new tokens; 0 keeps nothing."
     ),
+    engine: str = typer.Option(
+        "native", "--engine", help="native (this package's engine, one request at a time), vllm (vLLM's engine: requests batched; pip install 'longva[vllm]') or auto (vllm when a GPU is visible and vLLM imports, else native)."
+    ),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="With --engine vllm: GPUs one model is split over (vLLM's --tensor-parallel-size)."),
+    max_model_len: int = typer.Option(None, "--max-model-len", help="With --engine vllm: the longest sequence, prompt and answer (default: the model's max_position_embeddings).", show_default=False),
+    gpu_memory_utilization: float = typer.Option(None, "--gpu-memory-utilization", help="With --engine vllm: the share of each GPU's memory vLLM may take, weights and KV cache (default: vLLM's, 0.92).", show_default=False),
+    vllm_args: str = typer.Option("", "--vllm-args", help="With --engine vllm: more engine arguments as `vllm serve` spells them, e.g. \"--pipeline-parallel-size 2 --distributed-executor-backend ray\".", show_default=False),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."),
 ) -> None:
     """Serve LongVA over an OpenAI-compatible HTTP API (chat completions with images and videos).
 
-    One model stays in memory and answers one request at a time; others wait in a queue.
+    One model stays in memory. The native engine answers one request at a time (others wait in
+    a queue); --engine vllm hands requests to vLLM's engine, which batches them.
     Media come as data: URLs or, for folders named with --media-root, as file:// URLs.
     Per-request video options go in a top-level "video" field: {"frames": 64} or {"fps": 1}.
 
     examples:
       longva serve --model lmms-lab/LongVA-7B-DPO --host 127.0.0.1 --port 8000
       longva serve --media-root /data/videos --max-frames 128 --ui
+      longva serve --engine vllm --model lmms-lab/LongVA-7B-DPO --tensor-parallel 2 --max-model-len 65536
       curl localhost:8000/v1/models
     """
     require_serve_extra()
+    chosen = resolve_engine(engine)
+    check_engine_flags(
+        chosen,
+        native_only={"--device": device not in (None, "auto"), "--attn": attn not in (None, "auto"), "--device-map": device_map is not None,
+                     "--quantize": quantize is not None, "--prefill-chunk": prefill_chunk != 4096, "--cache-gb": cache_gb != 8.0},
+        vllm_only={"--tensor-parallel": tensor_parallel != 1, "--max-model-len": max_model_len is not None,
+                   "--gpu-memory-utilization": gpu_memory_utilization is not None, "--vllm-args": bool(vllm_args.strip())},
+    )
+    if tensor_parallel < 1 or (max_model_len is not None and max_model_len < 2):
+        raise LongVAError("--tensor-parallel must be at least 1 and --max-model-len at least 2.")
+    if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+        raise LongVAError(f"--gpu-memory-utilization must be above 0 and at most 1, got {gpu_memory_utilization}.")
     for name, value in (("--max-frames", max_frames), ("--max-tokens-limit", max_tokens_limit), ("--max-media", max_media),
                         ("--max-queue", max_queue), ("--prefill-chunk", prefill_chunk), ("--max-prompt-tokens", max_prompt_tokens)):
         if value is not None and value < 1:
@@ -141,7 +214,7 @@ def command(
     if not is_loopback(host) and api_key is None:
         stderr.print(f"[yellow]warning:[/yellow] listening on {host} without --api-key: anyone who can reach this port can use the model.")
 
-    from longva_cli.serve.app import ServeSettings, serve
+    from longva_cli.serve.app import ServeSettings, VLLMSettings, serve
     from longva_cli.serve.openai_format import RequestLimits
 
     settings = ServeSettings(
@@ -161,5 +234,9 @@ def command(
         cors_origins=origins,
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the worker thread tokenizes; no fork warnings
-    serve(model, settings, port=port, device=device, dtype=dtype, attn=attn, device_map=device_map,
-          quantize=quantize, revision=revision, log_level=log_level)
+    vllm = None
+    if chosen == "vllm":
+        vllm = VLLMSettings(dtype=vllm_dtype(dtype or "auto"), tensor_parallel=tensor_parallel, max_model_len=max_model_len,
+                            gpu_memory_utilization=gpu_memory_utilization, extra_args=vllm_args)
+    serve(model, settings, engine=chosen, port=port, device=device, dtype=dtype, attn=attn, device_map=device_map,
+          quantize=quantize, revision=revision, vllm=vllm, log_level=log_level)
