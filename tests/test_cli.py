@@ -128,6 +128,8 @@ def bad_media(tmp_path_factory):
         (["{video}", "Q?", "--frames", "0"], "--frames must be at least 1"),
         (["{video}", "Q?", "--frames", "-3"], "--frames must be at least 1"),
         (["{video}", "Q?", "--fps", "0"], "--fps must be positive"),
+        (["{video}", "Q?", "--fps", "nan"], "--fps must be positive"),
+        (["{video}", "Q?", "--model", "{ckpt}", "--frames", "1000000000"], "ask for fewer frames"),
         (["{video}", "Q?", "--temperature", "-1"], "--temperature"),
         (["{video}", "", ], "question is empty"),
         (["{video}", "Q?", "--model", "no-such-model"], "unknown model"),

@@ -602,9 +602,6 @@ def load_for_scoring(entry: PreparedModel, settings: PplSettings, ranks) -> tupl
         from longva_cli.engine.sequence_parallel import sequence_parallel_runner
 
         return model, sequence_parallel_runner(model.language_model, settings.sequence_parallel)
-    from longva_cli.model.attention import use_mask_free_attention
-
-    use_mask_free_attention(model.language_model)  # chunks after a cached prefix attend without a dense mask
     return model, PrefixCache(model.language_model, settings.prefill_chunk)
 
 
