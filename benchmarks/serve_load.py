@@ -1,17 +1,22 @@
-"""Throughput and latency of `longva serve` under concurrent clients, and the server's peak memory.
+"""Throughput and latency of `longva serve` under concurrent clients, native engine against vLLM's.
 
-    python benchmarks/serve_load.py [--clients 1 4 16] [--requests 32] [--media video] [--frames 4] [--max-tokens 16]
+    python benchmarks/serve_load.py [--engine native|vllm|both] [--clients 1 4 16] [--requests 32]
+                                    [--media video] [--frames 4] [--max-tokens 16]
 
-Starts `python -m longva_cli serve` on a tiny random checkpoint (or --model) on a free loopback
-port, then for each client count runs that many threads, each sending non-streaming chat
-completions back to back (`--requests` in all per level, a video given as a file:// URL under
---media-root). Reports requests per second, p50/p95 latency, generated tokens per second and
-the server's peak resident memory (VmHWM from /proc/<pid>/status, after each level).
+For each engine, starts `python -m longva_cli serve --engine ENGINE` on the same tiny random
+checkpoint (or --model) on a free loopback port, then for each client count runs that many
+threads, each sending non-streaming chat completions back to back (`--requests` in all per
+level, a video given as a file:// URL under --media-root). Reports requests per second, p50/p95
+latency, generated tokens per second and the peak resident memory of the server and the engine
+processes it started (VmHWM from /proc, summed, after each level); with both engines, vLLM's
+req/s against the native engine's at each client count, measured in the same run.
 
-Requests queue and run one at a time on the single model, so throughput stays flat as
-clients grow while latency grows with the queue: the figures show the queue's overhead, not
-batching. The table is printed and written under `## serve load` in benchmarks/RESULTS.md
-(`--no-record` to skip).
+The native engine answers one request at a time, so its throughput stays flat as clients grow
+and latency grows with the queue; vLLM batches the requests it holds. `--engine vllm|both`
+needs vLLM (run with `.venv-vllm/bin/python`, which has both engines); on a CPU, vLLM's CPU
+build runs eager (`--vllm-args --enforce-eager`) with a 1 GiB KV cache unless
+VLLM_CPU_KVCACHE_SPACE says otherwise. The table is printed and written under `## serve load`
+in benchmarks/RESULTS.md (`--no-record` to skip).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import http.client
 import json
 import os
+import platform
 import re
 import shlex
 import signal
@@ -58,11 +64,29 @@ def post(port: int, body: dict, timeout: float = 300) -> tuple[float, int]:
     return time.perf_counter() - started, answer["usage"]["completion_tokens"]
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (vLLM's engine core and workers are children of the server)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            todo += [int(child) for child in task.read_text().split()]
+    return found
+
+
 def peak_memory_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Peak resident memory of the server and its child processes (shared pages counted in each)."""
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except OSError:  # gone in between
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -103,27 +127,76 @@ def record(table: str, command: str, notes: str) -> None:
     RESULTS.write_text(text)
 
 
+def measure(engine: str, model: str, media_dir: Path, body: dict, args: argparse.Namespace) -> list[dict]:
+    """Start a server on `engine`, warm it up, and run each client level against it."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
+    command = [sys.executable, "-m", "longva_cli", "serve", "--engine", engine, "--model", model, "--port", str(port),
+               "--media-root", str(media_dir), "--max-queue", "1024", "--max-tokens-limit", str(max(args.max_tokens, 1)),
+               "--max-frames", str(args.frames), "--log-level", "warning"]
+    if engine == "vllm":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; without it vLLM's CPU build wants most of the machine
+        command += ["--max-model-len", "8192", "--vllm-args", args.vllm_args]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                post(port, body)  # also the warm-up
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the {engine} server did not start") from None
+                time.sleep(0.5)
+        post(port, body)
+        rows = []
+        for clients in args.clients:
+            row = run_level(port, clients, max(args.requests, clients), body)
+            row["engine"] = engine
+            row["peak_mib"] = peak_memory_mib(server.pid)
+            rows.append(row)
+            print(f"{engine}, {clients} clients: {row['rps']:.1f} req/s", file=sys.stderr)
+        return rows
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+
+
+def vllm_version() -> str:
+    from importlib import metadata
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return f"{name} {metadata.version(name)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return "vllm"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["native", "vllm", "both"], default="native")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per level")
     parser.add_argument("--requests", type=int, default=32, help="requests per level")
     parser.add_argument("--media", choices=["video", "image", "text"], default="video")
     parser.add_argument("--frames", type=int, default=4, help="video frames per request (144 tokens each)")
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--model", help="checkpoint to serve (default: a tiny random one)")
-    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the server (1 suits the tiny model)")
+    parser.add_argument("--model", help="checkpoint to serve (default: a tiny random one with 64-wide heads, which vLLM's CPU attention needs)")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the servers (1 suits the tiny model)")
+    parser.add_argument("--vllm-args", default="--enforce-eager", help="--vllm-args of the vLLM server (default: eager, as on a CPU)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
     from media import write_image, write_video
 
+    engines = ["native", "vllm"] if args.engine == "both" else [args.engine]
     with tempfile.TemporaryDirectory(prefix="longva-serve-bench-") as tmp:
         tmp = Path(tmp)
         model = args.model
         if model is None:
             from longva_cli.model.tiny import write_tiny_checkpoint
 
-            model = str(write_tiny_checkpoint(tmp / "tiny"))
+            model = str(write_tiny_checkpoint(tmp / "tiny", hidden_size=256))  # 4 heads of 64
         media_dir = tmp / "media"
         media_dir.mkdir()
         video = write_video(media_dir / "clip.mp4", frames=60, width=320, height=180)
@@ -132,49 +205,34 @@ def main() -> None:
                  "image": [{"type": "image_url", "image_url": {"url": f"file://{image}"}}], "text": []}[args.media]
         body = {"messages": [{"role": "user", "content": parts + [{"type": "text", "text": "What happens?"}]}],
                 "max_tokens": args.max_tokens, "temperature": 0, "video": {"frames": args.frames}}
+        rows = [row for engine in engines for row in measure(engine, model, media_dir, body, args)]
 
-        port = free_port()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
-        server = subprocess.Popen(
-            [sys.executable, "-m", "longva_cli", "serve", "--model", model, "--port", str(port), "--media-root", str(media_dir),
-             "--max-queue", "1024", "--max-tokens-limit", str(max(args.max_tokens, 1)), "--max-frames", str(args.frames),
-             "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    post(port, body)  # also the warm-up
-                    break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit("the server did not start") from None
-                    time.sleep(0.3)
-            post(port, body)
-            rows = []
-            for clients in args.clients:
-                row = run_level(port, clients, max(args.requests, clients), body)
-                row["peak_mib"] = peak_memory_mib(server.pid)
-                rows.append(row)
-                print(f"{clients} clients: {row['rps']:.1f} req/s", file=sys.stderr)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(30)
-
-    header = "| clients | requests | req/s | p50 ms | p95 ms | gen tok/s | server peak RSS MiB |\n|---:|---:|---:|---:|---:|---:|---:|"
-    lines = [f"| {r['clients']} | {r['requests']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['tokens_per_s']:.1f} | {r['peak_mib']:.0f} |" for r in rows]
+    native = {row["clients"]: row["rps"] for row in rows if row["engine"] == "native"}
+    header = (
+        "| engine | clients | requests | req/s | vs native | p50 ms | p95 ms | gen tok/s | peak RSS MiB (server + engine processes) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    lines = []
+    for r in rows:
+        ratio = f"{r['rps'] / native[r['clients']]:.2f}x" if r["clients"] in native else "-"
+        lines.append(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['rps']:.2f} | {ratio} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
+                     f"| {r['tokens_per_s']:.1f} | {r['peak_mib']:.0f} |")
     table = "\n".join([header, *lines])
     print(table)
     if not args.no_record:
-        command = "python benchmarks/serve_load.py " + shlex.join(sys.argv[1:])
+        python = os.path.relpath(sys.executable, ROOT) if Path(sys.executable).is_relative_to(ROOT) else "python"
+        command = f"{python} benchmarks/serve_load.py " + shlex.join(sys.argv[1:])
         load = os.getloadavg()[0]
         notes = (
-            f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, no GPU, load average {load:.1f} at the end (other jobs share the machine). "
-            f"Model: {'tiny random checkpoint' if args.model is None else args.model}; {args.media}"
+            f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, no GPU, load average {load:.1f} at the end (other jobs share the machine). "
+            f"Model: {'tiny random checkpoint (hidden 256, 4 heads of 64)' if args.model is None else args.model}; {args.media}"
             f"{f' ({args.frames} frames = {args.frames * 144} visual tokens)' if args.media == 'video' else ''}, "
-            f"max_tokens {args.max_tokens}, greedy, non-streaming, server OMP_NUM_THREADS={args.threads}. "
-            "One model answers one request at a time: req/s is flat in the client count and latency grows with the queue."
+            f"max_tokens {args.max_tokens}, greedy, non-streaming, servers' OMP_NUM_THREADS={args.threads}. "
+            "The native engine answers one request at a time: its req/s is flat in the client count and latency grows with the queue. "
+            + (f"vLLM ({vllm_version()}, --vllm-args {args.vllm_args!r}, VLLM_CPU_KVCACHE_SPACE={os.environ.get('VLLM_CPU_KVCACHE_SPACE', '1')} GiB) "
+               "batches the requests it holds; each engine step has a fixed cost (its engine core and worker are processes of their own, "
+               "here on the same cores), which one request at a time does not amortise. vLLM's CPU build on a tiny model is not representative of GPU serving: these "
+               "figures show batching at work end to end through `longva serve`, not what a GPU gives." if "vllm" in engines else "")
         )
         record(table, command.strip(), notes)
         print(f"recorded under '{HEADING}' in {RESULTS.relative_to(ROOT)}", file=sys.stderr)
