@@ -31,7 +31,6 @@ import csv
 import gc
 import hashlib
 import io
-import json
 import math
 import os
 import sys
@@ -45,7 +44,8 @@ import numpy as np
 
 from longva_cli.engine.runs import RunStore, write_atomic
 from longva_cli.errors import LongVAError
-from longva_cli.train.data import TEXT_SUFFIXES, is_local, tokenizer_fingerprint
+from longva_cli.model.config import read_config
+from longva_cli.train.data import TEXT_SUFFIXES, is_local, read_documents, tokenizer_fingerprint
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -251,45 +251,9 @@ def file_source(path: Path, text_field: str) -> TextSource:
 
     def texts() -> Iterator[str]:
         for file in files:
-            yield from file_texts(file, text_field)
+            yield from read_documents(file, text_field, "--text-field")
 
     return TextSource(str(path.resolve()), digest.hexdigest()[:20], texts)
-
-
-def file_texts(file: Path, text_field: str) -> Iterator[str]:
-    if file.suffix == ".txt":
-        yield file.read_text(encoding="utf-8", errors="replace")
-    elif file.suffix == ".jsonl":
-        with file.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise LongVAError(f"line {number} of {file} is not valid JSON; fix or remove it.") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    fields = ", ".join(record) if isinstance(record, dict) else "none"
-                    raise LongVAError(f"line {number} of {file} has no {text_field!r} field (it has {fields}); name the text field with --text-field.")
-                yield str(record[text_field])
-    else:
-        parquet = parquet_file(file)
-        names = parquet.schema_arrow.names
-        if text_field not in names:
-            raise LongVAError(f"{file} has no {text_field!r} column (it has {', '.join(names)}); name the text field with --text-field.")
-        for batch in parquet.iter_batches(columns=[text_field], batch_size=64):
-            yield from (str(text) for text in batch.column(0).to_pylist() if text is not None)
-
-
-def parquet_file(file: Path):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise LongVAError("reading .parquet needs pyarrow: `pip install pyarrow`.") from None
-    try:
-        return pq.ParquetFile(file)
-    except Exception as err:  # pyarrow raises several types for a damaged file
-        raise LongVAError(f"{file} is not a readable parquet file ({type(err).__name__}); replace it or remove it from --data.") from None
 
 
 def import_datasets():
@@ -513,7 +477,7 @@ def prepare_models(
                 f"{name}: at {', '.join(f'{length:,}' for length in short)} tokens some of the {len(documents.tokens)} documents are "
                 f"shorter and are left out there (ppl.jsonl counts them); --min-doc-tokens {usable[-1]} scores the same documents everywhere."
             )
-        config = json.loads((folder / "config.json").read_text())
+        config = read_config(folder)
         max_positions = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
         beyond = [length for length in usable if max_positions and length > max_positions]
         if beyond:

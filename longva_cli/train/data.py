@@ -220,7 +220,9 @@ def _text_files(path: Path) -> list[Path]:
     return files
 
 
-def _documents(file: Path, text_field: str) -> Iterator[str]:
+def read_documents(file: Path, text_field: str, setting: str) -> Iterator[str]:
+    """The non-empty documents of a .txt (the whole file), .jsonl (one a line) or .parquet file;
+    `setting` names the flag or recipe key that sets `text_field`, for the error messages."""
     if file.suffix == ".txt":
         yield file.read_text(encoding="utf-8", errors="replace")
     elif file.suffix == ".jsonl":
@@ -232,17 +234,29 @@ def _documents(file: Path, text_field: str) -> Iterator[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     raise LongVAError(f"line {number} of {file} is not valid JSON; fix or remove it.") from None
-                if text_field not in record:
-                    raise LongVAError(f"line {number} of {file} has no {text_field!r} field; set data.text_field.")
-                yield str(record[text_field])
+                if not isinstance(record, dict) or text_field not in record:
+                    fields = ", ".join(record) if isinstance(record, dict) else "none"
+                    raise LongVAError(f"line {number} of {file} has no {text_field!r} field (it has {fields}); name the text field with {setting}.")
+                if record[text_field]:
+                    yield str(record[text_field])
     else:
-        import pyarrow.parquet as pq
+        parquet = parquet_file(file)
+        names = parquet.schema_arrow.names
+        if text_field not in names:
+            raise LongVAError(f"{file} has no {text_field!r} column (it has {', '.join(names)}); name the text field with {setting}.")
+        for batch in parquet.iter_batches(columns=[text_field], batch_size=64):
+            yield from (str(text) for text in batch.column(0).to_pylist() if text)
 
-        parquet = pq.ParquetFile(file)
-        if text_field not in parquet.schema_arrow.names:
-            raise LongVAError(f"{file} has no {text_field!r} column; set data.text_field or data.column.")
-        for batch in parquet.iter_batches(columns=[text_field]):
-            yield from (str(t) for t in batch.column(0).to_pylist() if t)
+
+def parquet_file(file: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise LongVAError("reading .parquet needs pyarrow: `pip install pyarrow`.") from None
+    try:
+        return pq.ParquetFile(file)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise LongVAError(f"{file} is not a readable parquet file ({type(err).__name__}); replace it or remove it from the data.") from None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -283,7 +297,7 @@ def pack_text(files: list[Path], tokenizer, row_len: int, text_field: str, out: 
         raise LongVAError("the tokenizer has no EOS token to separate documents; pick another tokenizer.")
     tokens = array("I")
     for file in files:
-        for doc in _documents(file, text_field):
+        for doc in read_documents(file, text_field, "data.text_field"):
             tokens.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
             tokens.append(eos)
     rows = len(tokens) // row_len
