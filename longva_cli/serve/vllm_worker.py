@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
-import logging
 import shlex
 import threading
 from pathlib import Path
@@ -43,8 +42,6 @@ from longva_cli.serve.worker import Admission, Generation, check_prompt_length, 
 
 if TYPE_CHECKING:
     from longva_cli.serve.app import ServeSettings, VLLMSettings
-
-log = logging.getLogger("longva.serve")
 
 # Engine arguments `longva serve` sets from its own flags; --vllm-args may not set them again.
 OWN_ARGUMENTS = {
