@@ -92,8 +92,9 @@ async def start(model: str, settings: "ServeSettings", options: "VLLMSettings", 
     try:
         engine = AsyncLLM.from_engine_args(args)
     except Exception as err:  # noqa: BLE001 - vLLM's reasons are many; its log above has the details
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LongVAError(f"vLLM could not start its engine for {model}: {reason} (vLLM's log above says more).") from None
+        # One line: pydantic's reasons come on several, with a documentation link last.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.strip().startswith("For further information")]
+        raise LongVAError(f"vLLM could not start its engine for {model}: {' '.join(lines) or type(err).__name__}") from None
     generation_path = folder / "generation_config.json"
     generation_config = read_json(generation_path, folder) if generation_path.is_file() else {}
     return VLLMWorker(engine, load_tokenizer(folder), generation_config, model, settings)
