@@ -462,6 +462,20 @@ def test_the_http_layer_checks_apply_on_the_vllm_engine(longva_server, media):
 
 
 @pytest.mark.slow
+def test_an_answer_that_fills_the_engines_length_ends_with_length(longva_server, media):
+    from test_serve import media_part, request, text, user
+
+    # 56 frames and the question: 8,098 of the engine's 8,192 positions, room for 94 tokens of the 4,096 asked
+    status, answer = request(longva_server, "POST", CHAT, {
+        "messages": [user(media_part("video_url", media["video"].as_uri()), text(QUESTION))], "video": {"frames": 56},
+        "max_tokens": 4096, "temperature": 0}, timeout=300)
+    assert status == 200, answer
+    usage = answer["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (8098, 94, 8192)
+    assert answer["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.slow
 def test_sigterm_ends_streams_with_an_error_event_and_exits_0(longva_server, media):
     # Last in this module: it stops the module's server.
     from test_serve_shutdown import sse_events

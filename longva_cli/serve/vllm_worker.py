@@ -227,6 +227,8 @@ class VLLMWorker(Admission):
         with self._tokenizer_lock:
             text_tokens = sum(len(piece) for piece in tokenize_segments(self.tokenizer, text))
         check_prompt_length(text_tokens + visual_tokens, self.budget.max_tokens, job)
+        # vLLM holds no more than max_model_len positions: an answer that fills them ends with "length".
+        job.max_tokens = min(job.max_tokens, self.vllm.model_config.max_model_len - text_tokens - visual_tokens)
         pieces = text.split(IMAGE_PLACEHOLDER)
         prompt = pieces[0] + "".join(placeholder + piece for placeholder, piece in zip(placeholders, pieces[1:], strict=True))
         media = {name: items for name, items in (("image", images), ("video", videos)) if items}
