@@ -164,7 +164,7 @@ def load(
 
 def load_longva_model(folder: Path, name: str, dtype, attention, target, device_map, quantization, started: float):
     from longva_cli.model.checkpoint import load_longva, load_tokenizer
-    from longva_cli.model.config import read_json, vision_settings
+    from longva_cli.model.config import read_generation_config, vision_settings
     from longva_cli.model.longva import LongVA
 
     network = load_longva(
@@ -172,10 +172,8 @@ def load_longva_model(folder: Path, name: str, dtype, attention, target, device_
     )
     tokenizer = load_tokenizer(folder)
     _, processing = vision_settings(network.mm)
-    generation_path = folder / "generation_config.json"
-    generation_config = read_json(generation_path, folder) if generation_path.is_file() else {}
     return LongVA(
-        network, tokenizer, processing, name, generation_config, time.perf_counter() - started, folder=folder, fingerprint=fingerprint(folder)
+        network, tokenizer, processing, name, read_generation_config(folder), time.perf_counter() - started, folder=folder, fingerprint=fingerprint(folder)
     )
 
 

@@ -62,6 +62,17 @@ class SamplingSettings:
     repetition_penalty: float | None = None
     seed: int | None = 0
 
+    @classmethod
+    def defaults(cls, generation_config: dict, **overrides) -> "SamplingSettings":
+        """The original's sampling (temperature 0.5, no top-p) with the checkpoint's top-k (else
+        transformers' 50) and repetition penalty from its generation_config.json; then `overrides`
+        that are not None."""
+        settings = cls(top_k=generation_config.get("top_k", 50), repetition_penalty=generation_config.get("repetition_penalty"))
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(settings, key, value)
+        return settings
+
     def processors(self) -> LogitsProcessorList:
         chain = LogitsProcessorList()
         if self.repetition_penalty not in (None, 1.0):

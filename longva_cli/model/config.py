@@ -119,6 +119,12 @@ def read_json(path: Path, folder: Path | None = None) -> dict:
     return value
 
 
+def read_generation_config(folder: Path) -> dict:
+    """A checkpoint's generation_config.json ({} when it has none)."""
+    path = Path(folder) / "generation_config.json"
+    return read_json(path, folder) if path.is_file() else {}
+
+
 def read_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():

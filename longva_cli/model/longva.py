@@ -49,9 +49,7 @@ class LongVA:
         self.load_seconds = load_seconds
         self.folder = folder
         self.fingerprint = fingerprint  # the checkpoint's identity for caches (None: do not cache)
-        eos = self.generation_config.get("eos_token_id", [])
-        eos = eos if isinstance(eos, list) else [eos]
-        self.stop_ids = {tokenizer.convert_tokens_to_ids(END_OF_TURN), *eos}
+        self.stop_ids = stop_ids(tokenizer, self.generation_config)
 
     @classmethod
     def from_pretrained(
@@ -82,14 +80,7 @@ class LongVA:
         """The original's sampling defaults (temperature 0.5, the checkpoint's top-k, else 50) with overrides."""
         from longva_cli.engine.objectives import SamplingSettings
 
-        settings = SamplingSettings(
-            top_k=self.generation_config.get("top_k", 50),
-            repetition_penalty=self.generation_config.get("repetition_penalty"),
-        )
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(settings, key, value)
-        return settings
+        return SamplingSettings.defaults(self.generation_config, **overrides)
 
     def ask(
         self,
@@ -132,4 +123,10 @@ class LongVA:
         return drive(session.ask(question, sampling), handle)
 
 
-__all__ = ["LongVA", "DEFAULT_MODEL"]
+def stop_ids(tokenizer, generation_config: dict) -> set[int]:
+    """Where an answer ends: the end of the turn (`<|im_end|>`) and the checkpoint's eos ids."""
+    eos = generation_config.get("eos_token_id", [])
+    return {tokenizer.convert_tokens_to_ids(END_OF_TURN), *(eos if isinstance(eos, list) else [eos])}
+
+
+__all__ = ["LongVA", "DEFAULT_MODEL", "stop_ids"]

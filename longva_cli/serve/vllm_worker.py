@@ -83,7 +83,7 @@ async def start(model: str, settings: "ServeSettings", options: "VLLMSettings", 
     """Start vLLM's engine on `model` (a folder, hub id or short name) in this event loop."""
     from longva_cli.hub import locate_model
     from longva_cli.model.checkpoint import load_tokenizer
-    from longva_cli.model.config import read_config, read_json
+    from longva_cli.model.config import read_config, read_generation_config
 
     folder = locate_model(model, revision=revision, kind="longva")
     if read_config(folder).get("model_type") != "llava_qwen":
@@ -95,9 +95,7 @@ async def start(model: str, settings: "ServeSettings", options: "VLLMSettings", 
         # One line: pydantic's reasons come on several, with a documentation link last.
         lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.strip().startswith("For further information")]
         raise LongVAError(f"vLLM could not start its engine for {model}: {' '.join(lines) or type(err).__name__}") from None
-    generation_path = folder / "generation_config.json"
-    generation_config = read_json(generation_path, folder) if generation_path.is_file() else {}
-    return VLLMWorker(engine, load_tokenizer(folder), generation_config, model, settings)
+    return VLLMWorker(engine, load_tokenizer(folder), read_generation_config(folder), model, settings)
 
 
 class VLLMWorker(Admission):
@@ -106,7 +104,7 @@ class VLLMWorker(Admission):
     engine = "vllm"
 
     def __init__(self, engine: AsyncLLM, tokenizer, generation_config: dict, name: str, settings: "ServeSettings") -> None:
-        from longva_cli.model.prompt import END_OF_TURN
+        from longva_cli.model.longva import stop_ids
         from longva_cli.serve.budget import PromptBudget
         from longva_cli.vllm.config import vision_of
 
@@ -124,8 +122,7 @@ class VLLMWorker(Admission):
             crop=vision.processing.crop, pinpoints=tuple(tuple(p) for p in vision.mm.image_grid_pinpoints),
         )
         # Where the native engine stops (`LongVA.stop_ids`): the end of the turn and the checkpoint's eos ids.
-        eos = generation_config.get("eos_token_id", [])
-        self.stop_ids = sorted({tokenizer.convert_tokens_to_ids(END_OF_TURN), *(eos if isinstance(eos, list) else [eos])})
+        self.stop_ids = sorted(stop_ids(tokenizer, generation_config))
         self.max_running = engine.vllm_config.scheduler_config.max_num_seqs
         self._pending: collections.deque[Generation] = collections.deque()
         self._loop = asyncio.get_running_loop()
@@ -239,10 +236,7 @@ class VLLMWorker(Admission):
         makes them (temperature 0.5, the checkpoint's top-k, else 50, and its repetition penalty)."""
         from longva_cli.engine.objectives import SamplingSettings
 
-        settings = SamplingSettings(top_k=self.generation_config.get("top_k", 50), repetition_penalty=self.generation_config.get("repetition_penalty"))
-        for name, value in (("temperature", job.temperature), ("top_p", job.top_p), ("top_k", job.top_k)):
-            if value is not None:
-                setattr(settings, name, value)
+        settings = SamplingSettings.defaults(self.generation_config, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k)
         return SamplingParams(
             n=1,
             max_tokens=job.max_tokens,
