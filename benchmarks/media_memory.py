@@ -70,27 +70,7 @@ def measure(kind: str, way: str, path: Path, frames: int = 16) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def blank_video(path: Path, width: int, height: int, frames: int) -> Path:
-    """All-black H.264 frames: a small file whatever the frame size, as in the reported attack."""
-    import av
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "tune": "zerolatency"}
-        frame = av.VideoFrame(width, height, "yuv420p")
-        for plane in frame.planes:
-            plane.update(bytes(plane.buffer_size))
-        for _ in range(frames):
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
 def pattern_video(path: Path, width: int, height: int, frames: int) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from media import write_video
 
     return write_video(path, frames=frames, width=width, height=height, fps=8)
@@ -105,6 +85,9 @@ def bomb_png(path: Path, side: int) -> Path:
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from media import write_blank_video  # all-black H.264: a small file whatever the frame size
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the 8K video (the slowest to encode and decode)")
     args = parser.parse_args()
@@ -112,12 +95,12 @@ def main() -> None:
         folder = Path(tmp)
         cases = [
             ("13000x13000 PNG", "image", bomb_png(folder / "bomb.png", 13000), 1),
-            ("16 frames 7680x7680 H.264", "video", blank_video(folder / "attack.mp4", 7680, 7680, 16), 16),
+            ("16 frames 7680x7680 H.264", "video", write_blank_video(folder / "attack.mp4", 7680, 7680, 16), 16),
             ("1080p, 32 of 64 frames", "video", pattern_video(folder / "hd.mp4", 1920, 1080, 64), 32),
             ("4K, 32 of 64 frames", "video", pattern_video(folder / "4k.mp4", 3840, 2160, 64), 32),
         ]
         if not args.quick:
-            cases.append(("8K (8192x4352), 16 frames", "video", blank_video(folder / "8k.mp4", 8192, 4352, 16), 16))
+            cases.append(("8K (8192x4352), 16 frames", "video", write_blank_video(folder / "8k.mp4", 8192, 4352, 16), 16))
         print("| input | file size | naive peak MB | longva peak MB | naive / longva | longva |")
         print("|---|---:|---:|---:|---:|---|")
         for name, kind, path, frames in cases:

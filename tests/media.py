@@ -42,3 +42,22 @@ def write_image(path: Path, width: int = 500, height: int = 300) -> Path:
 
     Image.fromarray(frame_pattern(3, width, height)).save(path)
     return path
+
+
+def write_blank_video(path: Path, width: int, height: int, frames: int = 1) -> Path:
+    """A few all-black H.264 frames: a file of kilobytes, whatever the frame size."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "tune": "zerolatency"}
+        frame = av.VideoFrame(width, height, "yuv420p")
+        for plane in frame.planes:
+            plane.update(bytes(plane.buffer_size))
+        for _ in range(frames):
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

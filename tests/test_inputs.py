@@ -26,7 +26,7 @@ from longva_cli.model import media
 from longva_cli.model.checkpoint import load_longva, load_tokenizer, weight_map
 from longva_cli.model.config import ImageProcessing
 from longva_cli.model.processing import preprocess
-from media import frame_pattern, write_video
+from media import frame_pattern, write_blank_video, write_video
 from test_cli import assert_clean_error, longva
 
 # ---- checkpoints -------------------------------------------------------------------------------
@@ -243,23 +243,6 @@ def test_ask_about_an_image_bomb_prints_one_sentence(tmp_path, tiny_checkpoint):
 
 
 # ---- videos ------------------------------------------------------------------------------------
-
-
-def write_blank_video(path: Path, width: int, height: int, frames: int = 1) -> Path:
-    """A few all-black H.264 frames: a file of kilobytes, whatever the frame size."""
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "tune": "zerolatency"}
-        frame = av.VideoFrame(width, height, "yuv420p")
-        for plane in frame.planes:
-            plane.update(bytes(plane.buffer_size))
-        for _ in range(frames):
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 @pytest.fixture(params=["decord", "pyav"])
