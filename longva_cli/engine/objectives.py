@@ -151,7 +151,7 @@ class Token:
     text: str  # new text this token completes ("" while inside a multi-byte character)
 
 
-Event = Union[Prefilling, Token, Any]
+Event = Union[Prefilling, Token]  # what `run` yields
 Result = TypeVar("Result")
 
 

@@ -120,9 +120,6 @@ class CacheEntry:
 
         return torch.cat(parts)[:count]
 
-    def nbytes(self) -> int:
-        return sum(file.stat().st_size for file in self.folder.glob("*") if file.is_file())
-
 
 class VisualCache:
     """Embeddings by key: an in-memory LRU (`memory_bytes`) in front of an optional disk folder."""

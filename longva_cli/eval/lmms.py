@@ -31,7 +31,8 @@ from lmms_eval.api.model import lmms
 from longva_cli.errors import LongVAError
 from longva_cli.eval.answers import DegenerateGuard, degenerate_kind
 from longva_cli.eval.local import DEFAULT_EVAL_MODEL
-from longva_cli.eval.report import run_info, write_json
+from longva_cli.engine.runs import write_json
+from longva_cli.eval.report import run_info
 from longva_cli.engine import (
     DEFAULT_PREFILL_CHUNK,
     Generate,

@@ -8,8 +8,6 @@ date it was made with.
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 from importlib import metadata
 from pathlib import Path
 
@@ -52,22 +50,3 @@ def run_info(*, model: str, model_path: Path | None, frames: int, dtype: str, wi
         "versions": versions,
         **extra,
     }
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a results file."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
-    os.replace(temporary, path)
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    """One record as one line in a single write on an O_APPEND file, flushed to disk."""
-    line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
