@@ -54,13 +54,26 @@ def main() -> None:
     settings = overrides(args.tiny, args.work, seq_len)
     command = [sys.executable, "-m", "longva_cli", "extend-text", "--recipe", "extend-text/tiny-cpu", *settings]
     record.update(args.results, "stages.train", {"command": " ".join(command[1:]), "model": "tiny-cpu recipe" if args.tiny else "Qwen2-0.5B shape, random"})
-    started = time.perf_counter()
-    finished = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    wall = time.perf_counter() - started
+    started = time.time()
+    child = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        returncode = child.wait()
+    except KeyboardInterrupt:  # the stage's time limit: the child got SIGINT too; record what it measured
+        returncode = child.wait()
+    ended = time.time()
     metrics = args.work / "extend-text" / "metrics.jsonl"
     steps = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
-    figures = {"exit_code": finished.returncode, "wall_s": round(wall, 1), "steps": len(steps)}
+    figures = {"exit_code": returncode, "wall_s": round(ended - started, 1), "steps": len(steps)}
     if steps:
+        # where the wall time went: start-up (imports, model, DeepSpeed), steps, last checkpoint, exit
+        latest = args.work / "extend-text" / "latest"
+        saved = latest.lstat().st_mtime if latest.exists() or latest.is_symlink() else None
+        figures["phases_s"] = {
+            "startup": round(steps[0]["time"] - steps[0]["step_time_s"] - started, 1),
+            "steps": round(sum(step["step_time_s"] for step in steps), 1),
+            "last_checkpoint": None if saved is None else round(saved - steps[-1]["time"], 1),
+            "exit": round(ended - (saved or steps[-1]["time"]), 1),
+        }
         rates = [step["tokens_per_s"] for step in steps]
         figures.update(
             sequence_tokens=seq_len,
@@ -73,7 +86,7 @@ def main() -> None:
         )
     record.update(args.results, "stages.train", figures)
     print(f"train: {figures}", flush=True)
-    sys.exit(finished.returncode)
+    sys.exit(returncode)
 
 
 if __name__ == "__main__":
