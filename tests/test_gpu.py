@@ -12,6 +12,7 @@ from transformers import DynamicCache
 from longva_cli.model import attention
 from longva_cli.model.compat import cache_kwargs
 from longva_cli.model.longva import LongVA
+from longva_cli.model.prompt import Turn, chat_prompt
 
 pytestmark = pytest.mark.gpu
 
@@ -31,11 +32,21 @@ def random_embeds(longva: LongVA, tokens: int) -> torch.Tensor:
     return torch.randn(size, generator=generator, device="cuda").to(longva.model.dtype)
 
 
-def test_auto_settings_pick_bfloat16_on_cuda(tiny_checkpoint):
-    model = LongVA.from_pretrained(str(tiny_checkpoint), device="cuda")
-    assert model.model.dtype == torch.bfloat16 and model.model.device.type == "cuda"
-    answer = model.ask(None, "Hello?", temperature=0, max_new_tokens=4)
-    assert answer.generated_tokens <= 4
+def prompt_logits(longva: LongVA, prompt: str) -> torch.Tensor:
+    """Logits [vocab] (float32, on the CPU) of the last position of `prompt`, in one pass."""
+    ids = longva.tokenizer(prompt, return_tensors="pt").input_ids.to(longva.model.device)
+    with torch.inference_mode():
+        return longva.model.language_model(input_ids=ids).logits[0, -1].float().cpu()
+
+
+def test_auto_settings_pick_bfloat16_on_cuda_and_match_float32_on_the_cpu(tiny_checkpoint):
+    gpu = LongVA.from_pretrained(str(tiny_checkpoint), device="cuda")
+    cpu = LongVA.from_pretrained(str(tiny_checkpoint), device="cpu", dtype="float32")
+    assert gpu.model.dtype == torch.bfloat16 and gpu.model.device.type == "cuda"
+    prompt = chat_prompt([Turn("user", "Hello?")])
+    torch.testing.assert_close(prompt_logits(gpu, prompt), prompt_logits(cpu, prompt), rtol=2e-2, atol=2e-2)
+    answer = gpu.ask(None, "Hello?", temperature=0, max_new_tokens=4)
+    assert answer.finish_reason == ("length" if answer.generated_tokens == 4 else "stop")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

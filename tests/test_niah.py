@@ -120,13 +120,18 @@ def test_heatmap_is_a_17_5_by_8_inch_png(video_run, video_settings, tmp_path):
 # ---- exactness of the KV-reusing path ------------------------------------------------------
 
 
+def run_prompts(longva, settings, needle_dir) -> VideoNeedlePrompts:
+    """The prompts a video run over `settings` builds, made again from its haystack cache."""
+    needles = load_needles(str(needle_dir))
+    entry = haystack_entry(VisualCache(settings.cache_dir), longva, settings.haystack)
+    haystack = load_haystack(entry, settings.max_frames, longva.model.device)
+    needle_embeds = encode_frames(longva, [[n.image for n in needles]], len(needles), pad_to_square=True)
+    return VideoNeedlePrompts(longva, haystack, needles, needle_embeds)
+
+
 def test_kv_reuse_scores_equal_a_naive_full_forward_on_every_cell(video_run, video_settings, tiny_longva, needle_dir):
     """The run's per-needle predictions equal one plain forward over each whole sequence."""
-    needles = load_needles(str(needle_dir))
-    entry = haystack_entry(VisualCache(video_settings.cache_dir), tiny_longva, video_settings.haystack)
-    haystack = load_haystack(entry, 6, tiny_longva.model.device)
-    needle_embeds = encode_frames(tiny_longva, [[n.image for n in needles]], len(needles), pad_to_square=True)
-    prompts = VideoNeedlePrompts(tiny_longva, haystack, needles, needle_embeds)
+    prompts = run_prompts(tiny_longva, video_settings, needle_dir)
     language_model = tiny_longva.model.language_model
     naive_tokens = 0
     for cell in cell_lines(video_settings.output):
@@ -159,14 +164,26 @@ def test_chunked_cache_reuse_equals_naive_for_teacher_forcing_and_greedy(tiny_lo
         assert scoring.greedy(tiny_longva, cache, prompt, 6) == expected
 
 
-def test_generate_scoring_run_keeps_the_generated_text(video_run, video_settings, tmp_path):
+def test_generate_scoring_run_keeps_the_generated_text(video_run, video_settings, tiny_longva, needle_dir, tmp_path):
+    """Each item holds what transformers' own greedy `generate` gives on the whole prompt."""
     settings = replace(video_settings, output=tmp_path / "generate", min_frames=2, max_frames=2, depth_step=1.0, scoring="generate", max_new_tokens=4)
     run = run_video(settings)
-    items = [item for cell in cell_lines(settings.output) for item in cell["items"]]
-    assert run.scored_now == 4 and len(items) == 4
-    for item in items:
-        assert len(item["predicted_ids"]) <= 4
-        assert item["found"] == scoring.answer_matches(item["predicted"], item["answer"])
+    cells = cell_lines(settings.output)
+    assert run.scored_now == 4 and sum(len(cell["items"]) for cell in cells) == 4
+    prompts = run_prompts(tiny_longva, settings, needle_dir)
+    stop_ids = sorted(tiny_longva.stop_ids)
+    for cell in cells:
+        for item in cell["items"]:
+            prompt = prompts.sequence(cell["num_frames"], cell["depth"], item["index"], with_answer=False)
+            with torch.inference_mode():
+                generated = tiny_longva.model.language_model.generate(
+                    inputs_embeds=prompt.embed(0, len(prompt))[None], do_sample=False, max_new_tokens=4,
+                    eos_token_id=stop_ids, pad_token_id=0, repetition_penalty=1.0, top_k=None, top_p=None, temperature=None,
+                )[0].tolist()
+            expected = generated[:-1] if generated[-1] in stop_ids else generated
+            assert item["predicted_ids"] == expected
+            assert item["predicted"] == tiny_longva.tokenizer.decode(expected, skip_special_tokens=True).strip()
+            assert item["found"] == scoring.answer_matches(item["predicted"], item["answer"])
 
 
 def test_generate_scoring_compares_normalised_text():
@@ -366,18 +383,20 @@ def text_settings(tiny_text_model, tmp_path_factory) -> TextSettings:
     )
 
 
-def test_text_run_scores_equal_a_naive_forward_and_use_the_text_format(tiny_text_model, text_settings):
+@pytest.fixture(scope="module")
+def text_run(text_settings):
+    """The one-process text run that the torchrun tests compare against, made once per module."""
+    from longva_cli.niah.text import run_text
+
+    return run_text(text_settings)
+
+
+def test_text_run_scores_equal_a_naive_forward_and_use_the_text_format(tiny_text_model, text_settings, text_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from longva_cli.niah.text import (
-        TextNeedlePrompts,
-        haystack_tokens,
-        run_numbers,
-        run_text,
-    )
+    from longva_cli.niah.text import TextNeedlePrompts, haystack_tokens, run_numbers
 
-    settings = text_settings
-    run = run_text(settings)
+    settings, run = text_settings, text_run
     rows = json.loads((settings.output / "all_accuracies.json").read_text())
     assert [list(row) for row in rows] == [["Context Length", "Document Depth", "Score"]] * 6
     assert (settings.output / "heatmap.png").is_file() and run.scored_now == 12
@@ -469,8 +488,6 @@ def test_flags_override_the_recipe_and_resume_reads_the_folder(tmp_path):
 
 def torchrun_text(settings: TextSettings, output: Path, port: int, *extra: str) -> None:
     """`longva niah text` with `settings` under torchrun, two gloo processes on CPU."""
-    if not (settings.output / "results.jsonl").is_file():
-        pytest.skip("needs the one-process text run above")
     s = settings
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m", "longva_cli",
@@ -482,17 +499,17 @@ def torchrun_text(settings: TextSettings, output: Path, port: int, *extra: str) 
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_torchrun_ranks_split_the_cells_and_match_one_process(text_settings, tmp_path):
+def test_torchrun_ranks_split_the_cells_and_match_one_process(text_settings, text_run, tmp_path):
     """Two gloo processes on CPU: each takes every other cell; the merged files equal a one-process run."""
     output = tmp_path / "two-ranks"
     torchrun_text(text_settings, output, 29613)
     one = {(c["context_length"], c["depth"]): c for c in cell_lines(text_settings.output)}
     two = {(c["context_length"], c["depth"]): c for c in cell_lines(output)}
-    assert two == one
+    assert len(one) == 6 and two == one
     assert (output / "all_accuracies.json").read_text() == (text_settings.output / "all_accuracies.json").read_text()
 
 
-def test_sequence_parallel_ranks_score_like_one_process(text_settings, tmp_path):
+def test_sequence_parallel_ranks_score_like_one_process(text_settings, text_run, tmp_path):
     """Two gloo processes split every sequence (DeepSpeed Ulysses): the same predictions as one process."""
     output = tmp_path / "sequence-parallel"
     torchrun_text(text_settings, output, 29617, "--sequence-parallel", "2")
@@ -500,6 +517,7 @@ def test_sequence_parallel_ranks_score_like_one_process(text_settings, tmp_path)
     def predictions(folder):
         return {(c["context_length"], c["depth"]): [i["predicted_ids"] for i in c["items"]] for c in cell_lines(folder)}
 
+    assert len(predictions(text_settings.output)) == 6
     assert predictions(output) == predictions(text_settings.output)
     assert len(niah_results.read_lines(output / "items.jsonl")) == len(niah_results.read_lines(text_settings.output / "items.jsonl"))
 

@@ -76,7 +76,8 @@ def test_engine_auto_serves_on_the_native_engine_on_a_cpu_machine(tiny_checkpoin
     try:
         assert request(server, "GET", "/health")[1]["engine"] == "native"
         status, answer = request(server, "POST", "/v1/chat/completions", {"messages": [user(text("hi"))], "max_tokens": 2})
-        assert status == 200 and 1 <= answer["usage"]["completion_tokens"] <= 2, answer
+        assert status == 200, answer
+        assert answer["choices"][0]["finish_reason"] == ("length" if answer["usage"]["completion_tokens"] == 2 else "stop")
     finally:
         server.stop()
     assert "on the native engine" in server.log()
