@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU evidence for longva in one command, offline, within nine minutes on one GPU.
+# GPU evidence for longva in one command, offline, within eight minutes on one GPU.
 #
 #   bash benchmarks/gpu/run.sh [--out DIR] [--wheels DIR] [--stages LIST] [--budget STAGE=SECONDS] [--cpu-dry-run]
 #
@@ -48,14 +48,14 @@ rm -f "$results" "$out"/*.log "$out/pytest-gpu.xml"
 work=$(mktemp -d "${TMPDIR:-/tmp}/longva-gpu-suite.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-# Seconds each stage may take: 9 minutes in all on a GPU (an H100 used 7 of them).
+# Seconds each stage may take: 8 minutes in all on a GPU (an H100 needed about 7.5).
 if [ "$dry_run" = 1 ]; then
     mode=cpu-dry-run tiny=--tiny
     declare -A budget=([install]=60 [pytest]=60 [train]=180 [scale]=90)
     export CUDA_VISIBLE_DEVICES=""
 else
     mode=gpu tiny=
-    declare -A budget=([install]=25 [pytest]=45 [train]=100 [scale]=360)
+    declare -A budget=([install]=25 [pytest]=35 [train]=80 [scale]=340)
 fi
 for override in ${budget_overrides[@]+"${budget_overrides[@]}"}; do
     budget[${override%%=*}]=${override#*=}
