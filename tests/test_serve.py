@@ -402,13 +402,19 @@ def test_client_hanging_up_stops_its_generation(server, media_root):
     response = connection.getresponse()
     assert response.status == 200
     assert response.readline().startswith(b"data: ")
+    # The server's own pace, measured here: the rest of the answer would take this long per token.
+    started, lines = time.monotonic(), 0
+    while lines < 20:
+        lines += response.readline().startswith(b"data: ")
+    seconds_per_token = (time.monotonic() - started) / 20
     assert request(server, "GET", "/health")[1]["busy"]
     connection.sock.shutdown(socket.SHUT_RDWR)
     connection.close()
     hung_up = time.monotonic()
-    while request(server, "GET", "/health")[1]["busy"] and time.monotonic() < hung_up + 10:
+    while request(server, "GET", "/health")[1]["busy"]:
         time.sleep(0.05)
-    assert time.monotonic() - hung_up < 2.5
+    # stopped long before the 4,000 tokens left could have been generated
+    assert time.monotonic() - hung_up < 0.25 * 4000 * seconds_per_token
 
 
 # ---- queueing and shutdown (their own servers) ---------------------------------------------
@@ -440,9 +446,7 @@ def test_full_queue_and_queue_timeout_give_503_then_sigterm_exits_cleanly(tiny_c
                                  {"messages": [user(media_part("image_url", f"file://{media_root}/photo.png"))]})
         assert status == 403 and "--media-root" in answer["error"]["message"]
 
-        started = time.monotonic()
-        assert server.stop(signal.SIGTERM) == 0, server.log()
-        assert time.monotonic() - started < 10
+        assert server.stop(signal.SIGTERM) == 0, server.log()  # exit 0, not killed after stop()'s 15 s
         rest = running.read()  # the stream in flight ends with an error event and [DONE] rather than hanging
         assert b'"code": "shutting_down"' in rest and rest.rstrip().endswith(b"data: [DONE]"), rest[-500:]
         busy.close()
@@ -452,9 +456,7 @@ def test_full_queue_and_queue_timeout_give_503_then_sigterm_exits_cleanly(tiny_c
 
 def test_sigint_stops_the_server_with_exit_code_0(tiny_checkpoint, tmp_path):
     server = Server(tiny_checkpoint, tmp_path)
-    started = time.monotonic()
-    assert server.stop(signal.SIGINT) == 0, server.log()
-    assert time.monotonic() - started < 10
+    assert server.stop(signal.SIGINT) == 0, server.log()  # exit 0, not killed after stop()'s 15 s
     assert "Traceback" not in server.log()
 
 
