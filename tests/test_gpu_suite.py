@@ -43,6 +43,9 @@ def test_cpu_dry_run_fills_every_stage(tmp_path):
 
     train = stages["train"]
     assert train["steps"] == 3 and train["tokens_per_s"] > 0 and train["losses"][-1] < train["losses"][0]
+    phases = train["phases_s"]
+    assert set(phases) == {"startup", "steps", "last_checkpoint", "exit"} and all(seconds >= 0 for seconds in phases.values())
+    assert sum(phases.values()) <= train["wall_s"] + 0.5  # the parts of one wall time (rounded to 0.1 s each)
 
     ask = stages["scale"]["ask"]
     assert ask["frames"] == 16 and ask["prompt_tokens"] > 16 * 144 and ask["generated_tokens"] >= 1
@@ -53,6 +56,21 @@ def test_cpu_dry_run_fills_every_stage(tmp_path):
     # the second depth shares the system prompt and the frames before the first needle
     assert second["reused_tokens"] > 0.8 * second["sequence_tokens"]
     assert second["reused_tokens"] + second["forwarded_tokens"] == second["sequence_tokens"] - 1
+
+
+@pytest.mark.parametrize("arguments, complaint", [
+    (["--stages", "train,bogus"], "not 'bogus'"),
+    (["--stages", "install"], "not 'install'"),
+    (["--budget", "train=soon"], "not 'train=soon'"),
+    (["--budget", "warmup=30"], "not 'warmup=30'"),
+])
+def test_bad_stage_arguments_are_refused_before_anything_is_touched(tmp_path, arguments, complaint):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gpu-results.json").write_text('{"from": "the last run"}')
+    done = subprocess.run(["bash", str(SUITE / "run.sh"), "--out", str(out), *arguments], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and complaint in done.stderr and done.stderr.count("\n") == 1
+    assert (out / "gpu-results.json").read_text() == '{"from": "the last run"}'
 
 
 def _write(results: Path, worker: int) -> None:

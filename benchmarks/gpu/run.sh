@@ -41,13 +41,6 @@ while [ $# -gt 0 ]; do
         *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
-python=${PYTHON:-python3}
-mkdir -p "$out" && out=$(cd "$out" && pwd)
-results=$out/gpu-results.json
-rm -f "$results" "$out"/*.log "$out/pytest-gpu.xml"
-work=$(mktemp -d "${TMPDIR:-/tmp}/longva-gpu-suite.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-
 # Seconds each stage may take: 8 minutes in all on a GPU (an H100 needed about 7.5).
 if [ "$dry_run" = 1 ]; then
     mode=cpu-dry-run tiny=--tiny
@@ -57,9 +50,25 @@ else
     mode=gpu tiny=
     declare -A budget=([install]=25 [pytest]=35 [train]=80 [scale]=340)
 fi
-for override in ${budget_overrides[@]+"${budget_overrides[@]}"}; do
-    budget[${override%%=*}]=${override#*=}
+for name in ${stages//,/ }; do
+    if [ "$name" = install ] || [ -z "${budget[$name]+set}" ]; then
+        echo "run.sh: --stages takes pytest, train and scale (comma-separated), not '$name'" >&2; exit 2
+    fi
 done
+for override in ${budget_overrides[@]+"${budget_overrides[@]}"}; do
+    name=${override%%=*} seconds=${override#*=}
+    if [ -z "${budget[$name]+set}" ] || ! [[ $seconds =~ ^[1-9][0-9]*$ ]]; then
+        echo "run.sh: --budget takes STAGE=SECONDS (install, pytest, train or scale; whole seconds), not '$override'" >&2; exit 2
+    fi
+    budget[$name]=$seconds
+done
+python=${PYTHON:-python3}
+mkdir -p "$out" && out=$(cd "$out" && pwd)
+results=$out/gpu-results.json
+rm -f "$results" "$out"/*.log "$out/pytest-gpu.xml"
+work=$(mktemp -d "${TMPDIR:-/tmp}/longva-gpu-suite.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
 export HF_HUB_OFFLINE=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 # The KV cache grows chunk by chunk: expandable segments keep the allocator from fragmenting.
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
