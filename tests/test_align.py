@@ -34,7 +34,6 @@ from longva_cli.train.multimodal_data import (
 
 REPO = Path(__file__).resolve().parent.parent
 ALIGN = RECIPES_DIR / "align"
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
 
 
 @pytest.fixture(scope="module")

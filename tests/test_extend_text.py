@@ -24,7 +24,6 @@ from longva_cli.train.extend_text import ExtendTextRecipe, extend_text
 REPO = Path(__file__).resolve().parent.parent
 TINY = RECIPES_DIR / "extend-text" / "tiny-cpu.yaml"
 BIG = RECIPES_DIR / "extend-text" / "qwen2-7b-224k.yaml"
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
 
 CORPUS = (
     "The lighthouse keeper counts the ships that pass the rocky point each night. "

@@ -52,8 +52,7 @@ def installed(tmp_path_factory) -> Path:
 
 def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return {**env, "COLUMNS": "200", "OMP_NUM_THREADS": "1",
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))}
+    return {**env, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
 
 
 def test_the_wheel_carries_the_recipes_and_runs_one_from_anywhere(installed, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -175,6 +176,27 @@ def test_perplexity_is_exp_of_the_token_weighted_mean_and_the_original_mean_too(
     assert record["tokens_scored"] == counts and record["windows"] == len(means) and record["documents"] == 3
     assert record["perplexity"] == pytest.approx(math.exp(nlls / counts), rel=1e-4)
     assert record["window_mean_perplexity"] == pytest.approx(math.exp(sum(means) / len(means)), rel=1e-4)
+
+
+def test_sequence_parallel_ranks_give_the_one_process_perplexities(run, models, books, tmp_path):
+    """Two gloo processes split every window (DeepSpeed Ulysses over the 2 KV heads)."""
+    from longva_cli.parallel import free_port
+
+    output = tmp_path / "sequence-parallel"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+         "-m", "longva_cli", "eval", "ppl", *[part for model in models for part in ("--model", str(model))], "--data", str(books),
+         "--min-tokens", "32", "--max-tokens", "128", "--samples", "3", "--min-doc-tokens", "40", "--prefill-chunk", "16",
+         "--sequence-parallel", "2", "--device", "cpu", "--output", str(output)],
+        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    one = {(r["model"], r["context_length"]): r for r in run[0].records}
+    split = {(r["model"], r["context_length"]): r for r in read_lines(output / "ppl.jsonl")}
+    assert len(one) == 6 and set(split) == set(one)
+    for key, record in split.items():
+        assert (record["tokens_scored"], record["windows"]) == (one[key]["tokens_scored"], one[key]["windows"])
+        assert record["perplexity"] == pytest.approx(one[key]["perplexity"], rel=1e-4)
 
 
 def test_outputs_follow_the_original_layout(run, models):
