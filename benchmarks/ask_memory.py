@@ -1,6 +1,6 @@
 """Peak memory of `ask` against the number of frames, next to the KV cache and a naive forward.
 
-    python benchmarks/ask_memory.py [--frames 64 128 256 512] [--hidden 256] [--naive-limit-gb 14]
+    python benchmarks/ask_memory.py [--frames 64 128 256 512] [--hidden 256] [--naive-limit-gb 14] [--smoke]
 
 A tiny-but-wide LongVA (hidden 256, 2 layers, Qwen2's real 152,064-token vocabulary) answers
 one question about a generated video. Each measurement runs in its own process and reports
@@ -10,7 +10,8 @@ its peak resident memory (ru_maxrss):
 - naive: the original's path — one forward over the whole sequence returning logits for every
   position (float32 seq x vocab), as `generate` did before `logits_to_keep`.
 
-The naive path is skipped where its logits alone would pass --naive-limit-gb.
+The naive path is skipped where its logits alone would pass --naive-limit-gb. Where both run,
+they must have built the same prompt; the script exits non-zero otherwise.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import ROOT, check, parse_args, ratio, run_json
+
 VOCAB = 152_064
+SMOKE = {"frames": [2], "hidden": 64, "vocab": 512}
 
 
 def measure(mode: str, checkpoint: Path, video: Path, frames: int) -> dict:
@@ -62,41 +65,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=VOCAB)
     parser.add_argument("--naive-limit-gb", type=float, default=14.0)
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
     if args.child:
         mode, checkpoint, video, frames = args.child
         print(json.dumps(measure(mode, Path(checkpoint), Path(video), int(frames))))
         return
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    sys.path.insert(0, str(ROOT / "tests"))
     from media import write_video
 
     from longva_cli.model.tiny import write_tiny_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="longva-bench-"))
-    checkpoint = write_tiny_checkpoint(work / "wide", hidden_size=args.hidden, vocab_size=VOCAB, max_shard_size="50MB")
+    checkpoint = write_tiny_checkpoint(work / "wide", hidden_size=args.hidden, vocab_size=args.vocab, max_shard_size="50MB")
     video = write_video(work / "clip.mp4", frames=max(args.frames), width=320, height=240, fps=25)
-    print(f"model: hidden {args.hidden}, 2 layers, vocab {VOCAB:,}; video 320x240, {max(args.frames)} frames")
+    print(f"model: hidden {args.hidden}, 2 layers, vocab {args.vocab:,}; video 320x240, {max(args.frames)} frames")
     print(f"{'frames':>6} {'tokens':>8} {'KV MB':>8} {'longva MB':>10} {'s':>6} {'naive MB':>10} {'s':>6} {'naive/longva':>12}")
     for frames in args.frames:
         rows = {}
         tokens_estimate = frames * 144 + 40
         for mode in ("longva", "naive"):
-            if mode == "naive" and tokens_estimate * VOCAB * 4 / 2**30 > args.naive_limit_gb:
+            if mode == "naive" and tokens_estimate * args.vocab * 4 / 2**30 > args.naive_limit_gb:
                 continue
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", mode, str(checkpoint), str(video), str(frames)],
-                capture_output=True, text=True, check=True,
-            ).stdout
-            rows[mode] = json.loads(out.strip().splitlines()[-1])
+            rows[mode] = run_json([sys.executable, __file__, "--child", mode, str(checkpoint), str(video), str(frames)])
         ours = rows["longva"]
         naive = rows.get("naive")
         if naive:
-            tail = f"{naive['peak_rss_mb']:10.0f} {naive['seconds']:6.1f} {naive['peak_rss_mb'] / ours['peak_rss_mb']:11.1f}x"
+            check(naive["tokens"] == ours["tokens"], f"both ways build the same {frames}-frame prompt ({ours['tokens']} and {naive['tokens']} tokens)")
+            memory = ratio(naive["peak_rss_mb"], ours["peak_rss_mb"], "naive / longva peak memory")
+            tail = f"{naive['peak_rss_mb']:10.0f} {naive['seconds']:6.1f} {memory:11.1f}x"
         else:
-            need = tokens_estimate * VOCAB * 4 / 2**30
+            need = tokens_estimate * args.vocab * 4 / 2**30
             tail = f"{'skipped':>10} {'':>6} {f'(logits {need:.0f} GB)':>12}"
         print(f"{frames:6d} {ours['tokens']:8d} {ours['kv_cache_mb']:8.1f} {ours['peak_rss_mb']:10.0f} {ours['seconds']:6.1f} {tail}")
 

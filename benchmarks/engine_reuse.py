@@ -1,6 +1,6 @@
 """What encoding once and asking many saves: serve follow-ups, several questions, the disk cache.
 
-    python benchmarks/engine_reuse.py [--frames 64] [--hidden 512] [--max-tokens 8] [--no-record]
+    python benchmarks/engine_reuse.py [--frames 64] [--hidden 512] [--max-tokens 8] [--questions 4] [--no-record] [--smoke]
 
 A tiny-but-wide LongVA (2 layers, hidden --hidden, Qwen2's real 152,064-token vocabulary) and a
 generated 320x240 video, on the CPU. Three measurements, each against the way without reuse,
@@ -10,12 +10,14 @@ in the same run:
    about the same video with a new question (its embeddings and KV prefix are kept), and the
    same second request to a server started with `--cache-gb 0` (nothing kept): wall times.
 2. `longva ask VIDEO Q1 Q2 Q3 Q4` (one process, the video encoded and prefilled once) against
-   four separate `longva ask VIDEO Qi --no-cache` runs: total wall time.
+   four separate `longva ask VIDEO Qi --no-cache` runs (--questions: how many): total wall time.
 3. a second `longva ask` on the same video with the disk cache against the first (which
    decodes, encodes and writes the cache): wall time and the `encode_s` each reports.
 
-Wall times include process start-up and model loading, as a user sees them. The table is
-printed and written under `## engine reuse` in benchmarks/RESULTS.md (`--no-record` to skip).
+Wall times include process start-up and model loading, as a user sees them. Both sides of each
+row must give the same answers, and the follow-up must reuse cached prompt tokens; the script
+exits non-zero otherwise. The table is printed and written under `## engine reuse` in
+benchmarks/RESULTS.md (`--no-record` to skip, --results for another file).
 """
 
 from __future__ import annotations
@@ -24,19 +26,18 @@ import argparse
 import http.client
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+from common import ROOT, check, command_line, parse_args, provenance, ratio, write_section
+
 HEADING = "## engine reuse"
 VOCAB = 152_064
 QUESTIONS = ["What happens?", "What colour is the square?", "Where does the square go?", "How does it end?"]
+SMOKE = {"frames": 2, "hidden": 64, "vocab": 512, "max_tokens": 2, "questions": 2}
 
 
 def longva(*args: str, env: dict) -> tuple[float, subprocess.CompletedProcess]:
@@ -79,15 +80,9 @@ def chat(port: int, video: Path, question: str, frames: int, max_tokens: int) ->
     return time.perf_counter() - started, answer
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def serve_follow_up(checkpoint: Path, video: Path, args, env: dict) -> dict:
+    from longva_cli.parallel import free_port
+
     port = free_port()
     server = start_server(checkpoint, video.parent, port, env)
     try:
@@ -104,7 +99,9 @@ def serve_follow_up(checkpoint: Path, video: Path, args, env: dict) -> dict:
     finally:
         cold_server.terminate()
         cold_server.wait(60)
-    assert second["choices"][0]["message"]["content"] == cold["choices"][0]["message"]["content"], "a follow-up answered differently"
+    check(second["choices"][0]["message"]["content"] == cold["choices"][0]["message"]["content"],
+          "a follow-up answers as it does on a server that keeps nothing")
+    check(second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, "the follow-up reuses the first request's prompt tokens")
     return {
         "first_s": first_s, "second_s": second_s, "cold_second_s": cold_s,
         "prompt_tokens": second["usage"]["prompt_tokens"], "cached_tokens": second["usage"]["prompt_tokens_details"]["cached_tokens"],
@@ -113,13 +110,15 @@ def serve_follow_up(checkpoint: Path, video: Path, args, env: dict) -> dict:
 
 def ask_questions(checkpoint: Path, video: Path, args, env: dict) -> dict:
     common = ("--model", str(checkpoint), "--device", "cpu", "-t", "0", "--max-new-tokens", str(args.max_tokens), "--frames", str(args.frames), "--json")
-    together_s, together = longva("ask", str(video), *QUESTIONS, "--no-cache", *common, env=env)
+    questions = QUESTIONS[: args.questions]
+    together_s, together = longva("ask", str(video), *questions, "--no-cache", *common, env=env)
     separate_s, answers = 0.0, []
-    for question in QUESTIONS:
+    for question in questions:
         seconds, done = longva("ask", str(video), question, "--no-cache", *common, env=env)
         separate_s += seconds
         answers.append(json.loads(done.stdout)["answer"])
-    assert [json.loads(line)["answer"] for line in together.stdout.splitlines()] == answers, "several questions answered differently"
+    check([json.loads(line)["answer"] for line in together.stdout.splitlines()] == answers,
+          "several questions in one ask answer as separate runs do")
     return {"together_s": together_s, "separate_s": separate_s}
 
 
@@ -130,23 +129,26 @@ def disk_cache(checkpoint: Path, video: Path, args, env: dict) -> dict:
     first_s, first = longva("ask", str(video), QUESTIONS[0], *common, env=env)
     second_s, second = longva("ask", str(video), QUESTIONS[0], *common, env=env)
     one, two = json.loads(first.stdout), json.loads(second.stdout)
-    assert one["answer"] == two["answer"], "the cached answer differs"
+    check(one["answer"] == two["answer"], "the answer from the disk cache is the first answer")
     return {"first_s": first_s, "second_s": second_s, "first_encode_s": one["timings"]["encode_s"], "second_encode_s": two["timings"]["encode_s"]}
 
 
 def table(args, serve: dict, ask: dict, cache: dict) -> str:
+    def row(measure: str, with_reuse: float, without: float) -> str:
+        return f"| {measure} | {with_reuse:.2f} | {without:.2f} | {ratio(without, with_reuse, measure):.1f}x |"
+
+    count = args.questions
     return "\n".join([
-        f"Command: `python benchmarks/engine_reuse.py --frames {args.frames} --hidden {args.hidden} --max-tokens {args.max_tokens}` "
-        f"({platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, CPU). Tiny-but-wide LongVA: hidden "
-        f"{args.hidden}, 2 layers, vocabulary {VOCAB:,}; a {args.frames}-frame 320x240 video ({args.frames * 144:,} visual tokens); "
+        f"Command: `{command_line()}` ({provenance()}, no GPU). Tiny-but-wide LongVA: hidden "
+        f"{args.hidden}, 2 layers, vocabulary {args.vocab:,}; a {args.frames}-frame 320x240 video ({args.frames * 144:,} visual tokens); "
         f"greedy answers of at most {args.max_tokens} tokens, identical on both sides of every row (checked).",
         "",
         "| measure | with reuse (s) | without (s) | without / with |",
         "|---|---:|---:|---:|",
-        f"| serve: second request, same video, new question (vs a server with `--cache-gb 0`) | {serve['second_s']:.2f} | {serve['cold_second_s']:.2f} | {serve['cold_second_s'] / serve['second_s']:.1f}x |",
-        f"| serve: second request against the first request (which decoded, encoded and prefilled) | {serve['second_s']:.2f} | {serve['first_s']:.2f} | {serve['first_s'] / serve['second_s']:.1f}x |",
-        f"| `ask` with 4 questions vs 4 separate `ask --no-cache` runs | {ask['together_s']:.2f} | {ask['separate_s']:.2f} | {ask['separate_s'] / ask['together_s']:.1f}x |",
-        f"| second `ask` on the same video (disk cache) vs the first | {cache['second_s']:.2f} | {cache['first_s']:.2f} | {cache['first_s'] / cache['second_s']:.1f}x |",
+        row("serve: second request, same video, new question (vs a server with `--cache-gb 0`)", serve["second_s"], serve["cold_second_s"]),
+        row("serve: second request against the first request (which decoded, encoded and prefilled)", serve["second_s"], serve["first_s"]),
+        row(f"`ask` with {count} questions vs {count} separate `ask --no-cache` runs", ask["together_s"], ask["separate_s"]),
+        row("second `ask` on the same video (disk cache) vs the first", cache["second_s"], cache["first_s"]),
         f"| `encode_s` reported by those two `ask` runs | {cache['second_encode_s']:.2f} | {cache['first_encode_s']:.2f} | |",
         "",
         f"The follow-up request reused {serve['cached_tokens']:,} of its {serve['prompt_tokens']:,} prompt tokens "
@@ -154,20 +156,16 @@ def table(args, serve: dict, ask: dict, cache: dict) -> str:
     ])
 
 
-def record(text: str) -> None:
-    current = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    section = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    block = f"{HEADING}\n\n{text}\n\n"
-    RESULTS.write_text(section.sub(lambda _: block, current) if section.search(current) else current.rstrip() + "\n\n" + block)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=VOCAB)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--questions", type=int, choices=range(1, len(QUESTIONS) + 1), default=len(QUESTIONS),
+                        help="how many questions one ask takes, against as many runs")
     parser.add_argument("--no-record", action="store_true")
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE, records=True)
 
     sys.path.insert(0, str(ROOT / "tests"))
     from media import write_video
@@ -175,19 +173,19 @@ def main() -> None:
     from longva_cli.model.tiny import write_tiny_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="longva-reuse-"))
-    checkpoint = write_tiny_checkpoint(work / "wide", hidden_size=args.hidden, vocab_size=VOCAB, max_shard_size="100MB")
+    checkpoint = write_tiny_checkpoint(work / "wide", hidden_size=args.hidden, vocab_size=args.vocab, max_shard_size="100MB")
     (work / "media").mkdir()
     video = write_video(work / "media" / "clip.mp4", frames=args.frames * 2, width=320, height=240, fps=25)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(work / "xdg")}
     serve = serve_follow_up(checkpoint, video, args, env)
     print(f"serve: first {serve['first_s']:.2f}s, follow-up {serve['second_s']:.2f}s, follow-up without reuse {serve['cold_second_s']:.2f}s", flush=True)
     ask = ask_questions(checkpoint, video, args, env)
-    print(f"ask: 4 questions in one run {ask['together_s']:.2f}s, 4 runs {ask['separate_s']:.2f}s", flush=True)
+    print(f"ask: {args.questions} questions in one run {ask['together_s']:.2f}s, {args.questions} runs {ask['separate_s']:.2f}s", flush=True)
     cache = disk_cache(checkpoint, video, args, env)
     text = table(args, serve, ask, cache)
     print(text)
     if not args.no_record:
-        record(text)
+        write_section(args.results, HEADING, text)
 
 
 if __name__ == "__main__":

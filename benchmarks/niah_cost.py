@@ -1,9 +1,10 @@
 """Cost of a V-NIAH grid: our KV-reusing scorer against the original's full forward per cell.
 
-    python benchmarks/niah_cost.py [--frames 4 8 12 16] [--depth-step 0.25] [--hidden 256]
+    python benchmarks/niah_cost.py [--frames 4 8 12 16] [--depth-step 0.2] [--hidden 256] [--smoke]
 
 A tiny-but-wide LongVA (hidden 256, 2 layers, Qwen2's real 152,064-token vocabulary, so the
-logits cost what they cost in the real model) scores five needles over a grid, on random
+logits cost what they cost in the real model) scores five needles over a grid (the depth step
+is `longva niah video`'s, 0.2, unless --depth-step says otherwise), on random
 haystack and needle embeddings (the vision tower is the same work for both ways and is left
 out). Each way runs in its own process and reports:
 
@@ -17,26 +18,27 @@ ours  = `longva niah video`'s path: cells ordered by needle position, the KV cac
         shared prefix kept and cropped, chunked prefill, logits at the answer positions only.
 naive = the original: one forward over each whole sequence with logits at every position.
 
-Both must give the same predicted ids for every needle; the script checks it. The figures
-and the command are appended to benchmarks/RESULTS.md under "## niah cost".
+Both must give the same predicted ids for every needle, and ours must forward fewer tokens;
+the script checks both and exits non-zero otherwise. The figures, the command, the machine and
+the date replace the section "## niah cost" of benchmarks/RESULTS.md (--results: another file).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import re
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import check, command_line, parse_args, provenance, ratio, run_json, write_section
+
 VOCAB = 152_064
 ANSWERS = ["B", "Yellow", "200", "C", "A"]
-RESULTS = Path(__file__).parent / "RESULTS.md"
+HEADING = "## niah cost"
+SMOKE = {"frames": [2, 4], "hidden": 64, "vocab": 512}  # the depth grid stays the default one
 
 
 def rss_gb() -> float:
@@ -84,44 +86,40 @@ def measure(way: str, checkpoint: Path, frames: list[int], depth_step: float) ->
 
 
 def run_way(way: str, checkpoint: Path, args) -> dict:
-    command = [sys.executable, __file__, "--way", way, "--checkpoint", str(checkpoint), "--frames", *map(str, args.frames), "--depth-step", str(args.depth_step)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json([sys.executable, __file__, "--way", way, "--checkpoint", str(checkpoint), "--frames", *map(str, args.frames),
+                     "--depth-step", str(args.depth_step)])
 
 
 def table(ours: dict, naive: dict) -> str:
-    def row(name: str, a: float, b: float, fmt: str) -> str:
-        return f"| {name} | {a:{fmt}} | {b:{fmt}} | {b / a:.2f}x |"
+    def row(name: str, key: str, fmt: str) -> str:
+        return f"| {name} | {ours[key]:{fmt}} | {naive[key]:{fmt}} | {ratio(naive[key], ours[key], f'naive / ours {key}'):.2f}x |"
 
     return "\n".join([
         "| measure | ours (KV reuse) | naive (full forward per cell) | naive / ours |",
         "|---|---:|---:|---:|",
-        row("decoder tokens forwarded", ours["tokens"], naive["tokens"], ",.0f"),
-        row("wall time of the grid (s)", ours["seconds"], naive["seconds"], ".1f"),
-        row("peak RSS (GB)", ours["rss_peak_gb"], naive["rss_peak_gb"], ".2f"),
-        row("logits at the largest cell (MB, float32)", ours["logits_mb"], naive["logits_mb"], ",.2f"),
+        row("decoder tokens forwarded", "tokens", ",.0f"),
+        row("wall time of the grid (s)", "seconds", ".1f"),
+        row("peak RSS (GB)", "rss_peak_gb", ".2f"),
+        row("logits at the largest cell (MB, float32)", "logits_mb", ",.2f"),
     ])
 
 
-def append_results(text: str) -> None:
-    """Replace (or add) this script's section of RESULTS.md; other sections stay as they are."""
-    current = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    section = re.compile(r"^## niah cost\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    if section.search(current):
-        current = section.sub(lambda _: text, current)
-    else:
-        current = current.rstrip() + "\n\n" + text
-    RESULTS.write_text(current.rstrip() + "\n")
-
-
 def main() -> None:
+    from longva_cli.errors import LongVAError
+    from longva_cli.niah.settings import VideoSettings, depth_grid
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[4, 8, 12, 16])
-    parser.add_argument("--depth-step", type=float, default=0.25)
+    parser.add_argument("--depth-step", type=float, default=VideoSettings.depth_step, help="as `longva niah video --depth-step`")
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=VOCAB)
     parser.add_argument("--way", choices=["ours", "naive"])
     parser.add_argument("--checkpoint", type=Path)
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE, records=True)
+    try:
+        depths = depth_grid(args.depth_step)
+    except LongVAError as error:
+        parser.error(str(error))
     if args.way:
         print(json.dumps(measure(args.way, args.checkpoint, args.frames, args.depth_step)))
         return
@@ -129,28 +127,26 @@ def main() -> None:
     from longva_cli.model.tiny import write_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = write_tiny_checkpoint(Path(tmp) / "wide", hidden_size=args.hidden, vocab_size=VOCAB, max_shard_size="2GB")
+        checkpoint = write_tiny_checkpoint(Path(tmp) / "wide", hidden_size=args.hidden, vocab_size=args.vocab, max_shard_size="2GB")
         ours, naive = run_way("ours", checkpoint, args), run_way("naive", checkpoint, args)
     same = ours["predictions"] == naive["predictions"]
+    print(f"identical predicted ids on all {ours['sequences']} needle sequences: {same}")
+    check(same, "the two ways predict the same ids for every needle")
+    check(ours["tokens"] < naive["tokens"], f"KV reuse forwards fewer tokens ({ours['tokens']:,} against {naive['tokens']:,})")
     shown = table(ours, naive)
     print(shown)
-    print(f"identical predicted ids on all {ours['sequences']} needle sequences: {same}")
-    if not same:
-        sys.exit("the two ways disagree: not recording the figures")
-    import torch
-
-    command = "python benchmarks/niah_cost.py " + " ".join(sys.argv[1:])
-    append_results(
-        f"## niah cost\n\nCommand: `{command.strip()}` ({platform.machine()}, 2 CPU cores, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, no GPU).\n"
-        f"Model: random LongVA, hidden {args.hidden}, 2 layers, vocab {VOCAB:,}, float32, SDPA attention. Grid: frames "
-        f"{args.frames}, depth step {args.depth_step} ({ours['cells']} cells x 5 needles = {ours['sequences']} sequences, the largest "
-        f"{ours['largest_sequence']:,} tokens); random haystack and needle embeddings (the vision tower is left out: same work for both).\n"
-        f"Each way in its own process; peak RSS is ru_maxrss, reached at the largest cell. Predicted ids identical on every sequence: {same}.\n\n"
-        f"{shown}\n\n"
+    write_section(args.results, HEADING, "\n".join([
+        f"Command: `{command_line()}` ({provenance()}, no GPU).",
+        f"Model: random LongVA, hidden {args.hidden}, 2 layers, vocab {args.vocab:,}, float32, SDPA attention. Grid: frames "
+        f"{args.frames}, depths {depths} ({ours['cells']} cells x {len(ANSWERS)} needles = {ours['sequences']} sequences, the largest "
+        f"{ours['largest_sequence']:,} tokens); random haystack and needle embeddings (the vision tower is left out: same work for both).",
+        f"Each way in its own process; peak RSS is ru_maxrss, reached at the largest cell. Predicted ids identical on every sequence: {same}.",
+        "",
+        shown,
+        "",
         "At the real scale (Qwen2-7B, 3000 frames = 432K tokens) the naive logits alone would be 432K x 152,064 x 4 bytes = 263 GB; "
-        "ours computes them at the answer tokens only, and the KV cache (25 GB in bfloat16) is the largest thing held.\n"
-    )
+        "ours computes them at the answer tokens only, and the KV cache (25 GB in bfloat16) is the largest thing held.",
+    ]))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Peak memory and speed of `longva eval ppl` against the naive full-logits forward, per context length.
 
-    python benchmarks/ppl_memory.py [--lengths 4096 8192 32768 131072] [--hidden 256] [--naive-limit-gb 14]
+    python benchmarks/ppl_memory.py [--lengths 4096 8192 32768 131072] [--hidden 256] [--naive-limit-gb 14] [--smoke]
 
 A tiny-but-wide Qwen2 (hidden 256, 2 layers, Qwen2's real 152,064-token vocabulary, float32 on
 CPU) scores one document of exactly L tokens in one window. Each measurement runs in its own
@@ -12,7 +12,8 @@ process and reports its peak resident memory (ru_maxrss):
   every position's whole vocabulary (L x 152,064 float32) before the loss is taken.
 
 The naive forward is skipped where its logits alone would pass --naive-limit-gb; both print
-the perplexity they measured, which must agree.
+the perplexity they measured, which must agree (to 1e-4, relative; the script exits non-zero
+otherwise).
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import argparse
 import json
 import math
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import check, parse_args, ratio, run_json
+
 VOCAB = 152_064
+SMOKE = {"lengths": [256], "hidden": 64, "vocab": 512}
 
 
 def measure(mode: str, model: Path, data: Path, length: int) -> dict:
@@ -85,9 +88,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 32768, 131072])
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=VOCAB)
     parser.add_argument("--naive-limit-gb", type=float, default=14.0)
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
     if args.child:
         mode, model, data, length = args.child
         print(json.dumps(measure(mode, Path(model), Path(data), int(length))))
@@ -101,25 +105,26 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="longva-bench-"))
     model = work / "wide"
     torch.manual_seed(0)
-    Qwen2ForCausalLM(tiny_configs(hidden_size=args.hidden, vocab_size=VOCAB)[0]).save_pretrained(model)
+    Qwen2ForCausalLM(tiny_configs(hidden_size=args.hidden, vocab_size=args.vocab)[0]).save_pretrained(model)
     tokenizer = build_tiny_tokenizer()
     save_tiny_tokenizer(tokenizer, model)
-    print(f"model: Qwen2, hidden {args.hidden}, 2 layers, vocab {VOCAB:,}, float32 on CPU; one window of L tokens")
+    print(f"model: Qwen2, hidden {args.hidden}, 2 layers, vocab {args.vocab:,}, float32 on CPU; one window of L tokens")
     print(f"{'L':>7} {'ppl MB':>8} {'tok/s':>7} {'naive MB':>9} {'tok/s':>7} {'naive/ppl MB':>12} {'perplexity (ppl, naive)':>26}")
     for length in args.lengths:
         data = document_of(tokenizer, length, work)
         rows = {}
         for mode in ("ppl", "naive"):
-            logits_gb = length * VOCAB * 4 / 2**30
+            logits_gb = length * args.vocab * 4 / 2**30
             if mode == "naive" and logits_gb > args.naive_limit_gb:
                 continue
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", mode, str(model), str(data), str(length)], capture_output=True, text=True, check=True
-            ).stdout
-            rows[mode] = json.loads(out.strip().splitlines()[-1])
+            rows[mode] = run_json([sys.executable, __file__, "--child", mode, str(model), str(data), str(length)])
         ours, naive = rows["ppl"], rows.get("naive")
+        check(math.isfinite(ours["perplexity"]), f"the perplexity at {length} tokens is finite, not {ours['perplexity']}")
         if naive:
-            tail = (f"{naive['peak_rss_mb']:9.0f} {naive['tokens_per_s']:7d} {naive['peak_rss_mb'] / ours['peak_rss_mb']:11.1f}x"
+            check(math.isclose(ours["perplexity"], naive["perplexity"], rel_tol=1e-4),
+                  f"both ways measure the same perplexity at {length} tokens ({ours['perplexity']} and {naive['perplexity']})")
+            memory = ratio(naive["peak_rss_mb"], ours["peak_rss_mb"], "naive / ppl peak memory")
+            tail = (f"{naive['peak_rss_mb']:9.0f} {naive['tokens_per_s']:7d} {memory:11.1f}x"
                     f" {ours['perplexity']:12.3f}, {naive['perplexity']:.3f}")
         else:
             tail = f"{'skipped':>9} {'':>7} {f'(logits {logits_gb:.0f} GB)':>12} {ours['perplexity']:12.3f}"

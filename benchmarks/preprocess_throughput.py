@@ -1,9 +1,10 @@
 """Frame preprocessing throughput: ours against transformers' CLIP image processor, equal output.
 
-    python benchmarks/preprocess_throughput.py [--frames 64] [--repeats 3]
+    python benchmarks/preprocess_throughput.py [--frames 64] [--repeats 3] [--smoke]
 
 Both turn uint8 RGB frames into normalised 336x336 float32 tensors; the script checks the
-outputs agree (max abs difference) and prints frames/s and the speed-up for two resolutions.
+outputs agree (max abs difference at most 1e-6, as tests/test_processing.py holds them; it exits
+non-zero otherwise) and prints frames/s and the speed-up for two resolutions.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import time
 
 import numpy as np
 import torch
+
+from common import check, parse_args, ratio
+
+SMOKE = {"frames": 2, "repeats": 1}
 
 
 def best_of(fn, repeats: int) -> float:
@@ -28,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
 
     from PIL import Image
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -45,10 +50,12 @@ def main() -> None:
         expected = reference(images=frames, return_tensors="pt")["pixel_values"]
         ours = preprocess(frames, settings)
         diff = (expected - ours).abs().max().item()
+        size = f"{width}x{height}"
+        check(expected.shape == ours.shape and diff <= 1e-6, f"both give the same {size} pixels ({tuple(ours.shape)}, max |diff| {diff:.2e})")
         slow = best_of(lambda: reference(images=frames, return_tensors="pt"), args.repeats)
         fast = best_of(lambda: preprocess(frames, settings), args.repeats)
-        size = f"{width}x{height}"
-        print(f"{size:>12} {args.frames / slow:17.1f} {args.frames / fast:11.1f} {slow / fast:8.2f}x {diff:11.2e}")
+        speed_up = ratio(slow, fast, f"the {size} speed-up")
+        print(f"{size:>12} {args.frames / slow:17.1f} {args.frames / fast:11.1f} {speed_up:8.2f}x {diff:11.2e}")
 
 
 if __name__ == "__main__":

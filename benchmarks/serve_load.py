@@ -1,7 +1,7 @@
 """Throughput and latency of `longva serve` under concurrent clients, native engine against vLLM's.
 
     python benchmarks/serve_load.py [--engine native|vllm|both] [--clients 1 4 16] [--requests 32]
-                                    [--media video] [--frames 4] [--max-tokens 16]
+                                    [--media video] [--frames 4] [--max-tokens 16] [--smoke]
 
 For each engine, starts `python -m longva_cli serve --engine ENGINE` on the same tiny random
 checkpoint (or --model) on a free loopback port, then for each client count runs that many
@@ -15,8 +15,9 @@ The native engine answers one request at a time, so its throughput stays flat as
 and latency grows with the queue; vLLM batches the requests it holds. `--engine vllm|both`
 needs vLLM (run with `.venv-vllm/bin/python`, which has both engines); on a CPU, vLLM's CPU
 build runs eager (`--vllm-args --enforce-eager`) with a 1 GiB KV cache unless
-VLLM_CPU_KVCACHE_SPACE says otherwise. The table is printed and written under `## serve load`
-in benchmarks/RESULTS.md (`--no-record` to skip).
+VLLM_CPU_KVCACHE_SPACE says otherwise. Every request must succeed and every level give finite
+figures; the script exits non-zero otherwise. The table is printed and written under
+`## serve load` in benchmarks/RESULTS.md (`--no-record` to skip, --results for another file).
 """
 
 from __future__ import annotations
@@ -24,12 +25,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
-import platform
-import re
-import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,15 +36,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+from common import ROOT, check, command_line, parse_args, provenance, ratio, write_section
+
 HEADING = "## serve load"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+SMOKE = {"clients": [1, 2], "requests": 2, "frames": 1, "max_tokens": 2}
 
 
 def post(port: int, body: dict, timeout: float = 300) -> tuple[float, int]:
@@ -115,20 +108,10 @@ def run_level(port: int, clients: int, total: int, body: dict) -> dict:
     }
 
 
-def record(table: str, command: str, notes: str) -> None:
-    """Replace (or add) this benchmark's section of RESULTS.md, leaving the others alone."""
-    section = f"{HEADING}\n\n{notes}\n\n```\n{command}\n```\n\n{table}\n"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    match = re.search(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
-    if match:
-        text = text[: match.start()] + section + ("\n" if match.end() < len(text) else "") + text[match.end() :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
-
-
 def measure(engine: str, model: str, media_dir: Path, body: dict, args: argparse.Namespace) -> list[dict]:
     """Start a server on `engine`, warm it up, and run each client level against it."""
+    from longva_cli.parallel import free_port
+
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
     command = [sys.executable, "-m", "longva_cli", "serve", "--engine", engine, "--model", model, "--port", str(port),
@@ -154,6 +137,8 @@ def measure(engine: str, model: str, media_dir: Path, body: dict, args: argparse
             row = run_level(port, clients, max(args.requests, clients), body)
             row["engine"] = engine
             row["peak_mib"] = peak_memory_mib(server.pid)
+            for name in ("rps", "p50_ms", "p95_ms", "tokens_per_s", "peak_mib"):
+                check(math.isfinite(row[name]) and row[name] > 0, f"{engine}, {clients} clients: {name} is {row[name]}")
             rows.append(row)
             print(f"{engine}, {clients} clients: {row['rps']:.1f} req/s", file=sys.stderr)
         return rows
@@ -185,7 +170,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the servers (1 suits the tiny model)")
     parser.add_argument("--vllm-args", default="--enforce-eager", help="--vllm-args of the vLLM server (default: eager, as on a CPU)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE, records=True)
     sys.path.insert(0, str(ROOT / "tests"))
     from media import write_image, write_video
 
@@ -214,17 +199,14 @@ def main() -> None:
     )
     lines = []
     for r in rows:
-        ratio = f"{r['rps'] / native[r['clients']]:.2f}x" if r["clients"] in native else "-"
-        lines.append(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['rps']:.2f} | {ratio} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
+        versus = f"{ratio(r['rps'], native[r['clients']], r['engine'] + ' / native req/s'):.2f}x" if r["clients"] in native else "-"
+        lines.append(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['rps']:.2f} | {versus} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
                      f"| {r['tokens_per_s']:.1f} | {r['peak_mib']:.0f} |")
     table = "\n".join([header, *lines])
     print(table)
     if not args.no_record:
-        python = os.path.relpath(sys.executable, ROOT) if Path(sys.executable).is_relative_to(ROOT) else "python"
-        command = f"{python} benchmarks/serve_load.py " + shlex.join(sys.argv[1:])
-        load = os.getloadavg()[0]
         notes = (
-            f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, no GPU, load average {load:.1f} at the end (other jobs share the machine). "
+            f"{provenance()}, no GPU (other jobs share the machine). "
             f"Model: {'tiny random checkpoint (hidden 256, 4 heads of 64)' if args.model is None else args.model}; {args.media}"
             f"{f' ({args.frames} frames = {args.frames * 144} visual tokens)' if args.media == 'video' else ''}, "
             f"max_tokens {args.max_tokens}, greedy, non-streaming, servers' OMP_NUM_THREADS={args.threads}. "
@@ -234,8 +216,7 @@ def main() -> None:
                "here on the same cores), which one request at a time does not amortise. vLLM's CPU build on a tiny model is not representative of GPU serving: these "
                "figures show batching at work end to end through `longva serve`, not what a GPU gives." if "vllm" in engines else "")
         )
-        record(table, command.strip(), notes)
-        print(f"recorded under '{HEADING}' in {RESULTS.relative_to(ROOT)}", file=sys.stderr)
+        write_section(args.results, HEADING, f"{notes}\n\n```\n{command_line()}\n```\n\n{table}")
 
 
 if __name__ == "__main__":
