@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,10 +72,8 @@ def run_json(command: list[str], env: dict[str, str] | None = None) -> dict:
 
 def provenance() -> str:
     """Date, machine and software of this run, for the line beside its figures."""
-    import torch
-
     return (f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} "
-            f"at the end, Python {platform.python_version()}, torch {torch.__version__}")
+            f"at the end, Python {platform.python_version()}, torch {metadata.version('torch')}")
 
 
 def command_line() -> str:
