@@ -140,9 +140,16 @@ def bad_media(tmp_path_factory):
         (["{video}", "Q?", "--model", "{ckpt}", "--quantize", "4bit"], "CUDA"),
     ],
 )
-def test_bad_input_gets_one_sentence_and_no_traceback(args, fragment, bad_media, video_file, tiny_checkpoint):
-    filled = [a.format(bad=bad_media, video=video_file, ckpt=tiny_checkpoint) for a in args]
-    assert_clean_error(longva("ask", *filled), fragment)
+def test_bad_input_gets_one_sentence_and_no_traceback(args, fragment, bad_media, video_file, tiny_checkpoint, monkeypatch, capsys):
+    # In this process, through the executable's own `main` (a process each would cost seconds of
+    # imports); the tests around this one run the real executable.
+    from longva_cli.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", ["longva", "ask", *[a.format(bad=bad_media, video=video_file, ckpt=tiny_checkpoint) for a in args]])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert_clean_error(subprocess.CompletedProcess(sys.argv, exited.value.code, "", capsys.readouterr().err), fragment)
 
 
 def test_truncated_video_is_reported_not_crashed(bad_media, tiny_checkpoint):
