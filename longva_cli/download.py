@@ -13,7 +13,7 @@ from longva_cli.errors import LongVAError
 def download(name: str, local_dir: Path | None = None, revision: str | None = None) -> Path:
     """Download `name` (short name or org/name); check a model folder is complete; return it."""
     from longva_cli import hub
-    from longva_cli.model.checkpoint import missing_files
+    from longva_cli.model.files import missing_files
 
     repo, kind = hub.resolve_repo(name)
     folder = hub.download(name, local_dir=local_dir, revision=revision)

@@ -94,7 +94,7 @@ def nearest_checkpoints(path: Path, kind: str, count: int = 3) -> list[str]:
     """Existing model folders near a mistyped `path`, most similar name first."""
     import difflib
 
-    from longva_cli.model.checkpoint import missing_files
+    from longva_cli.model.files import missing_files
 
     parent = path.parent
     while not parent.is_dir() and parent != parent.parent:
@@ -110,7 +110,7 @@ def nearest_checkpoints(path: Path, kind: str, count: int = 3) -> list[str]:
 def locate_model(name: str, revision: str | None = None, allow_download: bool = True, kind: str = "longva") -> Path:
     """A complete model folder for a path, short name or hub id (kind "longva" needs a whole
     LongVA checkpoint; "causal-lm" any model folder with config.json and tokenizer)."""
-    from longva_cli.model.checkpoint import missing_files
+    from longva_cli.model.files import missing_files
 
     if looks_local(name):
         path = Path(name).expanduser()

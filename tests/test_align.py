@@ -65,7 +65,7 @@ def tiny(example: Path, output_dir: Path, *overrides: str) -> AlignRecipe:
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from longva_cli.model.checkpoint import weight_map
+    from longva_cli.model.files import weight_map
 
     out = {}
     for name in sorted(set(weight_map(folder).values())):

@@ -175,6 +175,20 @@ def test_download_unknown_name():
     assert_clean_error(longva("download", "not a repo"), "unknown model")
 
 
+def test_download_checks_folders_without_importing_torch(tiny_checkpoint):
+    """Resolving names and checking a downloaded folder read files only: `longva download`
+    starts in a fraction of a second instead of the seconds torch and transformers take."""
+    code = (
+        "import sys\nfrom longva_cli.download import download\nfrom longva_cli.errors import LongVAError\n"
+        "from longva_cli.model.files import missing_files\n"
+        f"assert missing_files({str(tiny_checkpoint)!r}) == []\n"
+        "try:\n    download('not a repo')\nexcept LongVAError:\n    pass\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch or transformers was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 def test_recipes_list_names_every_bundled_recipe_with_its_first_sentence():
     result = longva("recipes", "list", env={"COLUMNS": "200"})
     assert result.returncode == 0

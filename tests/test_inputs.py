@@ -23,7 +23,8 @@ from PIL import Image, ImageFile
 
 from longva_cli.errors import LongVAError
 from longva_cli.model import media
-from longva_cli.model.checkpoint import load_longva, load_tokenizer, weight_map
+from longva_cli.model.checkpoint import load_longva, load_tokenizer
+from longva_cli.model.files import weight_map
 from longva_cli.model.config import ImageProcessing
 from longva_cli.model.processing import preprocess
 from media import frame_pattern, write_blank_video, write_video

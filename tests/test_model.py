@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from longva_cli.errors import LongVAError
-from longva_cli.model.checkpoint import load_longva, weight_map
+from longva_cli.model.checkpoint import load_longva
+from longva_cli.model.files import weight_map
 from longva_cli.model.config import CLIP_L_336, multimodal_config, read_config, vision_settings
 from longva_cli.engine import Generate, MediaSpec, PrefixCache, SamplingSettings, Visual, build, drive, encode, prompt_parts, run
 from longva_cli.model.prompt import question_prompt, tokenize_segments
@@ -258,7 +259,6 @@ def test_seeded_sampling_matches_transformers_generate(tiny_longva, video_file):
 
 
 def test_generation_stops_at_im_end(tiny_longva):
-    lm = tiny_longva.model.language_model
     embeds = torch.randn(20, 64)
     free = generate(tiny_longva, embeds, SamplingSettings(max_new_tokens=5, temperature=0), stop_ids=set())
     im_end = tiny_longva.tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -32,12 +32,11 @@ from longva_cli.model.config import (
     refetch_hint,
     vision_settings,
 )
+from longva_cli.model.files import check_weight_files, weight_map
 from longva_cli.model.modeling import LongVAForCausalLM, build_projector
 
 TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
 PROJECTOR_PREFIX = "model.mm_projector."
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 
 class _LanguageModel(Qwen2ForCausalLM):
@@ -49,70 +48,6 @@ class _VisionTower(CLIPVisionModel):
     # After the key mapping, everything still under model./lm_head belongs to the other parts.
     _keys_to_ignore_on_load_unexpected = [r"^model\.", r"^lm_head\."]
 
-
-def weight_map(folder: Path) -> dict[str, str]:
-    """Tensor name -> safetensors file, from the index or the single file."""
-    folder = Path(folder)
-    if (folder / INDEX_FILE).is_file():
-        files = read_json(folder / INDEX_FILE, folder).get("weight_map")
-        if not isinstance(files, dict) or not all(isinstance(name, str) for name in files.values()):
-            raise LongVAError(f"{folder / INDEX_FILE} has no weight_map of tensor names to files; {refetch_hint(folder)}.")
-        return files
-    if (folder / SINGLE_FILE).is_file():
-        return {key: SINGLE_FILE for key in tensor_names(folder / SINGLE_FILE)}
-    if list(folder.glob("*.bin")):
-        raise LongVAError(f"{folder} holds PyTorch .bin weights; LongVA checkpoints are safetensors: re-download or convert it.")
-    raise LongVAError(f"{folder} has no weights ({SINGLE_FILE} or {INDEX_FILE}); the download may be incomplete: run `longva download` again.")
-
-
-def tensor_names(path: Path) -> list[str]:
-    """The tensors a safetensors file holds, read from its header; a LongVAError when the file is
-    empty, truncated or not safetensors at all (safetensors checks that the header's offsets
-    cover the file exactly, so a cut-off download is caught here, before any weight is read)."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    try:
-        with safe_open(path, framework="pt") as f:
-            return list(f.keys())
-    except SafetensorError as err:
-        reason = str(err).removeprefix("Error while deserializing header: ")
-        raise LongVAError(f"{path} is truncated or not a safetensors file ({reason}); {refetch_hint(path.parent)}.") from None
-    except OSError as err:
-        raise LongVAError(f"{path} cannot be read ({err.strerror or err}); check its permissions, or {refetch_hint(path.parent)}.") from None
-
-
-def check_weight_files(folder: Path, files: dict[str, str]) -> None:
-    """Every weight file named in `files` is present and a whole safetensors file."""
-    folder = Path(folder)
-    for name in sorted(set(files.values())):
-        if not (folder / name).is_file():
-            raise LongVAError(f"{folder} lacks the weight file {name}; run `longva download` again to complete it.")
-        tensor_names(folder / name)
-
-
-def missing_files(folder: Path) -> list[str]:
-    """What a LongVA checkpoint folder lacks among config, weights and tokenizer files.
-
-    An unreadable index lists no shards here; loading then says what is wrong with it.
-    """
-    folder = Path(folder)
-    missing = []
-    if not (folder / "config.json").is_file():
-        missing.append("config.json")
-    if (folder / INDEX_FILE).is_file():
-        try:
-            shards = set(weight_map(folder).values())
-        except LongVAError:
-            shards = set()
-        missing += sorted(f for f in shards if not (folder / f).is_file())
-    elif not (folder / SINGLE_FILE).is_file():
-        missing.append(f"{SINGLE_FILE} or {INDEX_FILE}")
-    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
-        missing.append("tokenizer.json (or vocab.json + merges.txt)")
-    if not (folder / "tokenizer_config.json").is_file():
-        missing.append("tokenizer_config.json")
-    return missing
 
 
 @contextlib.contextmanager
