@@ -30,6 +30,7 @@ from longva_cli.niah.video import (
     run_video,
     video_units,
 )
+from longva_cli.parallel import free_port
 
 NEEDLES = [("\nWhat colour is the square? A. red B. blue", "B"), ("\nHow many mg does each tablet contain?", "200")]
 
@@ -486,11 +487,11 @@ def test_flags_override_the_recipe_and_resume_reads_the_folder(tmp_path):
         settings_for("text", str(recipe), False, {})
 
 
-def torchrun_text(settings: TextSettings, output: Path, port: int, *extra: str) -> None:
+def torchrun_text(settings: TextSettings, output: Path, *extra: str) -> None:
     """`longva niah text` with `settings` under torchrun, two gloo processes on CPU."""
     s = settings
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m", "longva_cli",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "longva_cli",
          "niah", "text", "--model", s.model, "--output", str(output), "--min-tokens", str(s.min_tokens), "--max-tokens",
          str(s.max_tokens), "--token-step", str(s.token_step), "--depth-step", str(s.depth_step), "--samples", str(s.samples),
          "--distractors", str(s.distractors), "--device", "cpu", *extra],
@@ -502,7 +503,7 @@ def torchrun_text(settings: TextSettings, output: Path, port: int, *extra: str) 
 def test_torchrun_ranks_split_the_cells_and_match_one_process(text_settings, text_run, tmp_path):
     """Two gloo processes on CPU: each takes every other cell; the merged files equal a one-process run."""
     output = tmp_path / "two-ranks"
-    torchrun_text(text_settings, output, 29613)
+    torchrun_text(text_settings, output)
     one = {(c["context_length"], c["depth"]): c for c in cell_lines(text_settings.output)}
     two = {(c["context_length"], c["depth"]): c for c in cell_lines(output)}
     assert len(one) == 6 and two == one
@@ -512,7 +513,7 @@ def test_torchrun_ranks_split_the_cells_and_match_one_process(text_settings, tex
 def test_sequence_parallel_ranks_score_like_one_process(text_settings, text_run, tmp_path):
     """Two gloo processes split every sequence (DeepSpeed Ulysses): the same predictions as one process."""
     output = tmp_path / "sequence-parallel"
-    torchrun_text(text_settings, output, 29617, "--sequence-parallel", "2")
+    torchrun_text(text_settings, output, "--sequence-parallel", "2")
 
     def predictions(folder):
         return {(c["context_length"], c["depth"]): [i["predicted_ids"] for i in c["items"]] for c in cell_lines(folder)}

@@ -25,17 +25,12 @@ openai = pytest.importorskip("openai", reason="needs the dev extra (openai clien
 from media import write_image, write_video  # noqa: E402
 
 from longva_cli.model.prompt import DEFAULT_SYSTEM, Turn, chat_prompt  # noqa: E402
+from longva_cli.parallel import free_port  # noqa: E402
 from longva_cli.serve.openai_format import APIError, RequestLimits, parse_chat_request  # noqa: E402
 
 API_KEY = "test-key"
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 90
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 class Server:

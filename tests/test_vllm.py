@@ -28,6 +28,7 @@ pytest.importorskip("vllm", reason="needs vLLM: see README, Serving at scale (CI
 from media import write_image, write_video  # noqa: E402
 
 from longva_cli.model.prompt import DEFAULT_SYSTEM, question_prompt, tokenize_segments  # noqa: E402
+from longva_cli.parallel import free_port  # noqa: E402
 
 HERE = Path(__file__).parent
 QUESTION = "What happens in the video?"
@@ -241,12 +242,6 @@ def test_offline_llm_gives_the_native_greedy_tokens(checkpoint, media, native, r
         assert len(answer["prompt_token_ids"]) == references[name].prompt_tokens, name
         assert_same_answer(native, references[name], answer["token_ids"])
     assert len({reference.answer for reference in references.values()}) == 3  # answers depend on what the model sees
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_server(server: subprocess.Popen, log: Path, port: int, timeout: float = 480) -> None:

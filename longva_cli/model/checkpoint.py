@@ -49,7 +49,6 @@ class _VisionTower(CLIPVisionModel):
     _keys_to_ignore_on_load_unexpected = [r"^model\.", r"^lm_head\."]
 
 
-
 @contextlib.contextmanager
 def quiet_loading():
     """Hold back transformers' own output while a checkpoint loads, and nothing else: its
