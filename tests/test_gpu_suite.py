@@ -61,8 +61,9 @@ def test_cpu_dry_run_fills_every_stage(tmp_path):
     (["--stages", "install"], "not 'install'"),
     (["--budget", "train=soon"], "not 'train=soon'"),
     (["--budget", "warmup=30"], "not 'warmup=30'"),
+    ([], "holds an earlier run; add --overwrite"),
 ])
-def test_bad_stage_arguments_are_refused_before_anything_is_touched(tmp_path, arguments, complaint):
+def test_bad_arguments_and_a_used_folder_are_refused_before_anything_is_touched(tmp_path, arguments, complaint):
     out = tmp_path / "out"
     out.mkdir()
     (out / "gpu-results.json").write_text('{"from": "the last run"}')
@@ -74,6 +75,16 @@ def test_bad_stage_arguments_are_refused_before_anything_is_touched(tmp_path, ar
 def _write(results: Path, worker: int) -> None:
     for step in range(20):
         record.update(results, f"stages.worker{worker}", {f"step{step}": step})
+
+
+def test_a_rerun_stage_replaces_its_own_figures_and_keeps_the_others(tmp_path):
+    results = tmp_path / "gpu-results.json"
+    record.update(results, "stages.scale", {"status": "ok", "niah": {"depth_100pct": {"skipped": "no time"}}})
+    record.update(results, "stages.train", {"status": "timed out after 70 s"})
+    record.update(results, "stages.train", {"status": "running"}, replace=True)
+    record.update(results, "stages.train", {"status": "ok", "steps": 4})
+    stages = json.loads(results.read_text())["stages"]
+    assert stages == {"scale": {"status": "ok", "niah": {"depth_100pct": {"skipped": "no time"}}}, "train": {"status": "ok", "steps": 4}}
 
 
 def test_concurrent_updates_keep_every_figure(tmp_path):

@@ -1,7 +1,7 @@
 """The suite's results file: every stage writes its figures the moment it has them.
 
     python benchmarks/gpu/record.py environment RESULTS --mode gpu
-    python benchmarks/gpu/record.py stage RESULTS NAME --status ok --seconds 12.5 --budget 60
+    python benchmarks/gpu/record.py stage RESULTS NAME --status ok --seconds 12.5 --budget 60 [--fresh]
     python benchmarks/gpu/record.py pytest RESULTS JUNIT_XML
 
 `update(results, section, figures)` is a read-modify-write under an exclusive lock that replaces
@@ -36,16 +36,20 @@ def _locked(path: Path):
         os.close(folder)
 
 
-def update(results: Path, section: str, figures: dict) -> None:
-    """Merge `figures` into `results[section]` (a dotted section nests: "stages.scale")."""
+def update(results: Path, section: str, figures: dict, replace: bool = False) -> None:
+    """Merge `figures` into `results[section]` (a dotted section nests: "stages.scale"); with
+    `replace`, they take the section's place, so nothing of an earlier run of it is left."""
     results = Path(results)
     results.parent.mkdir(parents=True, exist_ok=True)
     with _locked(results):
         data = json.loads(results.read_text()) if results.is_file() else {}
+        *parents, last = section.split(".")
         node = data
-        for key in section.split("."):
+        for key in parents:
             node = node.setdefault(key, {})
-        node.update(figures)
+        if replace:
+            node[last] = {}
+        node.setdefault(last, {}).update(figures)
         data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         handle, temporary = tempfile.mkstemp(dir=results.parent, prefix=results.name, suffix=".tmp")
         with os.fdopen(handle, "w") as out:
@@ -118,6 +122,7 @@ def main() -> None:
     stage.add_argument("--status", required=True)
     stage.add_argument("--seconds", type=float)
     stage.add_argument("--budget", type=float)
+    stage.add_argument("--fresh", action="store_true", help="drop what an earlier run recorded for this stage")
     junit = verbs.add_parser("pytest")
     junit.add_argument("results", type=Path)
     junit.add_argument("junit", type=Path)
@@ -130,7 +135,7 @@ def main() -> None:
             figures["seconds"] = round(args.seconds, 1)
         if args.budget is not None:
             figures["budget_s"] = args.budget
-        update(args.results, f"stages.{args.name}", figures)
+        update(args.results, f"stages.{args.name}", figures, replace=args.fresh)
     elif args.junit.is_file():
         update(args.results, "stages.pytest", pytest_counts(args.junit))
     else:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU evidence for longva in one command, offline, within eight minutes on one GPU.
 #
-#   bash benchmarks/gpu/run.sh [--out DIR] [--wheels DIR] [--stages LIST] [--budget STAGE=SECONDS] [--cpu-dry-run]
+#   bash benchmarks/gpu/run.sh [--out DIR] [--wheels DIR] [--stages LIST] [--budget STAGE=SECONDS] [--overwrite] [--cpu-dry-run]
 #
 # Installs longva (from this checkout) and the wheels that `benchmarks/gpu/wheels.sh` fetched
 # (default benchmarks/gpu/wheels/) into a temporary folder with no network, then runs, each
@@ -16,8 +16,9 @@
 #
 # Every stage writes its figures to DIR/gpu-results.json (atomically) as soon as it has them,
 # and its output to DIR/<stage>.log, so a run cut short still reports what it measured.
-# --stages pytest,scale reruns only those stages after a partial run (install always runs);
-# --budget train=240 changes one stage's time limit (repeatable).
+# A folder that already holds results is refused unless --overwrite replaces them, or
+# --stages pytest,scale reruns only those stages into it (install always runs; the other stages'
+# figures and logs stay). --budget train=240 changes one stage's time limit (repeatable).
 # --cpu-dry-run runs the same stages with tiny shapes on the CPU (about a minute) and is what
 # CI runs (tests/test_gpu_suite.py). PYTHON picks the interpreter (default python3).
 # Exit status: 0 when every stage finished and passed, 1 otherwise.
@@ -29,15 +30,18 @@ out=gpu-results
 wheels=$here/wheels
 dry_run=0
 stages=pytest,train,scale
+partial=0
+overwrite=0
 budget_overrides=()
 while [ $# -gt 0 ]; do
     case $1 in
         --out) out=$2; shift 2 ;;
         --wheels) wheels=$2; shift 2 ;;
-        --stages) stages=$2; shift 2 ;;
+        --stages) stages=$2; partial=1; shift 2 ;;
+        --overwrite) overwrite=1; shift ;;
         --budget) budget_overrides+=("$2"); shift 2 ;;
         --cpu-dry-run) dry_run=1; shift ;;
-        -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -65,7 +69,13 @@ done
 python=${PYTHON:-python3}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 results=$out/gpu-results.json
-rm -f "$results" "$out"/*.log "$out/pytest-gpu.xml"
+if [ "$partial" = 1 ]; then
+    for name in install ${stages//,/ }; do rm -f "$out/$name.log"; done
+elif [ -f "$results" ] && [ "$overwrite" = 0 ]; then
+    echo "run.sh: $results holds an earlier run; add --overwrite to replace it, or --stages to rerun some stages into it" >&2; exit 2
+else
+    rm -f "$results" "$out"/*.log
+fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/longva-gpu-suite.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
@@ -98,6 +108,7 @@ install() {
 }
 
 pytest_stage() {
+    rm -f "$out/pytest-gpu.xml"  # never read an earlier run's outcomes
     "$python" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --junitxml "$out/pytest-gpu.xml"
     local rc=$?
     record pytest "$results" "$out/pytest-gpu.xml"
@@ -114,7 +125,7 @@ stage() {  # stage NAME COMMAND...: run under the stage's time limit, log it, re
     local name=$1 limit=${budget[$1]} started rc status seconds
     shift
     [ "$name" = install ] || [[ ",$stages," == *",$name,"* ]] || return 0
-    record stage "$results" "$name" --status running --budget "$limit"
+    record stage "$results" "$name" --status running --budget "$limit" --fresh
     started=$(date +%s%N)
     # SIGINT first: Python unwinds, so torch releases the lock of a JIT build it was cut off in
     # (a SIGTERM'd build leaves it, and every later DeepSpeed start waits on it for ever)
@@ -131,7 +142,7 @@ stage() {  # stage NAME COMMAND...: run under the stage's time limit, log it, re
     printf '%-8s %-26s %6.1f s  %s\n' "$name" "$status" "$seconds" "$out/$name.log"
 }
 
-record stage "$results" suite --status running
+record stage "$results" suite --status running --fresh
 stage install bash -c install
 stage pytest bash -c pytest_stage
 stage train "$python" "$here/train.py" --results "$results" --work "$work/train" $tiny
