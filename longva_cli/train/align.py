@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import typer
 
+from longva_cli.checks import check_number
 from longva_cli.errors import LongVAError
 from longva_cli.train import loop
 from longva_cli.train.settings import (
@@ -29,7 +30,6 @@ from longva_cli.train.settings import (
     OptimizerSettings,
     ParallelSettings,
     TrainSettings,
-    check_number,
     check_optimizer,
     check_parallel,
     check_train,
@@ -121,11 +121,11 @@ def check_recipe(recipe: AlignRecipe) -> None:
     """Value checks the type-level validation cannot express."""
     tunable_parts(recipe)
     check_optimizer(recipe.optimizer)
-    check_number("optimizer.mm_vision_tower_lr", recipe.optimizer.mm_vision_tower_lr, above=0, nullable=True)
-    check_number("optimizer.mm_projector_lr", recipe.optimizer.mm_projector_lr, above=0, nullable=True)
+    check_number("recipe key optimizer.mm_vision_tower_lr", recipe.optimizer.mm_vision_tower_lr, above=0, nullable=True)
+    check_number("recipe key optimizer.mm_projector_lr", recipe.optimizer.mm_projector_lr, above=0, nullable=True)
     check_train(recipe.train)
     check_parallel(recipe.parallel)
-    check_number("dpo.beta", recipe.dpo.beta, above=0)
+    check_number("recipe key dpo.beta", recipe.dpo.beta, above=0)
     counts = {"train.epochs": recipe.train.epochs, "data.frames": recipe.data.frames, "data.max_length": recipe.data.max_length}
     for key, value in counts.items():
         if value < 1:

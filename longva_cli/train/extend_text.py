@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import typer
 
+from longva_cli.checks import check_number
 from longva_cli.errors import LongVAError
 from longva_cli.train import loop
 from longva_cli.train.settings import (
@@ -23,7 +24,6 @@ from longva_cli.train.settings import (
     OptimizerSettings,
     ParallelSettings,
     TrainSettings,
-    check_number,
     check_optimizer,
     check_parallel,
     check_train,
@@ -92,7 +92,7 @@ def check_recipe(recipe: ExtendTextRecipe) -> None:
     for key, value in {"data.seq_len": recipe.data.seq_len, "parallel.sequence_parallel": recipe.parallel.sequence_parallel}.items():
         if value < 1:
             raise LongVAError(f"recipe key {key} must be at least 1, got {value}.")
-    check_number("model.rope_theta", recipe.model.rope_theta, above=0, nullable=True)
+    check_number("recipe key model.rope_theta", recipe.model.rope_theta, above=0, nullable=True)
     if recipe.model.init == "random" and recipe.model.tokenizer is None and recipe.data.source != "synthetic":
         raise LongVAError("model.init=random needs model.tokenizer (a tokenizer folder or `tiny`) to read text data.")
     from longva_cli.train.data import is_local

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
+from longva_cli.checks import check_number
 from longva_cli.errors import LongVAError
 
 
@@ -59,41 +60,17 @@ class LoggingSettings:
     wandb_project: str = "longva"
 
 
-def check_number(key: str, value: float | None, *, above: float | None = None, at_least: float | None = None,
-                 below: float | None = None, nullable: bool = False) -> None:
-    """Raise a LongVAError naming `key` unless `value` is a finite number in the given range."""
-    if value is None and nullable:
-        return
-    bounds = []
-    if above is not None:
-        bounds.append(f"above {above:g}")
-    if at_least is not None:
-        bounds.append(f"at least {at_least:g}")
-    if below is not None:
-        bounds.append(f"below {below:g}")
-    ok = (
-        value is not None
-        and math.isfinite(value)
-        and (above is None or value > above)
-        and (at_least is None or value >= at_least)
-        and (below is None or value < below)
-    )
-    if not ok:
-        wanted = "a finite number" + (f" {' and '.join(bounds)}" if bounds else "") + (" or null" if nullable else "")
-        raise LongVAError(f"recipe key {key} must be {wanted}, got {value}.")
-
-
 def check_optimizer(opt: OptimizerSettings) -> None:
     """Impossible optimizer values, named before DeepSpeed starts."""
-    check_number("optimizer.lr", opt.lr, above=0)
+    check_number("recipe key optimizer.lr", opt.lr, above=0)
     if len(opt.betas) != 2:
         raise LongVAError(f"recipe key optimizer.betas must be two numbers like [0.9, 0.999], got {opt.betas}.")
     for i, beta in enumerate(opt.betas):
-        check_number(f"optimizer.betas[{i}]", beta, at_least=0, below=1)
-    check_number("optimizer.weight_decay", opt.weight_decay, at_least=0)
-    check_number("optimizer.eps", opt.eps, above=0)
-    check_number("optimizer.warmup_ratio", opt.warmup_ratio, at_least=0, below=1)
-    check_number("optimizer.grad_clip", opt.grad_clip, above=0, nullable=True)
+        check_number(f"recipe key optimizer.betas[{i}]", beta, at_least=0, below=1)
+    check_number("recipe key optimizer.weight_decay", opt.weight_decay, at_least=0)
+    check_number("recipe key optimizer.eps", opt.eps, above=0)
+    check_number("recipe key optimizer.warmup_ratio", opt.warmup_ratio, at_least=0, below=1)
+    check_number("recipe key optimizer.grad_clip", opt.grad_clip, above=0, nullable=True)
 
 
 def check_train(train: TrainSettings) -> None:

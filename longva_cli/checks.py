@@ -1,0 +1,95 @@
+"""The checks every input passes through, written once: numbers and text.
+
+Command-line options, recipe keys, environment variables and HTTP request fields all name
+numbers that must be finite, of the right type and in range, and text that must be valid
+UTF-8. Each place calls these with its own name for the value (`--top-k`, `recipe key
+optimizer.lr`, `LONGVA_CACHE_MAX_GB`, `temperature`), so the user is told exactly which value
+is wrong, in the same words everywhere, and `longva recipes validate` refuses what the command
+itself refuses.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from longva_cli.errors import LongVAError
+
+
+def check_number(
+    name: str,
+    value,
+    *,
+    integer: bool = False,
+    above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
+    at_most: float | None = None,
+    nullable: bool = False,
+):
+    """`value` when it is a finite number (a whole one with `integer`) in the given range; else a
+    LongVAError naming `name`, the range and the value. None passes only when `nullable`."""
+    if value is None and nullable:
+        return None
+    bounds = []
+    if above is not None:
+        bounds.append(f"above {_shown(above)}")
+    if at_least is not None:
+        bounds.append(f"at least {_shown(at_least)}")
+    if below is not None:
+        bounds.append(f"below {_shown(below)}")
+    if at_most is not None:
+        bounds.append(f"at most {_shown(at_most)}")
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = (
+        is_number
+        and (not integer or isinstance(value, int) or (math.isfinite(value) and float(value).is_integer()))
+        and math.isfinite(value)
+        and (above is None or value > above)
+        and (at_least is None or value >= at_least)
+        and (below is None or value < below)
+        and (at_most is None or value <= at_most)
+    )
+    if not ok:
+        kind = "a whole number" if integer else "a finite number"
+        wanted = kind + (f" {' and '.join(bounds)}" if bounds else "") + (" or null" if nullable else "")
+        raise LongVAError(f"{name} must be {wanted}, got {value!r}.")
+    return int(value) if integer else value
+
+
+def _shown(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
+def checked_text(text: str, name: str) -> str:
+    """`text` when it can be written as UTF-8; a LongVAError naming `name` for lone surrogates
+    (valid JSON escapes such as "\\ud800" that are not characters)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise LongVAError(
+            f"{name} contains {text[err.start]!r} at character {err.start}, which is not a character (a lone UTF-16 surrogate); "
+            "send valid Unicode text."
+        ) from None
+    return text
+
+
+def read_text_file(path: Path, name: str, *, max_bytes: int | None = None) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark is dropped); a LongVAError naming
+    `name` for a missing file, a file over `max_bytes`, or bytes that are not UTF-8."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise LongVAError(f"{name} {path} is {size:,} bytes, more than the {max_bytes:,} allowed; give a smaller file.")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise LongVAError(f"{name} {path} does not exist; check the path.") from None
+    except IsADirectoryError:
+        raise LongVAError(f"{name} {path} is a folder; give a text file.") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise LongVAError(
+            f"{name} {path} is not UTF-8 text (byte {err.start} is 0x{data[err.start]:02x}); save it as UTF-8."
+        ) from None
