@@ -6,7 +6,6 @@ decoded, encoded and prefilled once, then each question costs only its own token
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import List, Optional
 import typer
 
 from longva_cli import options
+from longva_cli.checks import INT64_MAX, INT64_MIN, check_flags
 from longva_cli.console import EventDisplay, load_model, stderr
 from longva_cli.errors import LongVAError
 from longva_cli.hub import DEFAULT_MODEL
@@ -68,19 +68,20 @@ class AskSettings:
     use_cache: bool = True
 
     def check(self) -> None:
-        """One sentence per impossible value (NaN and infinity included)."""
-        if self.frames is not None and self.frames < 1:
-            raise LongVAError(f"--frames must be at least 1, got {self.frames}.")
-        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
-            raise LongVAError(f"--fps must be positive (a number of frames a second), got {self.fps}.")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise LongVAError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}.")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise LongVAError(f"--top-p must be in (0, 1], got {self.top_p}.")
-        if self.max_new_tokens < 1:
-            raise LongVAError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}.")
-        if self.prefill_chunk < 1:
-            raise LongVAError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}.")
+        """One sentence per impossible value (NaN, infinity, a seed torch cannot take, a float
+        where a whole number belongs); see `checks.check_number`. A temperature too small to
+        sample at is fine: it decodes greedily (`SamplingSettings.greedy`)."""
+        whole = {"integer": True, "at_least": 1}
+        check_flags(
+            ("--frames", self.frames, whole),
+            ("--fps", self.fps, {"above": 0}),
+            ("--temperature", self.temperature, {"at_least": 0}),
+            ("--top-p", self.top_p, {"above": 0, "at_most": 1}),
+            ("--top-k", self.top_k, whole),
+            ("--seed", self.seed, {"integer": True, "at_least": INT64_MIN, "at_most": INT64_MAX}),
+            ("--max-new-tokens", self.max_new_tokens, whole),
+            ("--prefill-chunk", self.prefill_chunk, whole),
+        )
 
     def open(self, media: Path | None, keep_history: bool):
         """Load the model; a `Session` about `media` and the sampling settings of its answers."""

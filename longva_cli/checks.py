@@ -11,9 +11,19 @@ itself refuses.
 from __future__ import annotations
 
 import math
+import reprlib
 from pathlib import Path
 
 from longva_cli.errors import LongVAError
+
+# The range of a 64-bit integer: what torch takes as a seed, and a bound for any count, so that
+# no value reaches torch or numpy and overflows there.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+# How a refused value is shown: whole when short, cut in the middle when long (a 10 MB string
+# sent as `temperature` is not echoed back).
+_brief = reprlib.Repr()
+_brief.maxstring = _brief.maxlong = 60
 
 
 def check_number(
@@ -53,8 +63,16 @@ def check_number(
     if not ok:
         kind = "a whole number" if integer else "a finite number"
         wanted = kind + (f" {' and '.join(bounds)}" if bounds else "") + (" or null" if nullable else "")
-        raise LongVAError(f"{name} must be {wanted}, got {value!r}.")
+        raise LongVAError(f"{name} must be {wanted}, got {_brief.repr(value)}.")
     return int(value) if integer else value
+
+
+def check_flags(*flags: tuple[str, object, dict]) -> None:
+    """`check_number` of each (flag, value, bounds) of a command line; a flag that was not given
+    (None) keeps its default and is not checked."""
+    for name, value, bounds in flags:
+        if value is not None:
+            check_number(name, value, **bounds)
 
 
 def _shown(bound: float) -> str:

@@ -125,10 +125,16 @@ def bad_media(tmp_path_factory):
         (["{bad}/empty.mp4", "Q?"], "empty"),
         (["{bad}/notes.txt", "Q?"], "neither an image nor a video"),
         (["{bad}/zero-frames.mkv", "Q?"], "no frames"),
-        (["{video}", "Q?", "--frames", "0"], "--frames must be at least 1"),
-        (["{video}", "Q?", "--frames", "-3"], "--frames must be at least 1"),
-        (["{video}", "Q?", "--fps", "0"], "--fps must be positive"),
-        (["{video}", "Q?", "--fps", "nan"], "--fps must be positive"),
+        (["{video}", "Q?", "--frames", "0"], "--frames must be a whole number at least 1, got 0."),
+        (["{video}", "Q?", "--frames", "-3"], "--frames must be a whole number at least 1, got -3."),
+        (["{video}", "Q?", "--fps", "0"], "--fps must be a finite number above 0, got 0.0."),
+        (["{video}", "Q?", "--fps", "nan"], "--fps must be a finite number above 0, got nan."),
+        (["{video}", "Q?", "--seed", "99999999999999999999"], "--seed must be a whole number at least -9223372036854775808 and at most 9223372036854775807, got 99999999999999999999."),
+        (["{video}", "Q?", "--top-k", "-5", "--temperature", "1"], "--top-k must be a whole number at least 1, got -5."),
+        (["{video}", "Q?", "--top-p", "1.5"], "--top-p must be a finite number above 0 and at most 1, got 1.5."),
+        (["{video}", "Q?", "--temperature", "inf"], "--temperature must be a finite number at least 0, got inf."),
+        (["{video}", "Q?", "--max-new-tokens", "0"], "--max-new-tokens must be a whole number at least 1, got 0."),
+        (["{video}", "Q?", "--prefill-chunk", "-1"], "--prefill-chunk must be a whole number at least 1, got -1."),
         (["{video}", "Q?", "--model", "{ckpt}", "--frames", "1000000000"], "ask for fewer frames"),
         (["{video}", "Q?", "--temperature", "-1"], "--temperature"),
         (["{video}", "", ], "question is empty"),
@@ -195,3 +201,21 @@ def test_recipes_list_names_every_bundled_recipe_with_its_first_sentence():
     for name in ("extend-text/qwen2-7b-224k", "align/stage2-full", "niah/v-niah-longva-7b"):
         assert name in result.stderr
     assert "LongVA stage 1: extend Qwen2-7B-Instruct's text context to 224K tokens (rope_theta 1e9, 1000 steps)." in result.stderr
+
+
+def test_temperatures_and_top_p_too_small_to_sample_at_decode_greedily(video_file, tiny_checkpoint, monkeypatch, capsys):
+    # 1e-300 divided into the logits overflows them to inf, and sampling from the NaN softmax
+    # ended `ask` in a RuntimeError; these now answer as --temperature 0 does.
+    from longva_cli.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    answers = []
+    for sampling in (["--temperature", "0"], ["--temperature", "1e-300"], ["--temperature", "1", "--top-p", "1e-300"]):
+        monkeypatch.setattr(sys, "argv", ["longva", "ask", str(video_file), "What happens?", "--model", str(tiny_checkpoint),
+                                          "--frames", "2", "--max-new-tokens", "6", "--seed", "1", *sampling])
+        try:
+            main()
+        except SystemExit as exited:
+            assert exited.code in (0, None), capsys.readouterr().err
+        answers.append(capsys.readouterr().out)
+    assert answers[0].strip() and answers == [answers[0]] * 3

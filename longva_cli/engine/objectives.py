@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 # Rows of logits computed at once when scoring many positions: 512 x 152K vocabulary in
 # float32 is 0.3 GB, whatever the number of positions scored.
 SCORE_ROWS = 512
+# Temperatures below this decode greedily, as vLLM does (its _SAMPLING_EPS): logits divided by
+# 1e-300 overflow float32 to inf and softmax turns them into NaN, while any temperature this
+# small already puts all the probability on the top token.
+GREEDY_BELOW = 1e-5
 
 
 class Model(Protocol):
@@ -53,7 +57,7 @@ class Model(Protocol):
 
 @dataclass
 class SamplingSettings:
-    """temperature 0 means greedy decoding; the original demo sampled at 0.5."""
+    """temperature 0 (or below GREEDY_BELOW) means greedy decoding; the original demo sampled at 0.5."""
 
     max_new_tokens: int = 1024
     temperature: float = 0.5
@@ -73,13 +77,18 @@ class SamplingSettings:
                 setattr(settings, key, value)
         return settings
 
+    @property
+    def greedy(self) -> bool:
+        """Whether answers are decoded greedily (argmax) rather than sampled."""
+        return self.temperature < GREEDY_BELOW
+
     def processors(self) -> LogitsProcessorList:
         chain = LogitsProcessorList()
         if self.repetition_penalty not in (None, 1.0):
             chain.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
-        if self.temperature > 0:
+        if not self.greedy:
             if self.temperature != 1.0:
-                chain.append(TemperatureLogitsWarper(self.temperature))
+                chain.append(TemperatureLogitsWarper(float(self.temperature)))
             if self.top_k:
                 chain.append(TopKLogitsWarper(self.top_k))
             if self.top_p is not None and self.top_p < 1.0:
@@ -212,7 +221,7 @@ def generate(model: Model, runner: "KVRunner", sequence: "Sequence", objective: 
     finish_reason = "length"
     for step in range(sampling.max_new_tokens):
         scores = processors(generated, logits[None])  # [1, vocab]
-        if sampling.temperature > 0:
+        if not sampling.greedy:
             token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)[0, 0]
         else:
             token = scores[0].argmax()
