@@ -310,25 +310,42 @@ def body_files(server: Server) -> list[Path]:
 
 
 def test_a_full_queue_refuses_large_bodies_before_reading_them(server):
-    size, sent = 12 * 2**20, 4 * 2**20
-    with model_busy(server):
-        admitted = [open_upload(server, size) for _ in range(MAX_QUEUE)]
-        wait_until(lambda: health(server)["waiting"] == MAX_QUEUE, "the first uploads were admitted")
-        refused = [open_upload(server, size) for _ in range(4)]
-        try:
-            for sock in refused:  # answered with none of the 12 MiB body sent
-                status, answer = read_answer(sock)
-                assert (status, answer["error"]["code"]) == (503, "queue_full")
-            # The admitted bodies go to files as they arrive, one per admitted request.
-            for sock in admitted:
-                sock.sendall(b'{"messages": [{"role": "user", "content": "' + b"x" * (sent - 40))
-            wait_until(lambda: sum(path.stat().st_size for path in body_files(server)) >= MAX_QUEUE * (sent - 40), "the bodies reached the disk")
-            assert len(body_files(server)) == MAX_QUEUE
-        finally:
-            for sock in admitted + refused:
-                sock.close()
-        # Uploads abandoned: their files are deleted and their places given back.
-        wait_until(lambda: health(server)["waiting"] == 0 and not body_files(server), "the abandoned uploads were cleaned up")
+    with ThreadPoolExecutor(max_workers=MAX_QUEUE) as pool:
+        with model_busy(server):
+            queued = [pool.submit(request, server, "POST", CHAT, {"messages": [user(text(f"Wait {i}."))], "max_tokens": 1})
+                      for i in range(MAX_QUEUE)]
+            wait_until(lambda: health(server)["queued"] == MAX_QUEUE, "the queue filled")
+            refused = [open_upload(server, 12 * 2**20) for _ in range(4)]
+            try:
+                for sock in refused:  # answered with none of the 12 MiB body sent
+                    status, answer = read_answer(sock)
+                    assert (status, answer["error"]["code"]) == (503, "queue_full")
+            finally:
+                for sock in refused:
+                    sock.close()
+        assert [future.result(timeout=120)[0] for future in queued] == [200] * MAX_QUEUE
+
+
+def test_bodies_being_received_go_to_files_take_no_queue_place_and_are_bounded(server):
+    size, sent = 16 * 2**20, 15 * 2**20  # --max-request-mb 16; bodies in flight may hold 2 x 16 MiB (--max-queue 2)
+    uploads = [open_upload(server, size) for _ in range(2)]
+    try:
+        for sock in uploads:
+            sock.sendall(b'{"messages": [{"role": "user", "content": "' + b"x" * (sent - 40))
+        wait_until(lambda: sum(path.stat().st_size for path in body_files(server)) >= 2 * (sent - 40), "the bodies reached the disk")
+        assert len(body_files(server)) == 2  # one file per body, written as it arrives
+        assert (health(server)["uploading"], health(server)["waiting"]) == (2, 0)
+        # 30 MiB are held: a third body of 12 MiB would pass the 32 MiB bound; refused before it is sent.
+        third = open_upload(server, 12 * 2**20)
+        status, answer = read_answer(third)
+        third.close()
+        assert (status, answer["error"]["code"]) == (503, "uploads_full")
+        assert request(server, "POST", CHAT, {"messages": [user(text("hi"))], "max_tokens": 1})[0] == 200  # small ones still fit
+    finally:
+        for sock in uploads:
+            sock.close()
+    # Uploads abandoned: their files are deleted and their room given back.
+    wait_until(lambda: health(server)["uploading"] == 0 and not body_files(server), "the abandoned uploads were cleaned up")
 
 
 # ---- 400s that used to be 500s -------------------------------------------------------------

@@ -18,7 +18,7 @@ and the cache stays consistent with the keys it records.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -141,8 +141,9 @@ class RunnerPool:
         self.chunk = chunk
         self.per_token = kv_bytes_per_token(language_model.config, language_model.dtype)
         self.runners: list[PrefixCache] = []  # least recently used first
+        self.scopes: dict[PrefixCache, Hashable] = {}  # the scope each runner was acquired in
 
-    def acquire(self, sequence: Sequence) -> PrefixCache:
+    def acquire(self, sequence: Sequence, scope: Hashable = None) -> PrefixCache:
         """The cache to run `sequence` in.
 
         The cache holding the longest prefix of `sequence` is used as it is when the sequence
@@ -150,10 +151,15 @@ class RunnerPool:
         it (another question about its video), the shared part is copied into a new cache, so
         the first conversation keeps its own; otherwise (e.g. only the system prompt is shared)
         a fresh cache is started.
+
+        Only caches acquired in the same `scope` are reused (a server's tenant): what is reused,
+        and so how fast a prompt is answered, must not tell one tenant what another sent. The
+        budget is shared.
         """
         if self.budget_bytes <= 0:  # nothing is kept
             return PrefixCache(self.language_model, self.chunk)
-        best = max(self.runners, key=lambda runner: runner.shared_with(sequence), default=None)
+        own = [runner for runner in self.runners if self.scopes[runner] == scope]
+        best = max(own, key=lambda runner: runner.shared_with(sequence), default=None)
         shared = best.shared_with(sequence) if best is not None else 0
         if best is not None and shared == len(best):
             self.runners.remove(best)
@@ -162,6 +168,7 @@ class RunnerPool:
         else:
             best = PrefixCache(self.language_model, self.chunk)
         self.runners.append(best)
+        self.scopes[best] = scope
         self._evict(keep=best, incoming=len(sequence))
         return best
 
@@ -173,3 +180,4 @@ class RunnerPool:
         while len(self.runners) > 1 and self.held_bytes() + incoming * self.per_token > self.budget_bytes:
             victim = next(runner for runner in self.runners if runner is not keep)
             self.runners.remove(victim)
+            del self.scopes[victim]

@@ -212,9 +212,19 @@ class Video:
 HEADERS_ONLY = {"skip_frame": "all"}
 
 
-def probe_video(path: Path) -> tuple[int, int]:
-    """The frame size of the first video stream, from the container's headers (through PyAV)
-    and before any decoding; a LongVAError when `path` is not a video with a stream.
+@dataclass
+class VideoHeader:
+    """What a video's container says of its first video stream, before any frame is decoded."""
+
+    width: int
+    height: int
+    frames: int  # the frame count the container declares, else duration x rate; 0 if it says neither
+    fps: float  # the average frame rate; 0.0 if the container does not say
+
+
+def probe_video(path: Path) -> VideoHeader:
+    """The header of the first video stream, read through PyAV with every frame skipped (nothing
+    is decoded, whatever the frame size); a LongVAError when `path` is not a video with a stream.
 
     decord alone would take any file FFmpeg can guess a format for (a .txt file opens as a
     one-frame "tty" video), so the container is checked first.
@@ -225,8 +235,13 @@ def probe_video(path: Path) -> tuple[int, int]:
         with av.open(str(path), options=HEADERS_ONLY) as container:
             if not container.streams.video:
                 raise LongVAError(f"{path} has no video stream; give a video or an image.")
-            context = container.streams.video[0].codec_context
-            return context.width, context.height
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or 0)
+            frames = stream.frames
+            if not frames and fps:
+                seconds = float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6
+                frames = math.ceil(seconds * fps)
+            return VideoHeader(stream.codec_context.width, stream.codec_context.height, int(frames), fps)
     except av.EOFError:
         raise LongVAError(f"{path} ends before its first video frame: it has no frames or is truncated.") from None
     except av.FFmpegError:
@@ -238,7 +253,8 @@ def probe_video(path: Path) -> tuple[int, int]:
 
 def open_video(path: Path) -> Video:
     """Open a video, or raise a LongVAError saying why it is not usable."""
-    width, height = probe_video(path)
+    header = probe_video(path)
+    width, height = header.width, header.height
     check_frame_size(path, width, height)
     try:
         import decord

@@ -4,13 +4,19 @@
     app = build_app(worker, settings)
 
 A request passes, in order and before anything is read from its body: the Host, Origin and
-Content-Type checks (`guard`), the API key, and a place in the queue (`--max-queue` requests
-may be past this point and not yet running: reading their bodies, parsed, or waiting; more get
-503 at once). Its body is then read under `--max-request-mb` (to a file under the server's
-temporary folder when larger than 1 MiB), checked completely (`openai_format`, off the event
-loop; `budget` refuses a prompt longer than `--max-prompt-tokens`) and queued for the worker
-(`worker`: the native engine's one thread, or vLLM's async engine). The worker reports back
-through an asyncio queue, so streamed text reaches the client as it is generated.
+Content-Type checks (`guard`), the API key (which names the request's tenant), and a look at
+the queue (when `--max-queue` requests are already waiting, 503 at once). Its body is then read
+under `--max-request-mb` (to a file under the server's temporary folder when larger than 1 MiB)
+and `--read-timeout` (a client that sends too slowly gets 408), holding no place in the queue:
+slow clients cannot keep others out. Only then does the request take its place in the queue,
+is checked completely (`openai_format`, off the event loop; `budget` refuses a prompt longer
+than `--max-prompt-tokens`) and is queued for the worker (`worker`: the native engine's one
+thread, or vLLM's async engine). The worker reports back through an asyncio queue, so streamed
+text reaches the client as it is generated.
+
+Tenants: each `--api-key` is one tenant (without keys every client is the same one). Follow-up
+reuse (KV caches, visual embeddings, vLLM's prefix cache) stays within a tenant, so neither
+`cached_tokens` nor the time an answer takes tells one tenant what another sent.
 
 Cancelling: when the client hangs up or the server stops, `Generation.cancel()` is called at
 that moment; the native engine stops at its next frame batch, prefill chunk or token, vLLM
@@ -22,6 +28,7 @@ work it cannot interrupt.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import inspect
 import json
@@ -53,6 +60,10 @@ from longva_cli.serve.worker import Generation, Worker, shutting_down
 log = logging.getLogger("longva.serve")
 
 MEMORY_BODY_BYTES = 1 << 20  # larger request bodies are written to a file as they arrive
+# A body may take --read-timeout seconds plus one second per MIN_BODY_RATE bytes (64 MiB: 17
+# minutes at this rate), with no pause longer than --read-timeout: a large upload on a slow link
+# passes, a byte at a time does not.
+MIN_BODY_RATE = 64 * 1024
 WORKER_STOP_S = 3.0  # after shutdown, how long to wait for the model to give up its request
 
 
@@ -64,7 +75,8 @@ class ServeSettings:
     model_aliases: tuple[str, ...] = ()  # other names accepted in `model` (the --model argument)
     limits: RequestLimits = field(default_factory=RequestLimits)
     max_request_bytes: int = 64 * 2**20
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # --api-key: none lets every client in, as one tenant
+    read_timeout: float = 30.0  # --read-timeout: for a request's headers, and its body (see MIN_BODY_RATE)
     queue_timeout: float = 300.0
     max_queue: int = 32
     ui: bool = False
@@ -92,19 +104,64 @@ class ClientGone(Exception):
 
 def api_error_response(err: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    if err.status in (408, 413):  # the rest of the body is not read: the connection cannot carry another request
+        headers = {"Connection": "close"}
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
-async def read_body(request: Request, limit: int, workdir: Path) -> bytes | Path:
+class UploadRoom:
+    """The request bodies being received, all together under `limit` bytes.
+
+    A body being read holds no place in the queue (a slow client would keep everyone out); this
+    bounds the memory and disk such bodies take instead, by what they hold: a client trickling
+    bytes holds next to nothing, and only for `--read-timeout`.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.bodies = 0  # bodies being received (`uploading` in GET /health)
+
+    def check(self, size: int) -> None:
+        """503 when `size` more bytes do not fit now."""
+        if self.held + size > self.limit:
+            raise APIError(
+                503, f"the server is receiving {self.limit / 2**20:g} MiB of request bodies already (--max-queue x --max-request-mb); retry later.",
+                type="server_error", code="uploads_full",
+            )
+
+    def take(self, size: int) -> None:
+        self.check(size)
+        self.held += size
+
+
+async def read_body(request: Request, limit: int, workdir: Path, room: UploadRoom, timeout: float) -> bytes | Path:
     """The body: bytes, or past MEMORY_BODY_BYTES a file under `workdir` (the caller deletes it).
-    Refused with 413 as soon as it passes `limit` bytes, declared or streamed."""
+
+    Refused with 413 as soon as it passes `limit` bytes, declared or streamed; with 408 when it
+    pauses longer than `timeout` or arrives slower than MIN_BODY_RATE once `timeout` is spent;
+    with 503 when the bodies being received at once would pass the `room`.
+    """
     too_big = APIError(413, f"the request body is larger than this server's limit of {limit / 2**20:g} MiB (--max-request-mb).", code="request_too_large")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_big
+    if declared is not None and declared.isdigit():
+        if int(declared) > limit:
+            raise too_big
+        room.check(int(declared))  # refused at once when it cannot fit now; held only as it arrives
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     body, size, spool, path = bytearray(), 0, None, None
+    room.bodies += 1
+    pieces = request.stream().__aiter__()
     try:
-        async for piece in request.stream():
+        while True:
+            # The next piece within `timeout`, and the whole body within `timeout` + size / rate.
+            wait = min(timeout, started + timeout + size / MIN_BODY_RATE - loop.time())
+            try:
+                piece = await asyncio.wait_for(pieces.__anext__(), wait)
+            except StopAsyncIteration:
+                break
+            room.take(len(piece))
             size += len(piece)
             if size > limit:
                 raise too_big
@@ -123,7 +180,16 @@ async def read_body(request: Request, limit: int, workdir: Path) -> bytes | Path
             path.unlink(missing_ok=True)
         if isinstance(err, ClientDisconnect):
             raise ClientGone from None
+        if isinstance(err, asyncio.TimeoutError):  # TimeoutError itself from Python 3.11
+            raise APIError(
+                408, f"the request body arrived too slowly ({size:,} bytes in {loop.time() - started:.0f} s; this server waits "
+                f"{timeout:g} s at most between pieces, and {timeout:g} s plus one per {MIN_BODY_RATE // 1024} KiB in all: --read-timeout).",
+                code="request_timeout",
+            ) from None
         raise
+    finally:
+        room.held -= size
+        room.bodies -= 1
     if spool is None:
         return bytes(body)
     spool.close()
@@ -139,12 +205,19 @@ def parse_body_file(path: Path, *args) -> ChatJob:
     return fmt.parse_chat_body(raw, *args)
 
 
-def check_api_key(request: Request, api_key: str | None) -> None:
-    if api_key is None:
-        return
+def tenant_of(request: Request, api_keys: tuple[str, ...]) -> str:
+    """The tenant the request's API key names: a digest of the key (never the key itself, which
+    vLLM's cache salt would carry); "" for everyone on a server without keys. 401 for a missing
+    or wrong key."""
+    if not api_keys:
+        return ""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+    sent = token.strip().encode()
+    # Every key is compared, in constant time, so the time taken says nothing about which matched.
+    matches = [hmac.compare_digest(sent, key.encode()) for key in api_keys]
+    if scheme.lower() != "bearer" or not any(matches):
         raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+    return hashlib.sha256(sent).hexdigest()[:32]
 
 
 def sse(data: dict | str) -> str:
@@ -162,6 +235,7 @@ def build_app(worker: Worker, settings: ServeSettings) -> FastAPI:
     created = int(time.time())
     served = {settings.served_model_name, *settings.model_aliases}
     stopping = asyncio.Event()
+    uploads = UploadRoom(settings.max_queue * settings.max_request_bytes)
     large_bodies = asyncio.Semaphore(1)  # parsing holds a few copies of a body: one large one at a time
     loop: list[asyncio.AbstractEventLoop] = []
 
@@ -211,39 +285,48 @@ def build_app(worker: Worker, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        # waiting: requests admitted and not yet running (bodies being read included); queued: those checked and in line.
+        # uploading: bodies being received; waiting: requests read, not yet running; queued: those checked and in line.
         return {
-            "status": "ok", "model": settings.served_model_name, "engine": worker.engine,
-            "busy": worker.busy, "waiting": worker.waiting, "queued": worker.queued,
+            "status": "ok", "model": settings.served_model_name, "engine": worker.engine, "busy": worker.busy,
+            "uploading": uploads.bodies, "waiting": worker.waiting, "queued": worker.queued,
         }
 
     @app.get("/v1/models")
     async def models(request: Request):
-        check_api_key(request, settings.api_key)
+        tenant_of(request, settings.api_keys)
         return fmt.models_list([settings.served_model_name], created, worker.model_root)
 
-    async def receive_job(request: Request) -> ChatJob:
-        """Read and check the body of an admitted request."""
-        body = await unless_stopping(read_body(request, settings.max_request_bytes, workdir), stopping)
+    async def receive_job(request: Request, tenant: str) -> ChatJob:
+        """Read the body (holding no place in the queue), then take a place and check it."""
+        body = await unless_stopping(read_body(request, settings.max_request_bytes, workdir, uploads, settings.read_timeout), stopping)
+        try:
+            worker.admit()
+        except BaseException:
+            if isinstance(body, Path):
+                body.unlink(missing_ok=True)
+            raise
         args = (settings.limits, served, settings.served_model_name, workdir, budget)
-        if isinstance(body, bytes):
-            # Off the event loop: JSON, base64 and tokenizing take time on large bodies.
-            return await asyncio.to_thread(fmt.parse_chat_body, body, *args)
         try:
-            async with large_bodies:
-                return await asyncio.to_thread(parse_body_file, body, *args)
-        finally:
-            body.unlink(missing_ok=True)  # if the parse never started
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        check_api_key(request, settings.api_key)
-        worker.admit()  # no byte of the body is read before the request has a place in the queue
-        try:
-            job = await receive_job(request)
+            if isinstance(body, bytes):
+                # Off the event loop: JSON, base64 and tokenizing take time on large bodies.
+                job = await asyncio.to_thread(fmt.parse_chat_body, body, *args)
+            else:
+                try:
+                    async with large_bodies:
+                        job = await asyncio.to_thread(parse_body_file, body, *args)
+                finally:
+                    body.unlink(missing_ok=True)  # if the parse never started
         except BaseException:
             worker.leave()
             raise
+        job.tenant = tenant
+        return job
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        tenant = tenant_of(request, settings.api_keys)
+        worker.check_room()  # a full queue refuses before any byte of the body is read
+        job = await receive_job(request, tenant)
         generation = Generation(job, asyncio.get_running_loop())
         worker.submit(generation)
         watcher = asyncio.create_task(watch_disconnect(request, generation))
@@ -367,6 +450,54 @@ async def stream_events(generation: Generation):
         generation.cancel()
 
 
+def header_deadline_protocol(timeout: float) -> type:
+    """uvicorn's HTTP/1.1 protocol (h11) with a deadline on each request's headers: `timeout`
+    seconds from the connection's start, or from the previous response on a kept-alive one.
+
+    uvicorn itself waits for headers as long as a client keeps sending them (one byte a minute
+    holds a connection forever). A connection still inside its headers at the deadline gets
+    408 and is closed; an idle one is just closed. The body's own limits are `read_body`'s.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    message = fmt.error_body(f"the request headers did not arrive within {timeout:g} s (--read-timeout).", code="request_timeout")
+    body = json.dumps(message).encode()
+    late = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+    class HeaderDeadline(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()  # a kept-alive connection's next request
+
+        def connection_lost(self, exc) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(timeout, self._headers_due)
+
+        def _headers_due(self) -> None:
+            # IDLE: h11 has not seen a whole request line and headers since the deadline was set.
+            if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+                return
+            if self.conn.trailing_data[0]:  # part of a request came: say why it is dropped
+                self.transport.write(late)
+            self.transport.close()
+
+    return HeaderDeadline
+
+
 @contextmanager
 def _signals_end_cleanly():
     """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown; make that a no-op so a
@@ -406,7 +537,10 @@ def run_server(start_worker: Callable[[], Worker | Awaitable[Worker]], settings:
                 super().handle_exit(sig, frame)
 
         host = settings.host
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on")
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on",
+            http=header_deadline_protocol(settings.read_timeout),
+        )
         where = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
         stderr.print(
             f"Serving {settings.served_model_name!r} on the {worker.engine} engine at {where}/v1" + (f", chat page at {where}/ui" if settings.ui else ""),

@@ -6,7 +6,8 @@
 Text is tokenized as the worker will tokenize it; media count 144 tokens per video frame and
 per image crop. An image's crops follow from its size (read from the file's header, nothing
 decoded) and the UniRes grid choice; a video sampled by frame count has exactly that many
-frames; one sampled by `fps` is estimated from the container's frame count and rate. The
+frames; one sampled by `fps` is estimated from the container's frame count and rate (the
+header read with every frame skipped, and frames too large to decode refused there). The
 worker checks the exact length again before prefill.
 """
 
@@ -16,11 +17,11 @@ import copy
 import math
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from longva_cli.model.prompt import IMAGE_PLACEHOLDER, chat_prompt
 from longva_cli.serve.openai_format import APIError, ChatJob, MediaItem
+from longva_cli.serve.worker import media_errors
 
 TEXT_PIECE_CHARS = 1 << 20  # longer texts are tokenized in pieces, stopping once over the limit
 
@@ -161,31 +162,19 @@ def image_size(item: MediaItem) -> tuple[int, int] | None:
 
 def video_frames(item: MediaItem, frames: int | None, fps: float | None) -> int:
     """Frames the worker will take: exactly `frames` when sampling uniformly; at `fps`, the
-    container's frame count and rate say how many (at most `frames`), else `frames`."""
-    if fps is None or frames is None:
-        return frames or 0
-    total, rate = _video_header(item.path)
-    if not total or not rate:
-        return frames
-    step = max(1, round(rate / fps))
-    return min(frames, math.ceil(total / step))
+    container's frame count and rate say how many (at most `frames`), else `frames`.
 
+    The container's header is read with every frame skipped, as `longva ask` reads it: a small
+    file claiming huge frames is refused here (400 naming the part), before any pixel exists.
+    """
+    from longva_cli.model import media
 
-def _video_header(path: Path) -> tuple[int, float]:
-    """(frame count, average frame rate) from the container, 0s when it does not say."""
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                return 0, 0.0
-            stream = container.streams.video[0]
-            rate = float(stream.average_rate or 0)
-            total = stream.frames
-            if not total and rate:
-                seconds = float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6
-                total = math.ceil(seconds * rate)
-            return int(total), rate
-    except Exception:  # noqa: BLE001 - a container FFmpeg cannot read: the cap counts, the worker says what is wrong
-        return 0, 0.0
-
+    with media_errors(item):
+        header = media.probe_video(item.path)
+        media.check_frame_size(item.path, header.width, header.height)
+        if fps is None or frames is None:
+            return frames or 0
+        if not header.frames or not header.fps:
+            return frames
+        # The frame ids `encode` will take, bounded by `frames` whatever the container claims.
+        return len(media.frame_ids_at_fps(header.frames, header.fps, fps, max_frames=frames))

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import typer
 
 from longva_cli import options
+from longva_cli.checks import check_flags
 from longva_cli.console import stderr
 from longva_cli.errors import LongVAError
 from longva_cli.hub import DEFAULT_MODEL
@@ -132,14 +133,15 @@ def command(
     port: int = typer.Option(8000, "--port", "-p", help="TCP port."),
     served_model_name: str = typer.Option("longva", "--served-model-name", help="Model id in /v1/models and in requests' `model`."),
     media_root: List[Path] = typer.Option([], "--media-root", help="Folder whose files requests may name as file:// URLs (repeatable; none: file:// is refused)."),
-    api_key: str = typer.Option(None, "--api-key", envvar="LONGVA_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (also from $LONGVA_API_KEY)."),
+    api_key: List[str] = typer.Option([], "--api-key", envvar="LONGVA_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (repeatable; also from $LONGVA_API_KEY, several separated by spaces). Each key is a tenant: follow-up reuse never crosses keys.", show_default=False),
     max_frames: int = typer.Option(256, "--max-frames", help="Most video frames one request may ask for (144 tokens each)."),
     max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit", help="Most new tokens one request may ask for; also the default max_tokens."),
     max_media: int = typer.Option(8, "--max-media", help="Most images and videos in one request."),
     max_request_mb: float = typer.Option(64, "--max-request-mb", help="Largest request body in MiB (data: URLs are in it, base64 adds a third)."),
-    max_queue: int = typer.Option(32, "--max-queue", help="Requests that may wait for the model (bodies being read included); more get 503 before their body is read."),
+    max_queue: int = typer.Option(32, "--max-queue", help="Requests that may wait for the model once their body is read; more get 503 before their body is read. Bodies being received hold at most this many times --max-request-mb."),
     max_prompt_tokens: int = typer.Option(None, "--max-prompt-tokens", help="Longest prompt in tokens (text + 144 per frame or image crop), checked before any work (default: the model's max_position_embeddings).", show_default=False),
     queue_timeout: float = typer.Option(300, "--queue-timeout", help="Seconds a request may wait for the model before it gets 503."),
+    read_timeout: float = typer.Option(30, "--read-timeout", help="Seconds a client may take to send a request's headers, and the most its body may pause (the body as a whole: this plus one second per 64 KiB); slower clients get 408."),
     ui: bool = typer.Option(False, "--ui", help="Also serve a chat page at /ui (upload a video or image, ask, read the streamed answer)."),
     allowed_hosts: List[str] = typer.Option([], "--allowed-hosts", help="Also accept this name in the Host header (repeatable; '*' for any, only behind a proxy that checks it). Always accepted: the --host address, and loopback names when it is a loopback address.", show_default=False),
     cors_origin: List[str] = typer.Option([], "--cors-origin", help="Let web pages from this origin (scheme://host[:port]) call the API from a browser (repeatable; '*' for any). Other sites' requests are refused with 403.", show_default=False),
@@ -176,6 +178,23 @@ def command(
       curl localhost:8000/v1/models
     """
     require_serve_extra()
+    whole = {"integer": True, "at_least": 1}
+    check_flags(
+        ("--port", port, {"integer": True, "at_least": 1, "at_most": 65535}),
+        ("--max-frames", max_frames, whole),
+        ("--max-tokens-limit", max_tokens_limit, whole),
+        ("--max-media", max_media, whole),
+        ("--max-request-mb", max_request_mb, {"above": 0}),
+        ("--max-queue", max_queue, whole),
+        ("--max-prompt-tokens", max_prompt_tokens, whole),
+        ("--queue-timeout", queue_timeout, {"above": 0}),
+        ("--read-timeout", read_timeout, {"above": 0}),
+        ("--prefill-chunk", prefill_chunk, whole),
+        ("--cache-gb", cache_gb, {"at_least": 0}),
+        ("--tensor-parallel", tensor_parallel, whole),
+        ("--max-model-len", max_model_len, {"integer": True, "at_least": 2}),
+        ("--gpu-memory-utilization", gpu_memory_utilization, {"above": 0, "at_most": 1}),
+    )
     chosen = resolve_engine(engine)
     check_engine_flags(
         chosen,
@@ -184,20 +203,6 @@ def command(
         vllm_only={"--tensor-parallel": tensor_parallel != 1, "--max-model-len": max_model_len is not None,
                    "--gpu-memory-utilization": gpu_memory_utilization is not None, "--vllm-args": bool(vllm_args.strip())},
     )
-    if tensor_parallel < 1 or (max_model_len is not None and max_model_len < 2):
-        raise LongVAError("--tensor-parallel must be at least 1 and --max-model-len at least 2.")
-    if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
-        raise LongVAError(f"--gpu-memory-utilization must be above 0 and at most 1, got {gpu_memory_utilization}.")
-    for name, value in (("--max-frames", max_frames), ("--max-tokens-limit", max_tokens_limit), ("--max-media", max_media),
-                        ("--max-queue", max_queue), ("--prefill-chunk", prefill_chunk), ("--max-prompt-tokens", max_prompt_tokens)):
-        if value is not None and value < 1:
-            raise LongVAError(f"{name} must be at least 1, got {value}.")
-    if not 0 < port < 65536:
-        raise LongVAError(f"--port must be between 1 and 65535, got {port}.")
-    if max_request_mb <= 0 or queue_timeout <= 0:
-        raise LongVAError("--max-request-mb and --queue-timeout must be positive.")
-    if not cache_gb >= 0:
-        raise LongVAError(f"--cache-gb must be 0 or more, got {cache_gb}.")
     roots = []
     for root in media_root:
         resolved = root.expanduser().resolve()
@@ -206,12 +211,12 @@ def command(
         roots.append(resolved)
     if roots and not HELD_FILES.is_dir():
         raise LongVAError(f"--media-root needs {HELD_FILES} (Linux) to read exactly the file it checked; send media as data: URLs on this system.")
-    if api_key is not None and not api_key.strip():
+    if any(not key.strip() for key in api_key):
         raise LongVAError("--api-key is empty; give a key or leave the flag out.")
     hosts = tuple(check_host_name(name) for name in allowed_hosts)
     origins = tuple(check_origin(origin) for origin in cors_origin)
     check_port_free(host, port)
-    if not is_loopback(host) and api_key is None:
+    if not is_loopback(host) and not api_key:
         stderr.print(f"[yellow]warning:[/yellow] listening on {host} without --api-key: anyone who can reach this port can use the model.")
 
     from longva_cli.serve.app import ServeSettings, VLLMSettings, serve
@@ -223,7 +228,8 @@ def command(
         limits=RequestLimits(media_roots=tuple(roots), max_frames=max_frames, max_tokens=max_tokens_limit, max_media=max_media,
                              max_prompt_tokens=max_prompt_tokens),
         max_request_bytes=int(max_request_mb * 2**20),
-        api_key=api_key,
+        api_keys=tuple(api_key),
+        read_timeout=read_timeout,
         queue_timeout=queue_timeout,
         max_queue=max_queue,
         ui=ui,

@@ -3,7 +3,9 @@
 Requests wait in a queue for the thread. Media embeddings stay in memory (by content) and the
 KV caches of recent prompts in a pool (`--cache-gb`), so a follow-up (the same video, or the
 same conversation plus a turn) prefills only its new tokens; the answer is the same as a cold
-request's. A cancelled request stops at its next frame batch, prefill chunk or token.
+request's. Both are kept per tenant (API key) within one shared budget: a request never reuses
+what another tenant's left, so it is not faster for it either. A cancelled request stops at its
+next frame batch, prefill chunk or token.
 """
 
 from __future__ import annotations
@@ -15,6 +17,25 @@ import threading
 from longva_cli.serve.worker import Admission, Generation, check_prompt_length, error_event, media_errors
 
 log = logging.getLogger("longva.serve")
+
+
+class TenantCache:
+    """One tenant's part of the server's in-memory visual cache: `encode` finds there only the
+    embeddings this tenant's requests made. The tenants share one memory budget (the entries
+    of all of them are evicted least recently used first)."""
+
+    def __init__(self, shared, tenant: str) -> None:
+        self.shared = shared  # the server's VisualCache (in memory, no folder)
+        self.tenant = tenant
+
+    def remembered(self, key: dict):
+        return self.shared.remembered({**key, "tenant": self.tenant})
+
+    def remember(self, key: dict, value, nbytes: int) -> None:
+        self.shared.remember({**key, "tenant": self.tenant}, value, nbytes)
+
+    def entry(self, key: dict) -> None:
+        return None  # nothing on disk: a server keeps its requests' embeddings in memory only
 
 
 class NativeWorker(Admission):
@@ -89,10 +110,11 @@ class NativeWorker(Admission):
         from longva_cli.model.prompt import chat_prompt
 
         job, longva = generation.job, self.longva
+        cache = TenantCache(self.visual_cache, job.tenant)
         visuals = []
         for item in job.media:
             with media_errors(item):
-                visual = drive(encode(longva, MediaSpec(item.path, job.frames, job.fps), self.visual_cache), stop=generation.cancelled.is_set)
+                visual = drive(encode(longva, MediaSpec(item.path, job.frames, job.fps), cache), stop=generation.cancelled.is_set)
             if visual is None:
                 return None
             visuals.append(visual)
@@ -110,7 +132,7 @@ class NativeWorker(Admission):
             if job.stream and isinstance(event, Token) and event.text:
                 generation.emit("text", event.text)
 
-        runner = self.runners.acquire(sequence)
+        runner = self.runners.acquire(sequence, scope=job.tenant)
         generated = drive(run(longva, runner, sequence, Generate(sampling)), stream, stop=generation.cancelled.is_set)
         if generated is None:
             return None

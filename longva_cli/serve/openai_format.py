@@ -28,18 +28,19 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import unquote, urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from longva_cli.checks import INT64_MAX, INT64_MIN, check_number, checked_text
+from longva_cli.errors import LongVAError
 from longva_cli.model.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, Turn
 
 DEFAULT_FRAMES = 32  # `longva ask`'s default
 MEDIA_PART_TYPES = {"image_url": "image", "video_url": "video"}
 # Sniffed by content after decoding, like `longva ask` does with files.
 DATA_URL_TYPES = ("image/", "video/", "application/octet-stream")
-INT64_MAX = 2**63 - 1
 HELD_FILES = Path("/proc/self/fd")  # reopening /proc/self/fd/N reads the held file, not whatever its path names now
 
 
@@ -65,13 +66,31 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 # ---- request schema ------------------------------------------------------------------------
 
 
+def number(param: str, **bounds) -> BeforeValidator:
+    """A numeric field checked as every number in longva is (`checks.check_number`: finite, of
+    the right type, in range; null allowed), before pydantic sees it; a 400 naming `param`."""
+
+    def check(value):
+        try:
+            return check_number(param, value, nullable=True, **bounds)
+        except LongVAError as err:
+            raise APIError(400, str(err), param=param) from None
+
+    return BeforeValidator(check)
+
+
+# Counts are bounded to 64 bits so that nothing out of range reaches torch (a seed of 10**30 overflows it).
+COUNT = {"integer": True, "at_least": 1, "at_most": INT64_MAX}
+
+
 class VideoOptions(BaseModel):
     """Top-level `video` field (the OpenAI client sends it with `extra_body={"video": {...}}`)."""
 
     model_config = ConfigDict(extra="forbid")
-    frames: int | None = Field(None, ge=1, le=INT64_MAX, description="frames sampled uniformly (default 32)")
-    # Below 0.001 the step between frames (video fps / fps) overflows; nothing useful lies there.
-    fps: float | None = Field(None, ge=0.001, description="frames per second; `frames` then caps the count")
+    frames: Annotated[int | None, number("video.frames", **COUNT)] = None  # sampled uniformly (default 32)
+    # Frames per second; `frames` then caps the count. Below 0.001 the step between frames
+    # (video fps / fps) overflows; nothing useful lies there.
+    fps: Annotated[float | None, number("video.fps", at_least=0.001)] = None
 
 
 class StreamOptions(BaseModel):
@@ -89,16 +108,16 @@ class ChatRequest(BaseModel):
 
     model: str | None = None
     messages: list[Message] = Field(..., min_length=1)
-    # Integers are bounded so that nothing out of range reaches torch (seed 10**30 overflows it).
-    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
-    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1, le=INT64_MAX)
-    seed: int | None = Field(None, ge=-(2**63), le=INT64_MAX)
+    max_tokens: Annotated[int | None, number("max_tokens", **COUNT)] = None
+    max_completion_tokens: Annotated[int | None, number("max_completion_tokens", **COUNT)] = None
+    # A temperature too small to sample at decodes greedily (`SamplingSettings.greedy`), as 0 does.
+    temperature: Annotated[float | None, number("temperature", at_least=0, at_most=2)] = None
+    top_p: Annotated[float | None, number("top_p", above=0, at_most=1)] = None
+    top_k: Annotated[int | None, number("top_k", **COUNT)] = None
+    seed: Annotated[int | None, number("seed", integer=True, at_least=INT64_MIN, at_most=INT64_MAX)] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=1, description="one choice per request")
+    n: Annotated[int | None, number("n", integer=True, at_least=1, at_most=1)] = None  # one choice per request
     stop: str | list[str] | None = None
     tools: list[Any] | None = None
     video: VideoOptions | None = None
@@ -159,6 +178,7 @@ class ChatJob:
     created: int = field(default_factory=lambda: int(time.time()))
     system_param: str | None = None  # where the system prompt came from, for errors
     turn_params: list[str] = field(default_factory=list)  # `messages[i].content` of each turn
+    tenant: str = ""  # whose request (see `app.tenant_of`): follow-up reuse stays within a tenant
     _release_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def cleanup(self) -> None:
@@ -237,6 +257,26 @@ def nesting_path(raw: bytes, depth: int = 6, max_tokens: int = 1_000_000) -> str
     return None
 
 
+def check_strings(body: Any) -> None:
+    """Refuse any string of the decoded body, keys included, that is not Unicode text: JSON may
+    escape lone UTF-16 surrogates ("\\ud800"), which no tokenizer, file name or UTF-8 response
+    can hold. A 400 naming where it was, before any work."""
+    pending = [(body, "")]
+    while pending:  # a loop, not recursion: the body may nest about 900 levels
+        value, param = pending.pop()
+        try:
+            if isinstance(value, str):
+                checked_text(value, param or "the request body")
+            elif isinstance(value, dict):
+                for key, item in value.items():
+                    checked_text(key, f"a key of {param or 'the request body'}")
+                    pending.append((item, f"{param}.{key}" if param else key))
+            elif isinstance(value, list):
+                pending += [(item, f"{param}[{index}]") for index, item in enumerate(value)]
+        except LongVAError as err:
+            raise APIError(400, str(err), param=param or None) from None
+
+
 def parse_chat_body(raw: bytes, limits: RequestLimits, served_names: set[str], default_model: str, workdir: Path, budget=None) -> ChatJob:
     """`parse_chat_request` of the raw request body."""
     return parse_chat_request(decode_json(raw), limits, served_names, default_model, workdir, budget)
@@ -250,6 +290,7 @@ def parse_chat_request(
     allows is refused before any work."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object.")
+    check_strings(body)
     try:
         request = ChatRequest.model_validate(body)
     except ValidationError as err:
@@ -470,11 +511,18 @@ def _open_local_file(parsed, kind: str, param: str, roots: tuple[Path, ...]) -> 
 # ---- responses -----------------------------------------------------------------------------
 
 
+# `cached_tokens` is reported in whole blocks of this many tokens, as vLLM counts its KV blocks:
+# an exact count would tell a client, one guess per request, whether the next token of a prompt
+# it shares a prefix with matches (reuse never crosses tenants; this is for clients of one key).
+CACHED_TOKENS_BLOCK = 16
+
+
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """OpenAI's usage object; `cached_tokens`: prompt tokens whose KV cache an earlier request left."""
+    """OpenAI's usage object; `cached_tokens`: prompt tokens whose KV cache an earlier request of
+    the same tenant left, rounded down to whole blocks of CACHED_TOKENS_BLOCK."""
     return {
         "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "prompt_tokens_details": {"cached_tokens": cached_tokens // CACHED_TOKENS_BLOCK * CACHED_TOKENS_BLOCK},
     }
 
 

@@ -1,6 +1,7 @@
 """What the HTTP layer asks of an engine: admit, queue, run and cancel chat requests.
 
-    worker.admit()               a place in the queue, before the body is read (503 when full)
+    worker.check_room()          503 when the queue is full, before the body is read
+    worker.admit()               a place in the queue, once the body is read (503 when full)
     worker.submit(generation)    the checked request, in line for the engine
     generation.events            "started", "ready", "text"..., then "done" | "error" | "cancelled"
     worker.withdraw(generation)  take back a request still in line (client gone, queue timeout)
@@ -76,13 +77,15 @@ class Worker(Protocol):
     budget: "PromptBudget"  # counts a request's prompt before it is queued
 
     @property
-    def waiting(self) -> int: ...  # admitted, not yet running: reading a body, parsing, or queued
+    def waiting(self) -> int: ...  # admitted, not yet running: parsing, or queued
 
     @property
     def queued(self) -> int: ...  # checked and in line
 
     @property
     def busy(self) -> bool: ...  # the engine is working on a request
+
+    def check_room(self) -> None: ...
 
     def admit(self) -> None: ...
 
@@ -125,8 +128,9 @@ class Admission:
     def busy(self) -> bool:
         return bool(self._running)
 
-    def admit(self) -> None:
-        """Take a place in the queue before the request's body is read; 503 when none is left."""
+    def check_room(self) -> None:
+        """503 when no place is left in the queue now (checked before a body is read, so a full
+        server does not take uploads it cannot queue); takes no place."""
         with self._lock:
             if self._closed:
                 raise shutting_down()
@@ -135,6 +139,11 @@ class Admission:
                     503, f"the server is busy: {self._waiting} requests are already waiting (--max-queue {self.max_queue}); retry later.",
                     type="server_error", code="queue_full",
                 )
+
+    def admit(self) -> None:
+        """Take a place in the queue for a request whose body has been read; 503 when none is left."""
+        with self._lock:
+            self.check_room()
             self._waiting += 1
 
     def leave(self) -> None:
