@@ -94,6 +94,18 @@ def request(server: Server, method: str, path: str, body: bytes | dict | None = 
         return response.status, raw
 
 
+def health(server) -> dict:
+    return request(server, "GET", "/health")[1]
+
+
+def wait_until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting until {what}")
+        time.sleep(0.02)
+
+
 def authorized(extra: dict | None = None) -> dict:
     return {"Authorization": f"Bearer {API_KEY}", **(extra or {})}
 

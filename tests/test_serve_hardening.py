@@ -14,7 +14,6 @@ import socket
 import string
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -23,11 +22,9 @@ pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'longv
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'longva[serve]'")
 
 from media import write_blank_video, write_image, write_video  # noqa: E402
-from test_serve import HOST, Server, data_url, media_part, request, text, user  # noqa: E402
+from test_serve import HOST, Server, data_url, health, media_part, request, text, user, wait_until  # noqa: E402
 
 from longva_cli.serve.openai_format import APIError, RequestLimits, parse_chat_body  # noqa: E402
-
-pytestmark = pytest.mark.integration
 
 CHAT = "/v1/chat/completions"
 KEYS = {"alice": "key-of-alice", "bob": "key-of-bob"}
@@ -65,18 +62,6 @@ def post(server: Server, body: bytes | dict, tenant: str = "alice"):
     return request(server, "POST", CHAT, body, headers=as_tenant(tenant))
 
 
-def health(server: Server) -> dict:
-    return request(server, "GET", "/health")[1]
-
-
-def wait_until(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting until {what}")
-        time.sleep(0.02)
-
-
 def no_traceback(server: Server) -> None:
     log = server.log_path.read_text(errors="replace")
     assert "Traceback" not in log, log[-3000:]
@@ -85,6 +70,7 @@ def no_traceback(server: Server) -> None:
 # ---- 26.1: sampling values that underflow ---------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_temperatures_and_top_p_that_underflow_decode_greedily(server):
     def answer(**sampling) -> str:
         status, body = post(server, {"messages": [user(text("Describe a sunset."))], "max_tokens": 6, **sampling})
@@ -101,6 +87,7 @@ def test_temperatures_and_top_p_that_underflow_decode_greedily(server):
 # ---- 26.2: lone surrogates ------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("surrogate", ["\ud800", "\udfff"])
 def test_lone_surrogates_are_400s_naming_the_field_every_time(server, surrogate):
     cases = [
@@ -189,6 +176,7 @@ def cached(answer: dict) -> int:
     return answer["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
+@pytest.mark.integration
 def test_one_tenant_cannot_read_anothers_prompt_through_cached_tokens(server):
     document = "Minutes of the facilities meeting. " * 12 + "The door code is "
     secret = "48"
@@ -211,6 +199,7 @@ def test_one_tenant_cannot_read_anothers_prompt_through_cached_tokens(server):
     assert cached(follow_up) % 16 == 0
 
 
+@pytest.mark.integration
 def test_a_video_another_tenant_sent_is_not_reused(server, media_root):
     body = {"messages": [user(media_part("video_url", f"file://{media_root}/clip.mp4"), text("What moves?"))],
             "max_tokens": 1, "video": {"frames": 3}}
@@ -255,6 +244,7 @@ def peak_memory(server: Server) -> int:
     return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) * 1024
 
 
+@pytest.mark.integration
 def test_video_headers_are_probed_without_decoding_a_frame(server, media_root):
     huge = media_root / "huge.mp4"
     assert huge.stat().st_size < 200_000
@@ -300,6 +290,7 @@ def read_status(sock: socket.socket) -> tuple[int, dict | None]:
     return int(head.split()[1]), json.loads(body) if body else None
 
 
+@pytest.mark.integration
 def test_slow_clients_hold_no_queue_place_and_are_cut_off(server):
     stop = threading.Event()
     key = KEYS["alice"]
@@ -423,6 +414,7 @@ def fuzz_bodies(root: Path, count: int, seed: int = 2026):
         yield raw
 
 
+@pytest.mark.integration
 def test_random_bodies_get_200_or_4xx_and_the_server_lives(tiny_checkpoint, media_root, tmp_path):
     fresh = Server(tiny_checkpoint, tmp_path, "--media-root", str(media_root), "--max-tokens-limit", "2", "--max-frames", "2",
                    "--max-prompt-tokens", "2000")

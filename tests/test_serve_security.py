@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import struct
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'longv
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'longva[serve]'")
 
 from media import write_image, write_video  # noqa: E402
-from test_serve import HOST, Server, data_url, media_part, request, text, user  # noqa: E402
+from test_serve import HOST, Server, data_url, health, media_part, request, text, user, wait_until  # noqa: E402
 
 from longva_cli.serve import openai_format as fmt  # noqa: E402
 from longva_cli.serve.guard import HostPolicy  # noqa: E402
@@ -57,18 +56,6 @@ def server(tiny_checkpoint, roots, tmp_path_factory):
     )
     yield running
     running.stop()
-
-
-def health(server: Server) -> dict:
-    return request(server, "GET", "/health")[1]
-
-
-def wait_until(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting until {what}")
-        time.sleep(0.02)
 
 
 @contextmanager
@@ -309,6 +296,7 @@ def body_files(server: Server) -> list[Path]:
     return list(server.tmpdir.glob("longva-serve-*/body-*.json"))
 
 
+@pytest.mark.integration
 def test_a_full_queue_refuses_large_bodies_before_reading_them(server):
     with ThreadPoolExecutor(max_workers=MAX_QUEUE) as pool:
         with model_busy(server):
@@ -326,6 +314,7 @@ def test_a_full_queue_refuses_large_bodies_before_reading_them(server):
         assert [future.result(timeout=120)[0] for future in queued] == [200] * MAX_QUEUE
 
 
+@pytest.mark.integration
 def test_bodies_being_received_go_to_files_take_no_queue_place_and_are_bounded(server):
     size, sent = 16 * 2**20, 15 * 2**20  # --max-request-mb 16; bodies in flight may hold 2 x 16 MiB (--max-queue 2)
     uploads = [open_upload(server, size) for _ in range(2)]

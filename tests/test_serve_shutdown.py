@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.client
 import json
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -15,19 +14,11 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'longva[serve]'")
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'longva[serve]'")
 
-from test_serve import HOST, Server, request, text, user  # noqa: E402
+from test_serve import HOST, Server, request, text, user, wait_until  # noqa: E402
 
 # About 30,000 prompt tokens: on the tiny model, a prefill of tens of seconds on two cores.
 LONG_QUESTION = "Summarise:" + " fox" * 30_000
 CHAT = "/v1/chat/completions"
-
-
-def wait_until(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting until {what}")
-        time.sleep(0.02)
 
 
 def sse_events(raw: bytes) -> list:
