@@ -297,14 +297,82 @@ def test_vllm_serve_answers_the_openai_client_with_the_native_tokens(checkpoint,
         server.wait(timeout=60)
 
 
+# ---- starting vLLM's engine -------------------------------------------------------------------
+
+
+def test_on_a_cpu_vllm_reserves_a_share_of_the_memory_that_is_free(checkpoint, monkeypatch):
+    import psutil
+
+    from longva_cli.serve.app import ServeSettings, VLLMSettings
+    from longva_cli.serve.vllm_worker import engine_args
+
+    # A busy machine: 10 of its 24 GiB free. vLLM's own default (0.92 of all 24) would not start.
+    busy = psutil.virtual_memory()._replace(total=24 * 2**30, available=10 * 2**30)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: busy)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    share = engine_args(checkpoint, ServeSettings(), VLLMSettings()).gpu_memory_utilization
+    assert share == round(0.8 * 10 / 24, 3)
+    # What the user says wins: the flag, or a KV cache size of their own.
+    assert engine_args(checkpoint, ServeSettings(), VLLMSettings(gpu_memory_utilization=0.5)).gpu_memory_utilization == 0.5
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    assert engine_args(checkpoint, ServeSettings(), VLLMSettings()).gpu_memory_utilization == 0.92
+
+
+def test_max_model_len_beyond_the_trained_positions_is_allowed_with_a_warning(checkpoint, model_config, monkeypatch):
+    from longva_cli.model.config import read_config
+    from longva_cli.serve.app import ServeSettings, VLLMSettings
+    from longva_cli.serve.vllm_worker import allow_long_context, engine_args
+
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0")  # restored (unset) after the test
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    config = read_config(checkpoint)
+    trained = config["max_position_embeddings"]
+    longer = VLLMSettings(max_model_len=2 * trained)
+    with pytest.raises(ValueError, match="VLLM_ALLOW_LONG_MAX_MODEL_LEN"):  # vLLM on its own
+        engine_args(checkpoint, ServeSettings(), longer).create_model_config()
+    assert allow_long_context(config, VLLMSettings(max_model_len=trained)) is None
+    warning = allow_long_context(config, longer)
+    assert f"--max-model-len {2 * trained:,} is beyond the {trained:,} positions" in warning
+    assert engine_args(checkpoint, ServeSettings(), longer).create_model_config().max_model_len == 2 * trained
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_an_engine_that_fails_to_start_is_one_line_with_vllms_root_cause(checkpoint, tmp_path):
+    # 1.0: all of the machine's memory, which is never free; vLLM's engine process refuses it.
+    env = {key: value for key, value in {**os.environ, **ENGINE_ENV, "HF_HUB_OFFLINE": "1"}.items() if key != "VLLM_CPU_KVCACHE_SPACE"}
+    run = subprocess.run(
+        [sys.executable, "-m", "longva_cli", "serve", "--engine", "vllm", "--model", str(checkpoint), "--port", str(free_port()),
+         "--gpu-memory-utilization", "1.0", "--vllm-args", "--enforce-eager"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 1, run.stderr[-4000:]
+    assert last.startswith(f"error: vLLM could not start its engine for {checkpoint}: ValueError: Available memory on node"), last
+    assert "is less than desired CPU memory utilization" in last and "root cause above" not in last
+
+
 # ---- longva serve --engine vllm ---------------------------------------------------------------
 
 CHAT = "/v1/chat/completions"
+# Two tenants: the tests speak as the first unless they say otherwise.
+KEYS = ("key-of-alice", "key-of-bob")
+
+
+def as_tenant(key: str = KEYS[0], extra: dict | None = None) -> dict:
+    return {"Authorization": f"Bearer {key}", **(extra or {})}
+
+
+def post(server, body: dict, headers: dict | None = None, **options):
+    """POST `body` to the chat endpoint as the first tenant: (status, decoded answer)."""
+    from test_serve import request
+
+    return request(server, "POST", CHAT, body, headers=as_tenant(extra=headers), **options)
 
 
 @pytest.fixture(scope="module")
 def longva_server(checkpoint, media, tmp_path_factory):
-    """`longva serve --engine vllm` on the lively checkpoint, with the media folder as its root."""
+    """`longva serve --engine vllm` on the lively checkpoint, with the media folder as its root and two API keys."""
     pytest.importorskip("fastapi", reason="needs fastapi and uvicorn (vLLM depends on them)")
     folder = tmp_path_factory.mktemp("longva-serve-vllm")
     (folder / "tmp").mkdir()
@@ -313,7 +381,7 @@ def longva_server(checkpoint, media, tmp_path_factory):
     command = [
         sys.executable, "-m", "longva_cli", "serve", "--engine", "vllm", "--model", str(checkpoint), "--port", str(port),
         "--media-root", str(media["video"].parent), "--max-model-len", "8192", "--max-tokens-limit", "4096",
-        "--vllm-args", "--enforce-eager", "--log-level", "warning",
+        "--vllm-args", "--enforce-eager", "--log-level", "warning", *(flag for key in KEYS for flag in ("--api-key", key)),
     ]
     env = {**os.environ, **ENGINE_ENV, "HF_HUB_OFFLINE": "1", "TMPDIR": str(folder / "tmp")}
     with log.open("w") as out:
@@ -343,9 +411,9 @@ class LongVAServer:
                 self.process.wait(10)
         return self.process.returncode
 
-    def client(self):
+    def client(self, key: str = KEYS[0]):
         openai = pytest.importorskip("openai")
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0, timeout=300)
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=300)
 
     def health(self) -> dict:
         from test_serve import request
@@ -396,6 +464,21 @@ def test_streamed_answer_equals_the_whole_one_and_a_repeat_reuses_the_cached_pre
 
 
 @pytest.mark.slow
+def test_vllms_prefix_cache_is_not_shared_between_api_keys(longva_server, media, references):
+    # What one tenant's requests left in vLLM's prefix cache would tell another, through
+    # cached_tokens and speed, what they sent: the cache is salted with the tenant.
+    alice, bob = longva_server.client(KEYS[0]), longva_server.client(KEYS[1])
+    alice.chat.completions.create(model="longva", **served_request("video-8", media))
+    again = alice.chat.completions.create(model="longva", **served_request("video-8", media))
+    assert again.usage.prompt_tokens_details.cached_tokens >= 8 * 144
+    first_of_bob = bob.chat.completions.create(model="longva", **served_request("video-8", media))
+    assert first_of_bob.usage.prompt_tokens_details.cached_tokens == 0
+    assert first_of_bob.choices[0].message.content == again.choices[0].message.content == references["video-8"].answer
+    second_of_bob = bob.chat.completions.create(model="longva", **served_request("video-8", media))
+    assert second_of_bob.usage.prompt_tokens_details.cached_tokens >= 8 * 144
+
+
+@pytest.mark.slow
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(longva_server, media, references):
     client = longva_server.client()
     names = ["video-8", "image"] * 6
@@ -417,7 +500,7 @@ def start_long_stream(server: LongVAServer, media: dict[str, Path]) -> tuple[htt
 
     body = {"messages": [user(media_part("image_url", media["image"].as_uri()), text("Talk."))], "max_tokens": 4096, "temperature": 0, "stream": True}
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-    connection.request("POST", CHAT, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    connection.request("POST", CHAT, body=json.dumps(body), headers=as_tenant(extra={"Content-Type": "application/json"}))
     response = connection.getresponse()
     assert response.status == 200
     assert response.readline().startswith(b"data: ")
@@ -440,28 +523,28 @@ def test_a_client_hanging_up_aborts_its_request_in_vllm(longva_server, media):
 
 @pytest.mark.slow
 def test_the_http_layer_checks_apply_on_the_vllm_engine(longva_server, media):
-    from test_serve import corrupt_video_url, media_part, request, text, user
+    from test_serve import corrupt_video_url, media_part, text, user
 
-    status, answer = request(longva_server, "POST", CHAT, {"messages": [user(text("hi"))]}, headers={"Origin": "http://evil.example"})
+    status, answer = post(longva_server, {"messages": [user(text("hi"))]}, headers={"Origin": "http://evil.example"})
     assert (status, answer["error"]["code"]) == (403, "cross_origin")
-    status, answer = request(longva_server, "POST", CHAT, {"messages": [user(media_part("video_url", corrupt_video_url()), text("What?"))]})
+    status, answer = post(longva_server, {"messages": [user(media_part("video_url", corrupt_video_url()), text("What?"))]})
     assert (status, answer["error"]["code"], answer["error"]["param"]) == (400, "invalid_media", "messages[0].content[0].video_url.url")
-    status, answer = request(longva_server, "POST", CHAT, {"messages": [user(text("a <video> here"))]})
+    status, answer = post(longva_server, {"messages": [user(text("a <video> here"))]})
     assert (status, answer["error"]["param"]) == (400, "messages[0].content")
     # the engine holds 8192 positions: 64 frames (9,216 tokens) are refused before any work
-    status, answer = request(longva_server, "POST", CHAT, {
+    status, answer = post(longva_server, {
         "messages": [user(media_part("video_url", media["video"].as_uri()), text("What?"))], "video": {"frames": 64}})
     assert (status, answer["error"]["code"]) == (400, "prompt_too_long")
-    status, answer = request(longva_server, "POST", CHAT, {"messages": [user(media_part("image_url", "file:///etc/hostname"))]})
+    status, answer = post(longva_server, {"messages": [user(media_part("image_url", "file:///etc/hostname"))]})
     assert (status, answer["error"]["code"]) == (403, "media_root")
 
 
 @pytest.mark.slow
 def test_an_answer_that_fills_the_engines_length_ends_with_length(longva_server, media):
-    from test_serve import media_part, request, text, user
+    from test_serve import media_part, text, user
 
     # 56 frames and the question: 8,098 of the engine's 8,192 positions, room for 94 tokens of the 4,096 asked
-    status, answer = request(longva_server, "POST", CHAT, {
+    status, answer = post(longva_server, {
         "messages": [user(media_part("video_url", media["video"].as_uri()), text(QUESTION))], "video": {"frames": 56},
         "max_tokens": 4096, "temperature": 0}, timeout=300)
     assert status == 200, answer

@@ -11,7 +11,8 @@ same as the native engine's; what changes is who runs a checked request:
     engine  `AsyncLLM.add_request` with the sampling spelled out (temperature, top-k, top-p,
             repetition penalty, seed, max tokens, the native engine's stop ids), so greedy
             answers are the native engine's; vLLM batches the requests it holds (continuous
-            batching, paged KV cache, prefix caching for follow-ups about the same video)
+            batching, paged KV cache, prefix caching for follow-ups about the same video,
+            salted by tenant so that reuse never crosses API keys)
 
 Up to vLLM's `max_num_seqs` requests run at once; more wait in our queue (`--max-queue`,
 `--queue-timeout`). A request whose client leaves, or that the shutdown cancels, is aborted in
@@ -23,8 +24,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
+import os
+import re
 import shlex
+import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +42,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
+from longva_cli.console import stderr
 from longva_cli.errors import LongVAError
 from longva_cli.serve.openai_format import APIError
 from longva_cli.serve.worker import Admission, Generation, check_prompt_length, error_event, media_errors
@@ -51,6 +58,12 @@ OWN_ARGUMENTS = {
     "limit_mm_per_prompt": "--max-media",
 }
 PREPARING_AT_ONCE = 4  # requests whose media are being decoded and preprocessed at one time
+# On a CPU, the share of the memory free at start that vLLM may reserve when nobody said how much
+# (vLLM's own default, 0.92 of all memory, refuses to start once others use more than 8%).
+CPU_SHARE_OF_FREE_MEMORY = 0.8
+# An exception's last line, possibly behind the "(EngineCore_DP0 pid=N)" prefix vLLM gives its
+# processes' output: "ValueError: Available memory on node 0 ...".
+EXCEPTION_LINE = re.compile(r"(?:^|\s)((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception): \S.*)$")
 
 
 def engine_args(folder: Path, settings: "ServeSettings", options: "VLLMSettings") -> AsyncEngineArgs:
@@ -75,8 +88,90 @@ def engine_args(folder: Path, settings: "ServeSettings", options: "VLLMSettings"
         ours["max_model_len"] = options.max_model_len
     if options.gpu_memory_utilization is not None:
         ours["gpu_memory_utilization"] = options.gpu_memory_utilization
+    elif on_cpu() and parsed.kv_cache_memory_bytes is None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        ours["gpu_memory_utilization"] = cpu_memory_utilization(memory.available, memory.total)
     vars(parsed).update(ours)
     return AsyncEngineArgs.from_cli_args(parsed)
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def cpu_memory_utilization(available: int, total: int) -> float:
+    """vLLM's CPU backend reads --gpu-memory-utilization as the share of ALL the machine's memory
+    it reserves (weights, activations, KV cache), and refuses to start when that much is not
+    free: the default is CPU_SHARE_OF_FREE_MEMORY of what is free now, as a share of the total."""
+    return round(CPU_SHARE_OF_FREE_MEMORY * available / total, 3)
+
+
+def allow_long_context(config: dict, options: "VLLMSettings") -> str | None:
+    """vLLM refuses a --max-model-len beyond the checkpoint's max_position_embeddings unless
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN is set; LongVA reads past it (V-NIAH: 3000 frames, 432K
+    tokens, on a 224K model), so a length the user asks for is allowed: the warning to show."""
+    trained = config.get("max_position_embeddings")
+    if options.max_model_len is None or trained is None or options.max_model_len <= trained:
+        return None
+    os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"  # read here and by the engine processes vLLM starts
+    return (f"--max-model-len {options.max_model_len:,} is beyond the {trained:,} positions the checkpoint was trained on "
+            "(max_position_embeddings): answers past them rest on RoPE extrapolation (see README, Serving at scale).")
+
+
+@contextmanager
+def exceptions_reported() -> Iterator[list[str]]:
+    """The exception lines ("ValueError: ...") written to stdout and stderr while inside, by this
+    process and the processes it starts, oldest first; all output passes on to where it went.
+
+    vLLM reports an engine that failed to start as "Engine core initialization failed. See root
+    cause above.": the cause is only in the traceback its worker process logged. The pipes stay in
+    those processes' hands after the block; their readers keep passing the output on.
+    """
+    found: list[str] = []
+    readers = []
+    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+        stream.flush()
+        reader, writer = os.pipe()
+        real = os.dup(fd)
+        os.dup2(writer, fd)
+        os.close(writer)
+        thread = threading.Thread(target=_pass_on, args=(reader, real, found), name=f"output-copy-{fd}", daemon=True)
+        thread.start()
+        readers.append((stream, fd, real, thread))
+    failed = True
+    try:
+        yield found
+        failed = False
+    finally:
+        for stream, fd, real, thread in readers:
+            stream.flush()
+            os.dup2(real, fd)
+        if failed:  # vLLM's processes have exited: read what they wrote last
+            for *_, thread in readers:
+                thread.join(timeout=5)
+
+
+def _pass_on(reader: int, real: int, found: list[str]) -> None:
+    """Copy the pipe `reader` to the file descriptor `real`, noting exception lines in `found`."""
+    pending = b""
+    while chunk := os.read(reader, 65536):
+        os.write(real, chunk)
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            exception = EXCEPTION_LINE.search(line.decode(errors="replace").strip())
+            if exception and len(found) < 100:
+                found.append(exception[1])
+    os.close(reader)
+
+
+def root_cause(exceptions: list[str]) -> str | None:
+    """The first exception that is not a pointer to another ("... See root cause above.", "See
+    stack trace for root cause."): the others followed from it."""
+    return next((line for line in exceptions if "root cause" not in line), None)
 
 
 async def start(model: str, settings: "ServeSettings", options: "VLLMSettings", revision: str | None = None) -> "VLLMWorker":
@@ -88,13 +183,20 @@ async def start(model: str, settings: "ServeSettings", options: "VLLMSettings", 
     folder = locate_model(model, revision=revision, kind="longva")
     if read_config(folder).get("model_type") != "llava_qwen":
         raise LongVAError(f"{model} is not a LongVA checkpoint (model_type llava_qwen); `longva serve --engine vllm` serves LongVA only.")
+    warning = allow_long_context(read_config(folder), options)
+    if warning:
+        stderr.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     args = engine_args(folder, settings, options)
     try:
-        engine = AsyncLLM.from_engine_args(args)
+        with exceptions_reported() as exceptions:
+            engine = AsyncLLM.from_engine_args(args)
     except Exception as err:  # noqa: BLE001 - vLLM's reasons are many; its log above has the details
         # One line: pydantic's reasons come on several, with a documentation link last.
         lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.strip().startswith("For further information")]
-        raise LongVAError(f"vLLM could not start its engine for {model}: {' '.join(lines) or type(err).__name__}") from None
+        reason = " ".join(lines) or type(err).__name__
+        if "root cause" in reason:  # vLLM's pointer to a traceback in its processes' output
+            reason = root_cause(exceptions) or reason
+        raise LongVAError(f"vLLM could not start its engine for {model}: {reason}") from None
     return VLLMWorker(engine, load_tokenizer(folder), read_generation_config(folder), model, settings)
 
 
@@ -115,8 +217,10 @@ class VLLMWorker(Admission):
         self.generation_config = generation_config
         config = engine.model_config.hf_config
         vision = vision_of(config)
-        # The engine holds at most max_model_len positions, the answer's first token included.
-        limit = min(settings.limits.max_prompt_tokens or config.max_position_embeddings, engine.model_config.max_model_len - 1)
+        # The engine holds at most max_model_len positions (the checkpoint's max_position_embeddings
+        # unless --max-model-len says otherwise), the answer's first token included.
+        engine_positions = engine.model_config.max_model_len - 1
+        limit = min(settings.limits.max_prompt_tokens or engine_positions, engine_positions)
         self.budget = PromptBudget(
             max_tokens=limit, tokenizer=copy.deepcopy(tokenizer), tokens_per_image=vision.tokens_per_image,
             crop=vision.processing.crop, pinpoints=tuple(tuple(p) for p in vision.mm.image_grid_pinpoints),
@@ -229,7 +333,10 @@ class VLLMWorker(Admission):
         pieces = text.split(IMAGE_PLACEHOLDER)
         prompt = pieces[0] + "".join(placeholder + piece for placeholder, piece in zip(placeholders, pieces[1:], strict=True))
         media = {name: items for name, items in (("image", images), ("video", videos)) if items}
-        return {"prompt": prompt, "multi_modal_data": media} if media else {"prompt": prompt}
+        engine_input = {"prompt": prompt, "multi_modal_data": media} if media else {"prompt": prompt}
+        if job.tenant:  # vLLM's prefix cache reuses KV blocks only between prompts with the same salt
+            engine_input["cache_salt"] = job.tenant
+        return engine_input
 
     def sampling(self, job) -> SamplingParams:
         """The request's sampling with the native engine's defaults, as `LongVA.sampling_settings`
@@ -240,7 +347,7 @@ class VLLMWorker(Admission):
         return SamplingParams(
             n=1,
             max_tokens=job.max_tokens,
-            temperature=settings.temperature,
+            temperature=0.0 if settings.greedy else settings.temperature,  # greedy below GREEDY_BELOW, as natively
             top_k=settings.top_k or 0,  # 0: no top-k
             top_p=1.0 if settings.top_p is None else settings.top_p,
             repetition_penalty=settings.repetition_penalty or 1.0,
