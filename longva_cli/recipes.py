@@ -5,8 +5,8 @@ and whose `command:` key names the command it configures (`longva recipes valida
 so a copied recipe validates wherever it lives). Each command that takes recipes declares its
 settings as (nested) dataclasses; `load_recipe` turns the YAML plus the command-line overrides
 into an instance of that schema, or raises a LongVAError naming the exact bad key and what it
-accepts. The bundled recipes ship inside the package (`recipe_files/<command>/<name>.yaml`)
-and are named `<command>/<name>`.
+accepts. The bundled recipes live in the clone's top-level `recipes/<command>/<name>.yaml`, ship
+in the wheel as `longva_cli/recipe_files/`, and are named `<command>/<name>`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,15 @@ import yaml
 
 from longva_cli.errors import LongVAError
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipe_files"
+
+def _bundled_recipes() -> Path:
+    """Where the bundled recipes are: inside the installed wheel, or at the top of a clone."""
+    package = Path(__file__).resolve().parent
+    installed = package / "recipe_files"  # pyproject.toml maps recipes/ here when building the wheel
+    return installed if installed.is_dir() else package.parent / "recipes"
+
+
+RECIPES_DIR = _bundled_recipes()
 COMMAND_KEY = "command"
 
 # The schema of each command's recipes ("module:Class"); bundled ones live in RECIPES_DIR/<command>/.
@@ -37,8 +45,9 @@ Schema = TypeVar("Schema")
 def find_recipe(name_or_path: str | Path) -> Path:
     """A path as given, or a bundled recipe named like `extend-text/tiny-cpu`.
 
-    A path into the `recipes/` folder of an older checkout (`recipes/extend-text/tiny-cpu.yaml`),
-    which no longer exists, names the bundled recipe of the same command and name.
+    A path into a clone's `recipes/` folder (`recipes/extend-text/tiny-cpu.yaml`) names the
+    bundled recipe of the same command and name from any directory, so commands copied from the
+    README work outside the clone too.
     """
     path = Path(name_or_path).expanduser()
     if path.is_file():

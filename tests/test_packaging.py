@@ -32,7 +32,8 @@ def installed(tmp_path_factory) -> Path:
     """A fresh virtual environment with the wheel of this checkout installed; its bin folder."""
     root = tmp_path_factory.mktemp("packaging")
     source = root / "source"  # a copy, so the build leaves nothing in the checkout
-    shutil.copytree(REPO / "longva_cli", source / "longva_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("longva_cli", "recipes"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     run(sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--no-build-isolation", "--no-index",
@@ -116,3 +117,13 @@ def test_the_readme_ask_and_chat_examples_run_as_written_from_the_wheel(installe
         assert "Traceback" not in done.stderr
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [a["question"] for a in answers] == ["Who drives?", "Where are they going?"]
+
+
+def test_the_wheel_lists_every_package_of_the_source_tree():
+    """pyproject.toml names the packages by hand (the recipes map in from the top-level folder), so
+    a new subpackage left out of that list would silently be missing from the wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "longva_cli").rglob("__init__.py")}
+    assert listed == on_disk | {"longva_cli.recipe_files"}

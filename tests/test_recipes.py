@@ -32,23 +32,26 @@ def readme_block(heading: str) -> list[str]:
     return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def test_bundled_recipes_ship_inside_the_package_and_name_their_command():
-    package = Path(longva_cli.__file__).parent
+def test_bundled_recipes_sit_at_the_top_of_the_clone_and_name_their_command():
+    top = Path(longva_cli.__file__).parent.parent / "recipes"
     found = recipes.bundled_recipes()
     assert {recipes.bundled_name(p) for p in found} >= {
         "extend-text/tiny-cpu", "extend-text/qwen2-7b-224k", "align/tiny-cpu", "align/stage1-projector",
         "align/stage2-full", "align/dpo", "niah/v-niah-longva-7b", "niah/text-qwen2-224k",
     }
     for path in found:
-        assert path.is_relative_to(package)
+        assert path.is_relative_to(top)
         assert yaml.safe_load(path.read_text())["command"] == path.parent.name
         command, _ = recipes.validate(recipes.bundled_name(path))
         assert command == path.parent.name
 
 
-def test_old_repository_paths_name_the_bundled_recipe(tmp_path):
+def test_clone_paths_name_the_bundled_recipe_from_anywhere(tmp_path, monkeypatch):
     bundled = recipes.RECIPES_DIR / "extend-text" / "tiny-cpu.yaml"
     assert recipes.find_recipe("extend-text/tiny-cpu") == bundled
+    monkeypatch.chdir(REPO)
+    assert recipes.find_recipe("recipes/extend-text/tiny-cpu.yaml").resolve() == bundled
+    monkeypatch.chdir(tmp_path)
     assert recipes.find_recipe("recipes/extend-text/tiny-cpu.yaml") == bundled
     assert recipes.find_recipe(tmp_path / "recipes" / "extend-text" / "tiny-cpu.yaml") == bundled
     with pytest.raises(LongVAError, match="recipe extend-text/tiny-gpu not found"):
