@@ -10,11 +10,12 @@ place, and hands attention views of exactly the positions held, past + present, 
 present and builds no mask. It plugs into transformers' `Cache` API (`update`, `crop`,
 `get_seq_length`, `get_mask_sizes`), so Qwen2's own forward fills and reads it.
 
-Layout: each layer stores [batch, capacity, kv_heads, head_dim], sequence-major, the layout
-flash attention and cuDNN read natively (with one sequence, a view of the first n positions is
-itself contiguous in that layout, so cuDNN can keep one plan per power-of-two length instead of
-building one per length, see `model/kernels.py`); attention gets [batch, kv_heads, n, head_dim]
-views of it.
+Layout: each layer's buffers are [batch, kv_heads, capacity, head_dim] views, and attention
+gets views of their first n positions. In memory they are laid out as each device's kernels read
+them fastest: on CUDA sequence-major ([batch, capacity, kv_heads, head_dim]: with one sequence the
+first n positions are then contiguous, so cuDNN keeps one plan per power-of-two length instead of
+building one per length, see `model/kernels.py`); elsewhere head-major (PyTorch's CPU flash
+kernel reads a sequence-major cache at about a third of the speed, measured).
 
 Room: `reserve(n)` makes room for n positions exactly (a 432K-token cache is 23 GiB; growing
 it by half again would not fit beside it on an 80 GB card), once per prompt or chat turn. A
@@ -36,7 +37,7 @@ GROWTH = 1.5  # a write past the reserved room grows it by this factor
 
 
 class KVLayer(CacheLayerMixin):
-    """One layer's keys and values: buffers [batch, capacity, kv_heads, head_dim], `length` positions held.
+    """One layer's keys and values: buffers [batch, kv_heads, capacity, head_dim], `length` positions held.
 
     `keys` / `values` are the whole buffers (as transformers' static layers keep them); what
     attention reads is `read(length)`.
@@ -57,12 +58,12 @@ class KVLayer(CacheLayerMixin):
     def write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store keys/values [batch, kv_heads, n, head_dim] at positions [start, start + n)."""
         stop = start + keys.shape[-2]
-        self.keys[:, start:stop].copy_(keys.transpose(1, 2))
-        self.values[:, start:stop].copy_(values.transpose(1, 2))
+        self.keys[:, :, start:stop].copy_(keys)
+        self.values[:, :, start:stop].copy_(values)
 
     def read(self, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions [0, stop) as [batch, kv_heads, stop, head_dim] in the compute dtype."""
-        keys, values = self.keys[:, :stop].transpose(1, 2), self.values[:, :stop].transpose(1, 2)
+        keys, values = self.keys[:, :, :stop], self.values[:, :, :stop]
         if self.storage_dtype != self.dtype:
             keys, values = keys.to(self.dtype), values.to(self.dtype)
         return keys, values
@@ -72,9 +73,8 @@ class KVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
         self.storage_dtype = self.storage_dtype or key_states.dtype
-        batch, heads, _, head_dim = key_states.shape
-        self.keys = torch.empty(batch, 0, heads, head_dim, dtype=self.storage_dtype, device=self.device)
-        self.values = torch.empty_like(self.keys)
+        self.shape = key_states.shape[:2] + key_states.shape[3:]  # (batch, kv_heads, head_dim)
+        self.keys, self.values = self._allocate(0), self._allocate(0)
         self.is_initialized = True
         if self.reserved:
             self._resize(self.reserved)
@@ -113,7 +113,7 @@ class KVLayer(CacheLayerMixin):
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[1] if self.is_initialized else 0
+        return self.keys.shape[2] if self.is_initialized else 0
 
     def reserve(self, positions: int) -> None:
         """Make room for `positions` positions in all (exactly; held positions are kept)."""
@@ -122,16 +122,20 @@ class KVLayer(CacheLayerMixin):
         elif positions > self.capacity:
             self._resize(positions)
 
+    def _allocate(self, capacity: int) -> torch.Tensor:
+        """An empty buffer [batch, kv_heads, capacity, head_dim] in the device's layout (see the module doc)."""
+        batch, heads, head_dim = self.shape
+        if self.device.type == "cuda":
+            return torch.empty(batch, capacity, heads, head_dim, dtype=self.storage_dtype, device=self.device).transpose(1, 2)
+        return torch.empty(batch, heads, capacity, head_dim, dtype=self.storage_dtype, device=self.device)
+
     def _resize(self, capacity: int) -> None:
         """New buffers of `capacity` positions holding the current ones; keys are copied before the
         values are allocated, so the transient is one layer's keys or values."""
-        batch, _, heads, head_dim = self.keys.shape
         for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = torch.empty(batch, capacity, heads, head_dim, dtype=self.storage_dtype, device=self.device)
-            new[:, : self.length].copy_(old[:, : self.length])
+            new = self._allocate(capacity)
+            new[:, :, : self.length].copy_(getattr(self, name)[:, :, : self.length])
             setattr(self, name, new)
-            del old
 
     def copy_prefix(self, length: int, capacity: int) -> "KVLayer":
         """A new layer holding a copy of this one's first `length` positions, with room for `capacity`."""
@@ -139,12 +143,10 @@ class KVLayer(CacheLayerMixin):
         twin.reserved = max(length, capacity)
         if self.is_initialized and length:
             # the stored form is copied as it is (no round trip through the compute dtype)
-            twin.device, twin.dtype = self.device, self.dtype
-            batch, _, heads, head_dim = self.keys.shape
-            twin.keys = torch.empty(batch, twin.reserved, heads, head_dim, dtype=self.storage_dtype, device=self.device)
-            twin.values = torch.empty_like(twin.keys)
-            twin.keys[:, :length].copy_(self.keys[:, :length])
-            twin.values[:, :length].copy_(self.values[:, :length])
+            twin.device, twin.dtype, twin.shape = self.device, self.dtype, self.shape
+            twin.keys, twin.values = twin._allocate(twin.reserved), twin._allocate(twin.reserved)
+            twin.keys[:, :, :length].copy_(self.keys[:, :, :length])
+            twin.values[:, :, :length].copy_(self.values[:, :, :length])
             twin.is_initialized = True
             twin.length = length
         return twin
