@@ -12,10 +12,14 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 from longva_cli.engine import PrefixCache
 from longva_cli.engine.runner import RunnerPool
 from longva_cli.engine.sequence import Sequence
+from longva_cli.model import attention
 from longva_cli.model.attention import use_mask_free_attention
 from longva_cli.model.compat import cache_kwargs
 from longva_cli.model.kernel_choice import KernelChoice
 from longva_cli.model.kv_cache import KVCache
+
+# FlexAttention runs eagerly on the CPU (compiled, it takes tens of seconds): it says so once
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
 def qwen2(kv_heads: int = 2) -> Qwen2ForCausalLM:
@@ -55,15 +59,25 @@ def test_the_preallocated_cache_decodes_the_tokens_of_dynamic_cache(kv_heads, ch
     assert cache.get_seq_length() == 50 + 12
 
 
-@pytest.mark.parametrize("kernels", ["math/gemm", "cpu-flash/cpu-flash", "math/math"])
-def test_named_kernels_decode_the_tokens_of_the_default_path(kernels):
+@pytest.mark.parametrize("kernels", ["math/gemm", "cpu-flash/cpu-flash", "flex/math"])
+def test_named_kernels_run_and_decode_the_tokens_of_the_default_path(kernels, monkeypatch):
     model = qwen2(2)
     prompt = torch.randint(0, 97, (80,), generator=torch.Generator().manual_seed(2))
     expected_ids, expected_logits = greedy(model, DynamicCache(config=model.config), prompt, 32, 10)
+    ran = []
+    for name in ("split_prefill", "decode_attention", "gemm_decode"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, _real=real, _name=name, **k: (ran.append((_name, k.get("backend"))), _real(*a, **k))[1])
     use_mask_free_attention(model, KernelChoice.parse(kernels))
     ids, logits = greedy(model, KVCache.for_model(model.config), prompt, 32, 10)
     assert ids == expected_ids
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    prefill, decode = kernels.split("/")
+    layers = model.config.num_hidden_layers
+    # chunks 2 and 3 follow a cached past; the first attends to itself alone (transformers' is_causal)
+    assert ran.count(("split_prefill", prefill)) == 2 * layers
+    decoded = ("gemm_decode", None) if decode == "gemm" else ("decode_attention", decode)
+    assert ran.count(decoded) == 10 * layers and len(ran) == 12 * layers
 
 
 def test_decoding_writes_in_place_into_the_reserved_buffers():
