@@ -20,8 +20,9 @@ query and key counts rounded up to powers of two) meets the model, the candidate
 call's own tensors; one whose output differs from the reference (what longva did before) or
 that fails is set aside with the reason, the fastest of the rest is kept, and the record goes
 to `~/.cache/longva/kernels.json` under the device's name and the torch and cuDNN versions, so
-later runs do not measure again. FlexAttention is not measured by `auto`: its first call compiles for tens of seconds; name it to use it. On the CPU `auto` is
-what longva did before, unmeasured.
+later runs do not measure again. FlexAttention is not measured by `auto`: its first call
+compiles for tens of seconds; name it to use it. On the CPU `auto` is what longva did before,
+unmeasured.
 """
 
 from __future__ import annotations
