@@ -12,7 +12,9 @@ Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32.")]
 Attention = Annotated[
     Optional[str],
-    typer.Option("--attn", help="auto (flash-attention-2 when installed on CUDA, else sdpa), sdpa, eager or flash_attention_2."),
+    typer.Option("--attn", help="auto (flash-attention-2 when installed on CUDA, else the measured fastest SDPA kernels), sdpa, eager, "
+                 "flash_attention_2, or kernels by name: cudnn, flash, efficient, flex, cpu-flash, math, or PREFILL/DECODE "
+                 "such as cudnn/gemm (README, 'Long videos')."),
 ]
 DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="'auto' splits the model across all visible GPUs.")]
 Quantize = Annotated[Optional[str], typer.Option("--quantize", help="4bit or 8bit (bitsandbytes, CUDA only).")]

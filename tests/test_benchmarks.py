@@ -48,6 +48,8 @@ EXPECTED = {
                    rf"\| logits at the largest cell \(MB, float32\) \| [\d.,]+ \| [\d.,]+ \| {RATIO} \|"], "## niah cost"),
     "serve_load": ([rf"\| native \| {clients} \| 2 \| [\d.]+ \| 1\.00x \| \d+ \| \d+ \| [\d.]+ \| \d+ \|" for clients in (1, 2)],
                    "## serve load"),
+    "decode_scaling": ([rf"\| {context} \| [\d.]+ \| [\d.]+ \| {RATIO} \| [\d.]+ \| [\d.]+ \|" for context in ("256", "2,048")],
+                       "## decode scaling"),
     "preprocess_throughput": ([rf"\s+{size}\s+[\d.]+\s+[\d.]+\s+{RATIO}\s+0\.00e\+00" for size in ("640x360", "1920x1080")], None),
 }
 

@@ -144,6 +144,8 @@ def bad_media(tmp_path_factory):
         (["{video}", "Q?", "--model", "{ckpt}", "--device", "cuda"], "CUDA"),
         (["{video}", "Q?", "--model", "{ckpt}", "--dtype", "int3"], "--dtype"),
         (["{video}", "Q?", "--model", "{ckpt}", "--quantize", "4bit"], "CUDA"),
+        (["{video}", "Q?", "--model", "{ckpt}", "--attn", "fastest"], "--attn 'fastest' is not known"),
+        (["{video}", "Q?", "--model", "{ckpt}", "--attn", "cudnn/gemm", "--device", "cpu"], "runs on cuda, not cpu"),
     ],
 )
 def test_bad_input_gets_one_sentence_and_no_traceback(args, fragment, bad_media, video_file, tiny_checkpoint, monkeypatch, capsys):

@@ -103,3 +103,57 @@ def test_device_map_auto_on_one_gpu_answers_as_a_plain_cuda_load(tiny_checkpoint
     ours = mapped.ask(video_file, "What happens?", frames=4, temperature=0, max_new_tokens=8)
     theirs = plain.ask(video_file, "What happens?", frames=4, temperature=0, max_new_tokens=8)
     assert (ours.answer, ours.generated_tokens) == (theirs.answer, theirs.generated_tokens)
+
+
+def lower_right_reference(query, key, value, groups):
+    """float32 SDPA with repeated heads and an explicit lower-right causal mask (q = 1: no mask)."""
+    q, k = query.shape[2], key.shape[2]
+    mask = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)
+    keys, values = (attention.repeat_kv(t, groups).float() for t in (key, value))
+    return torch.nn.functional.scaled_dot_product_attention(query.float(), keys, values, attn_mask=mask)
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flash", "efficient", "gemm"])
+@pytest.mark.parametrize("queries,past", [(512, 3584), (1, 4095), (1, 70_001)])
+def test_measured_kernels_match_the_reference_in_bfloat16(kernel, queries, past):
+    from longva_cli.model import kernels
+
+    if kernel == "gemm" and queries > 1:
+        pytest.skip("gemm is a decode kernel")
+    # LongVA-7B's attention geometry, keys in the KV cache's sequence-major layout
+    query = torch.randn(1, 28, queries, 128, device="cuda", dtype=torch.bfloat16)
+    key, value = (torch.randn(1, past + queries, 4, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    if kernel == "gemm":
+        ours = kernels.gemm_decode(query, key, value, groups=7, scale=None)
+    elif queries == 1:
+        ours = kernels.decode_attention(query, key, value, groups=7, scale=None, backend=kernel)
+    else:
+        ours = kernels.split_prefill(query, key, value, groups=7, scale=None, backend=kernel)
+    torch.testing.assert_close(ours.float(), lower_right_reference(query, key, value, 7), rtol=2e-2, atol=2e-2)
+
+
+def test_measured_kernels_and_the_preallocated_cache_give_the_logits_of_dynamic_cache(tiny_checkpoint, tmp_path, monkeypatch):
+    from longva_cli.model import kernel_choice
+    from longva_cli.model.kv_cache import KVCache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "STORE", kernel_choice.ChoiceStore())
+    before = LongVA.from_pretrained(str(tiny_checkpoint), device="cuda", attn_implementation="sdpa")  # the kernels longva ran before
+    measured = LongVA.from_pretrained(str(tiny_checkpoint), device="cuda", attn_implementation="auto")
+    embeds = random_embeds(before, 3000)
+    expected = last_logits(before.model.language_model, embeds, 700)
+    language_model = measured.model.language_model
+    cache = KVCache.for_model(language_model.config)
+    cache.reserve(3000)
+    with torch.inference_mode():
+        for start in range(0, 3000, 700):
+            logits = language_model(inputs_embeds=embeds[:, start : start + 700], **cache_kwargs(cache)).logits
+        torch.testing.assert_close(logits[0, -1].float(), expected, rtol=2e-2, atol=2e-2)
+        step = language_model(input_ids=torch.tensor([[7]], device="cuda"), **cache_kwargs(cache)).logits[0, -1].float()
+    assert kernel_choice.measured(), "auto measured the kernels on CUDA"
+    assert cache.layers[0].keys.transpose(1, 2).is_contiguous()  # sequence-major on CUDA: cuDNN's stable plans
+    reference = DynamicCache(config=language_model.config)
+    with torch.inference_mode():
+        before.model.language_model(inputs_embeds=embeds, **cache_kwargs(reference))
+        expected_step = before.model.language_model(input_ids=torch.tensor([[7]], device="cuda"), **cache_kwargs(reference)).logits[0, -1].float()
+    torch.testing.assert_close(step, expected_step, rtol=2e-2, atol=2e-2)

@@ -49,6 +49,11 @@ def test_cpu_dry_run_fills_every_stage(tmp_path):
     assert ask["frames"] == 16 and ask["prompt_tokens"] > 16 * 144 and ask["generated_tokens"] >= 1
     assert ask["time_to_first_token_s"] >= ask["timings"]["encode_s"] and ask["prefill"]["tflop"] > 0
     assert set(stages["scale"]["components"]) >= {"decode_s", "preprocess_s", "vision_encode_s"}
+    # measured against the device, not a constant: its matmul peak and copy bandwidth
+    peaks = stages["scale"]["peaks"]
+    assert peaks["matmul_tflops"] > 0 and peaks["copy_gbps"] > 0
+    assert 0 < ask["prefill"]["fraction_of_measured_matmul_peak"] and 0 < ask["decode_fraction_of_bandwidth_limit"]
+    assert stages["scale"]["ask_8_frames"]["frames"] == 8 and stages["scale"]["kernels"]["attn"] == "auto"
     first, second = stages["scale"]["niah"]["depth_90pct"], stages["scale"]["niah"]["depth_100pct"]
     assert first["reused_tokens"] == 0 and first["forwarded_tokens"] == first["sequence_tokens"] - 1
     # the second depth shares the system prompt and the frames before the first needle
@@ -118,6 +123,7 @@ def test_vniah_cells_that_cannot_finish_in_time_are_skipped_not_cut_off():
 
     longva = scale.build(True, torch.device("cpu"), torch.float32)
     cells = {}
-    scale.niah_cells(longva, 4, [0.5, 1.0], torch.device("cpu"), lambda: 5.0, 1.0, cells.__setitem__)  # 1 FLOP/s
+    peaks = {"matmul_tflops": 1.0, "copy_gbps": 1.0}
+    scale.niah_cells(longva, 4, [0.5, 1.0], torch.device("cpu"), lambda: 5.0, 1.0, cells.__setitem__, peaks)  # 1 FLOP/s
     assert set(cells) == {"depth_50pct", "depth_100pct"}
     assert all("skipped" in figures and "seconds" not in figures for figures in cells.values())

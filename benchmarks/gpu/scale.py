@@ -1,6 +1,6 @@
 """Scale stage: a LongVA-7B-shaped model answers about a 3000-frame video on one GPU.
 
-    python benchmarks/gpu/scale.py --results OUT/gpu-results.json --work DIR            # GPU
+    python benchmarks/gpu/scale.py --results OUT/gpu-results.json --work DIR [--attn auto] [--frames 1000 3000]   # GPU
     python benchmarks/gpu/scale.py --results OUT/gpu-results.json --work DIR --tiny     # CPU dry run
 
 The model has LongVA-7B's exact shapes (Qwen2-7B: 28 layers, hidden 3584, 28 heads / 4 KV
@@ -10,8 +10,15 @@ one. The tokenizer is the built-in tiny one (484 tokens): its ids are valid rows
 152,064-row embedding, and the ids the random model generates past them decode to nothing, so
 the answer text is empty while the token count and timings are real.
 
-Figures go to `stages.scale` of the results file after each step (video, components, ask,
-each V-NIAH cell), so a stage cut off at its time limit still reports what it measured.
+Figures go to `stages.scale` of the results file after each step (the card's peaks, video,
+components, each ask, the attention kernels chosen, each V-NIAH cell), so a stage cut off at
+its time limit still reports what it measured.
+
+Against the card, not a constant: at the start a bf16 8192^3 matmul and a 4 GiB device-to-device
+copy are timed (`peaks`). Prefill reports its TFLOP/s as a share of that matmul peak; decode
+reports its tokens/s as a share of the memory-bound limit: every token reads the language
+model's weights and the whole KV cache once, so the copy bandwidth (bytes read + written per
+second) divided by those bytes is the most tokens a second the card can decode.
 
 Prefill FLOPs are counted, not profiled: per position 2 x (weights of the q/k/v/o projections
 and the MLP) for the matmuls, plus causal attention 4 x heads x head_dim x (keys it sees) for
@@ -34,7 +41,6 @@ import torch
 
 import record
 
-H100_BF16_PEAK_TFLOPS = 790  # dense bf16 matmul, H100 SXM class (about what an 8192^3 product reaches there)
 QUESTION = "What is moving in the video?"
 
 
@@ -68,12 +74,13 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(saved)
 
 
-def build(tiny: bool, device: torch.device, dtype: torch.dtype):
+def build(tiny: bool, device: torch.device, dtype: torch.dtype, attn: str = "auto"):
     """A random LongVA built in place on `device` (nothing is allocated elsewhere first)."""
     import importlib.util
 
     from longva_cli.model.attention import use_mask_free_attention
     from longva_cli.model.checkpoint import build_longva
+    from longva_cli.model.kernel_choice import KernelChoice
     from longva_cli.model.config import vision_settings
     from longva_cli.model.longva import LongVA
     from longva_cli.model.tiny import build_tiny_tokenizer
@@ -83,7 +90,7 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
     with torch.device(device), default_dtype(dtype):
         network = build_longva(language, vision, mm, attn_implementation="flash_attention_2" if flash else "sdpa").eval()
-    use_mask_free_attention(network.language_model)
+    use_mask_free_attention(network.language_model, KernelChoice.parse(attn))
     _, processing = vision_settings(mm)
     return LongVA(network, build_tiny_tokenizer(), processing, name="random LongVA-7B" if not tiny else "random tiny LongVA")
 
@@ -151,12 +158,51 @@ def prefill_flops(config, tokens: int, past: int = 0, logit_rows: int = 1) -> fl
     return layers * (2 * matmul_weights * tokens + attention) + 2 * hidden * config.vocab_size * logit_rows
 
 
-def throughput(flops: float, seconds: float, device: torch.device) -> dict:
+def device_peaks(device: torch.device, dtype: torch.dtype, tiny: bool) -> dict:
+    """The card's measured limits: matmul TFLOP/s (8192^3, or 512^3 for the dry run) and
+    device-to-device copy GB/s (bytes read plus written; 4 GiB, or 64 MiB), best of 5 after a warm-up."""
+    size, copy_bytes = (512, 1 << 26) if tiny else (8192, 1 << 32)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    source = torch.empty(copy_bytes // 2, device=device, dtype=torch.float16)
+    target = torch.empty_like(source)
+
+    def best_seconds(call) -> float:
+        call()
+        times = []
+        for _ in range(5):
+            sync(device)
+            started = time.perf_counter()
+            call()
+            sync(device)
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    matmul_s = best_seconds(lambda: a @ b)
+    copy_s = best_seconds(lambda: target.copy_(source))
+    return {
+        "matmul": f"{size}^3 {str(dtype).removeprefix('torch.')}",
+        "matmul_tflops": round(2 * size**3 / matmul_s / 1e12, 1),
+        "copy_gib": copy_bytes / 2**30,
+        "copy_gbps": round(2 * copy_bytes / copy_s / 1e9, 1),
+    }
+
+
+def throughput(flops: float, seconds: float, peaks: dict) -> dict:
     tflops = flops / seconds / 1e12
-    figures = {"tflop": float(f"{flops / 1e12:.4g}"), "tflops_achieved": float(f"{tflops:.4g}")}
-    if device.type == "cuda":
-        figures["fraction_of_790_tflops_peak"] = round(tflops / H100_BF16_PEAK_TFLOPS, 3)
-    return figures
+    return {
+        "tflop": float(f"{flops / 1e12:.4g}"),
+        "tflops_achieved": float(f"{tflops:.4g}"),
+        "fraction_of_measured_matmul_peak": round(tflops / peaks["matmul_tflops"], 3),
+    }
+
+
+def decode_limit(language_model, context: int, peaks: dict) -> float:
+    """Tokens/s if each token only read the weights and the KV cache of `context` positions at the measured copy bandwidth."""
+    from longva_cli.engine.memory import kv_bytes_per_token
+
+    weights = sum(p.numel() * p.element_size() for p in language_model.parameters())
+    per_token = weights + context * kv_bytes_per_token(language_model.config, language_model.dtype)
+    return peaks["copy_gbps"] * 1e9 / per_token
 
 
 def components(longva, video: Path, frames: int, device: torch.device) -> dict:
@@ -188,7 +234,7 @@ def components(longva, video: Path, frames: int, device: torch.device) -> dict:
     return figures
 
 
-def ask(longva, video: Path, frames: int, device: torch.device) -> dict:
+def ask(longva, video: Path, frames: int, device: torch.device, peaks: dict) -> dict:
     """One `LongVA.ask` at `frames` frames: phases, time to first token, decode speed, peak memory."""
     reset_peak(device)
     marks: dict = {"tokens": 0}
@@ -233,14 +279,18 @@ def ask(longva, video: Path, frames: int, device: torch.device) -> dict:
         # sync with the GPU: the engine's own prefill_s stops the clock before queued kernels finish
         prefill_s = first_token_s - answer.timings["encode_s"]
         figures.update(time_to_first_token_s=round(first_token_s, 2), prefill_to_first_token_s=round(prefill_s, 2))
-        figures["prefill"] = throughput(prefill_flops(longva.model.config, answer.prompt_tokens), prefill_s, device)
+        figures["prefill"] = throughput(prefill_flops(longva.model.config, answer.prompt_tokens), prefill_s, peaks)
         if marks["tokens"] > 1:
-            figures["decode_tokens_per_s"] = round((marks["tokens"] - 1) / (marks["last"] - marks["first"]), 2)
+            rate = (marks["tokens"] - 1) / (marks["last"] - marks["first"])
+            limit = decode_limit(longva.model.language_model, answer.prompt_tokens, peaks)
+            figures["decode_tokens_per_s"] = round(rate, 2)
             figures["decode_context_tokens"] = answer.prompt_tokens
+            figures["decode_bandwidth_limit_tokens_per_s"] = round(limit, 2)
+            figures["decode_fraction_of_bandwidth_limit"] = round(rate / limit, 3)
     return figures
 
 
-def niah_cells(longva, frames: int, depths: list[float], device: torch.device, seconds_left, rate: float, on_cell) -> None:
+def niah_cells(longva, frames: int, depths: list[float], device: torch.device, seconds_left, rate: float, on_cell, peaks: dict) -> None:
     """Teacher-forced V-NIAH cells at `frames` frames through one `PrefixCache`, in the grid's
     order: the second depth reuses the KV cache of the first up to the first needle.
 
@@ -285,9 +335,18 @@ def niah_cells(longva, frames: int, depths: list[float], device: torch.device, s
             {
                 "frames": unit.size, "depth": unit.depth, "sequence_tokens": len(sequence), "forwarded_tokens": forwarded,
                 "reused_tokens": reused, "seconds": round(seconds, 2), "predicted_ids": predicted,
-                **throughput(flops, seconds, device), **peak_memory(device),
+                **throughput(flops, seconds, peaks), **peak_memory(device),
             },
         )
+
+
+def kernels_used(attn: str) -> dict:
+    """The attention kernels the asks ran: what --attn named, cuDNN's version, and each shape class's
+    measured choice with its timings and the candidates set aside (for `auto` on CUDA)."""
+    from longva_cli.model import kernel_choice
+
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"attn": attn, "cudnn": cudnn, "measured": kernel_choice.measured()}
 
 
 def main() -> None:
@@ -295,13 +354,16 @@ def main() -> None:
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True, help="folder for the generated video")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (the suite's dry run)")
-    parser.add_argument("--frames", type=int, help="frames to ask about (default 3000; 16 with --tiny)")
+    parser.add_argument("--frames", type=int, nargs="+", help="frame counts to ask about, in this order (default 1000 3000; 8 16 with --tiny); "
+                        "the last is reported as `ask` and gets the V-NIAH cells")
+    parser.add_argument("--attn", default="auto", help="attention kernels, as `longva ask --attn` takes them (default: auto, measured)")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.9, 1.0])
     parser.add_argument("--component-frames", type=int, default=512, help="frames of the phase-by-phase encoding pass")
     parser.add_argument("--deadline", type=float, help="when the stage's time is up (Unix time, from run.sh): V-NIAH cells that cannot finish by then are skipped")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    frames = args.frames or (16 if args.tiny else 3000)
+    counts = args.frames or ([8, 16] if args.tiny else [1000, 3000])
+    frames = max(counts)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -314,8 +376,10 @@ def main() -> None:
     video = write_video(args.work / "long.mp4", frames)
     report("video", {"frames": frames, "size": "224x128", "fps": 30, "bytes": video.stat().st_size, "write_s": round(time.perf_counter() - started, 2)})
 
+    peaks = device_peaks(device, dtype, args.tiny)
+    report("peaks", peaks)
     started = time.perf_counter()
-    longva = build(args.tiny, device, dtype)
+    longva = build(args.tiny, device, dtype, args.attn)
     sync(device)
     lm = longva.model.language_model
     from longva_cli.model.attention import prefill_chunk
@@ -329,15 +393,17 @@ def main() -> None:
         "build_s": round(time.perf_counter() - started, 2), **peak_memory(device),
     })
     report("components", components(longva, video, min(frames, args.component_frames), device))
-    asked = ask(longva, video, frames, device)
-    report("ask", asked)
-    gc.collect()  # the answer's KV cache goes before the V-NIAH one is built
+    for count in counts:
+        asked = ask(longva, video, count, device, peaks)
+        report("ask" if count == counts[-1] else f"ask_{count}_frames", asked)
+        gc.collect()  # the answer's KV cache goes before the next one is built
+    report("kernels", kernels_used(args.attn))
 
     def seconds_left() -> float:  # with a margin for writing the results
         return float("inf") if args.deadline is None else args.deadline - time.time() - 10
 
     rate = asked["prefill"]["tflops_achieved"] * 1e12 if "prefill" in asked else float("inf")
-    niah_cells(longva, frames, args.depths, device, seconds_left, rate, lambda name, figures: report(f"niah.{name}", figures))
+    niah_cells(longva, counts[-1], args.depths, device, seconds_left, rate, lambda name, figures: report(f"niah.{name}", figures), peaks)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_attention(attn: str, device: torch.device) -> str:
+    """The transformers implementation `--attn` asks for: attention kernel names
+    (model/kernel_choice.py) run inside longva's mask-free SDPA, so they load as "sdpa"."""
+    if attn not in ("auto", "sdpa", "eager", "flash_attention_2"):
+        from longva_cli.model.kernel_choice import KernelChoice
+
+        KernelChoice.parse(attn).check(device)
+        return "sdpa"
     if attn == "auto":
         if device.type == "cuda":
             try:
@@ -58,8 +65,6 @@ def resolve_attention(attn: str, device: torch.device) -> str:
             except ImportError:
                 pass
         return "sdpa"
-    if attn not in ("sdpa", "eager", "flash_attention_2"):
-        raise LongVAError(f"--attn {attn!r} is not known; use auto, sdpa, eager or flash_attention_2.")
     if attn == "flash_attention_2":
         try:
             import flash_attn  # noqa: F401
@@ -141,6 +146,7 @@ def load(
     id, and LongVA checkpoints too, whose language model is then used alone)."""
     from longva_cli.hub import locate_model
     from longva_cli.model.attention import use_mask_free_attention
+    from longva_cli.model.kernel_choice import KernelChoice
 
     started = time.perf_counter()
     target = target_device(device, device_map)
@@ -157,8 +163,9 @@ def load(
     else:
         raise ValueError(f"unknown model kind {kind!r}")
     # SDPA without flash-attn: chunks after a cached prefix attend without a dense mask, so
-    # prefill keeps 4096-token chunks at any length (model/attention.py).
-    use_mask_free_attention(language_model)
+    # prefill keeps 4096-token chunks at any length, with the kernels --attn names or `auto`
+    # measures (model/attention.py, model/kernel_choice.py).
+    use_mask_free_attention(language_model, KernelChoice.parse(attn if attention == "sdpa" else "auto"))
     return model
 
 

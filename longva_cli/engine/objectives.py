@@ -205,6 +205,7 @@ def generate(model: Model, runner: "KVRunner", sequence: "Sequence", objective: 
     total = len(sequence)
     reused = runner.shared_with(sequence)
     last = None
+    runner.reserve(total + objective.sampling.max_new_tokens)  # the cache never grows while decoding
     for chunk in runner.chunks(sequence, total, need_from=total - 1):
         last = chunk.hidden[-1:]
         yield Prefilling(chunk.stop, total)

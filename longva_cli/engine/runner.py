@@ -24,12 +24,12 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
 from longva_cli.engine.memory import kv_bytes_per_token
 from longva_cli.engine.sequence import Sequence
 from longva_cli.model.attention import prefill_chunk
 from longva_cli.model.compat import cache_kwargs
+from longva_cli.model.kv_cache import KVCache
 
 DEFAULT_PREFILL_CHUNK = 4096
 
@@ -65,6 +65,10 @@ class KVRunner(Protocol):
         """Feed one token after the current state; the logits [vocab] it predicts next."""
         ...
 
+    def reserve(self, positions: int) -> None:
+        """Make room for `positions` positions in all before they come (a runner that keeps no cache ignores it)."""
+        ...
+
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     """Length of the longest common prefix of two key arrays."""
@@ -74,12 +78,17 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 
 
 class PrefixCache:
-    """A KV cache that keeps the prefix the next sequence shares with the last one."""
+    """A KV cache that keeps the prefix the next sequence shares with the last one.
+
+    The keys and values live in a `KVCache` (model/kv_cache.py): preallocated, written in place,
+    never copied per token. `chunks` makes room for the sequence it runs; `reserve` for what a
+    caller will add after it (the tokens it may generate), so decoding never reallocates.
+    """
 
     def __init__(self, language_model, chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
         self.language_model = language_model
         self.chunk = chunk
-        self.cache = DynamicCache(config=language_model.config)
+        self.cache = KVCache.for_model(language_model.config)
         self.keys = np.empty(0, dtype=np.int64)  # keys of the positions held in the cache
         self.forwarded = 0
 
@@ -100,8 +109,7 @@ class PrefixCache:
     def fork(self, length: int) -> "PrefixCache":
         """A new cache holding a copy of this one's first `length` positions (this one is unchanged)."""
         twin = PrefixCache(self.language_model, self.chunk)
-        for index, layer in enumerate(self.cache.layers):
-            twin.cache.update(layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone(), index)
+        twin.cache = self.cache.fork(length)
         twin.keys = self.keys[:length].copy()
         return twin
 
@@ -109,6 +117,7 @@ class PrefixCache:
     def chunks(self, sequence: Sequence, stop: int, need_from: int) -> Iterator[Chunk]:
         reuse = min(common_prefix(self.keys, sequence.keys[:stop]), need_from)
         self.truncate(reuse)
+        self.reserve(stop)
         decoder = self.language_model.model
         size = prefill_chunk(self.language_model, stop, self.chunk)
         for start in range(reuse, stop, size):
@@ -117,6 +126,9 @@ class PrefixCache:
             self.keys = np.concatenate([self.keys, sequence.keys[start:end]])
             self.forwarded += end - start
             yield Chunk(start, hidden[0])
+
+    def reserve(self, positions: int) -> None:
+        self.cache.reserve(positions)
 
     @torch.inference_mode()
     def step(self, token_id: int) -> torch.Tensor:

@@ -55,6 +55,9 @@ class SequenceParallelRunner:
         self.forwarded += stop
         yield Chunk(need_from, torch.stack([rows[position] for position in range(need_from, stop)]).to(model.device))
 
+    def reserve(self, positions: int) -> None:
+        pass  # no cache: each sequence runs whole
+
     def step(self, token_id: int) -> torch.Tensor:
         raise LongVAError("generate scoring is not supported with --sequence-parallel; use --scoring teacher-forced.")
 

@@ -1,21 +1,23 @@
-"""Mask-free SDPA for chunked prefill: a chunk attends to its cached prefix without a dense mask.
+"""Mask-free SDPA for chunked prefill and decoding: no dense mask, and the measured fastest kernel.
 
 Chunked prefill runs `q` new positions against `k = past + q` keys. transformers' SDPA path
 aligns `is_causal` to the top-left corner, so for `q < k` it builds a dense `[q, k]` boolean
 mask for every chunk (several GB at 432K tokens), and a mask pushes SDPA off its fastest CUDA
 kernels. The right answer is causal attention aligned to the bottom-right corner (query `i`
-sees keys `0 .. past + i`), which PyTorch's flash and memory-efficient kernels compute without
-any mask: `torch.nn.attention.bias.causal_lower_right`.
+sees keys `0 .. past + i`), which needs no mask at all.
 
 `MASK_FREE_SDPA` is registered with transformers' `AttentionInterface` (and a mask function
 with `AttentionMaskInterface`) so that:
 
 - the plain causal case (no padding, no sliding window, keys = past + present) builds no mask
-  at all; attention with a cached prefix is then lower-right causal, on CUDA in one kernel
-  call (flash with native GQA in bf16/fp16, memory-efficient otherwise), and on devices whose
-  kernels need a mask, in blocks of query rows whose mask stays under `MASK_ELEMENTS`;
-- everything else (padding masks, sliding windows, decoding, whole sequences, non-causal
-  modules) goes through transformers' own SDPA function with its own mask, unchanged.
+  at all; a chunk after a cached prefix then runs the prefill kernel, one new token the decode
+  kernel, each named with `--attn` or measured on the device (`model/kernel_choice.py`):
+  "lower-right" is one `causal_lower_right` call (on CUDA in one kernel: flash with native
+  GQA in bf16/fp16, memory-efficient otherwise; on devices whose kernels need a mask, in
+  blocks of query rows whose mask stays under `MASK_ELEMENTS`), the others split the chunk at
+  the past and merge by log-sum-exp (`model/kernels.py`);
+- everything else (padding masks, sliding windows, whole sequences, non-causal modules) goes
+  through transformers' own SDPA function with its own mask, unchanged.
 
 Flash-attention 2 (the `flash-attn` package) stays the first choice where it is installed.
 """
@@ -26,6 +28,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
+
+from longva_cli.model.kernel_choice import BEFORE, KernelChoice, choose, kernels_of, shape_class, use_kernels
+from longva_cli.model.kernels import decode_attention, gemm_decode, split_prefill
 
 MASK_FREE_SDPA = "longva_sdpa"
 # Largest dense mask (elements) one attention call may build where the kernel needs one: the
@@ -50,13 +55,13 @@ def prefill_chunk(language_model, total: int, requested: int) -> int:
     return min(requested, max(128, budget // max(total, 1)))
 
 
-def use_mask_free_attention(language_model) -> str:
-    """Switch a loaded model's SDPA attention to `MASK_FREE_SDPA`; returns the implementation in use.
-
-    Flash-attention and eager (the reference) are left as they are.
-    """
+def use_mask_free_attention(language_model, kernels: KernelChoice = KernelChoice()) -> str:
+    """Switch a loaded model's SDPA attention to `MASK_FREE_SDPA` running `kernels`; returns the
+    implementation in use. Flash-attention and eager (the reference) are left as they are."""
     if language_model.config._attn_implementation == "sdpa":
         language_model.set_attn_implementation(MASK_FREE_SDPA)
+    if language_model.config._attn_implementation == MASK_FREE_SDPA:
+        use_kernels(language_model, kernels)
     return language_model.config._attn_implementation
 
 
@@ -74,11 +79,27 @@ def mask_free_sdpa_forward(
     """transformers attention function: query [b, heads, q, d], key/value [b, kv heads, k, d] -> [b, q, heads, d]."""
     q_length, kv_length = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if attention_mask is not None or not causal or q_length == 1 or q_length >= kv_length or kwargs.get("position_bias") is not None:
-        # transformers' own path is exact and mask-free here (is_causal for q == k, none for one query)
+    if attention_mask is not None or not causal or q_length >= kv_length or kwargs.get("position_bias") is not None:
+        # transformers' own path is exact and mask-free here (is_causal for q == k)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
-    out = lower_right_causal_attention(query, key, value, groups=groups, scale=scaling, dropout=dropout)  # [b, heads, q, d]
+    choice = kernels_of(module) if not dropout else KernelChoice(BEFORE["prefill"], BEFORE["decode"])  # the kernels that take dropout
+    phase = "decode" if q_length == 1 else "prefill"
+
+    def run(kernel: str) -> torch.Tensor:  # [b, heads, q, d]
+        if kernel == "sdpa":
+            return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)[0].transpose(1, 2)
+        if kernel == "lower-right":
+            return lower_right_causal_attention(query, key, value, groups=groups, scale=scaling, dropout=dropout)
+        if kernel == "gemm":
+            return gemm_decode(query, key, value, groups=groups, scale=scaling)
+        if phase == "decode":
+            return decode_attention(query, key, value, groups=groups, scale=scaling, backend=kernel)
+        return split_prefill(query, key, value, groups=groups, scale=scaling, backend=kernel)
+
+    named = choice.decode if phase == "decode" else choice.prefill
+    shape = shape_class(phase, query.dtype, query.shape[1], key.shape[1], query.shape[-1], q_length, kv_length)
+    out = run(choose(phase, named, query.device, shape, run))
     return out.transpose(1, 2).contiguous(), None
 
 
