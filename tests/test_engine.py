@@ -185,6 +185,38 @@ def test_a_run_store_resumes_and_refuses_other_settings_unless_overwrite(tmp_pat
     assert store.read("items.jsonl") == []
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b'{"id": 2, "sc',  # a torn tail (a kill)
+        bytes(i for i in range(256) if i != 10) + b"\x00\xff" * 22 + b"\x00",  # 300 bytes of binary garbage, no newline (a torn write)
+        b"\xe9t\xe9\n",  # a line that is not UTF-8
+        b"[1, 2]\n",  # JSON that is not an object
+        b'{"score": 1}\n',  # an object without the run's fields
+    ],
+)
+def test_a_results_file_with_damaged_lines_resumes_with_every_good_line_kept(damage, tmp_path, capsys):
+    store = RunStore(tmp_path, "settings.json", fields={"items.jsonl": ("id",)})
+    store.open({"model": "a"}, overwrite=False, results=("items.jsonl",))
+    store.append("items.jsonl", {"id": 1})
+    with open(tmp_path / "items.jsonl", "ab") as handle:
+        handle.write(damage)
+    if damage.endswith(b"\n"):  # a damaged line in the middle: the lines after it count too
+        store.append("items.jsonl", {"id": 2})
+    capsys.readouterr()
+    store.open({"model": "a"}, overwrite=False, results=("items.jsonl",))
+    side = tmp_path / "items.jsonl.damaged"
+    assert capsys.readouterr().err == f"warning: set aside 1 damaged line of {tmp_path / 'items.jsonl'} into {side}; what it held will be computed again.\n"
+    assert side.read_bytes() == (damage if damage.endswith(b"\n") else damage + b"\n")
+    store.append("items.jsonl", {"id": 3})
+    kept = [1, 2, 3] if damage.endswith(b"\n") else [1, 3]
+    assert [record["id"] for record in store.read("items.jsonl")] == kept
+    store.open({"model": "a"}, overwrite=False, results=("items.jsonl",))
+    assert capsys.readouterr().err == ""  # nothing left to set aside
+    store.open({"model": "a"}, overwrite=True, results=("items.jsonl",))
+    assert not side.exists() and store.read("items.jsonl") == []
+
+
 # ---- loading --------------------------------------------------------------------------------------------
 
 

@@ -295,6 +295,23 @@ def test_a_killed_run_resumes_without_losing_or_recomputing_a_cell(video_run, vi
     assert run_video(settings).scored_now == 0
 
 
+def test_a_damaged_middle_line_is_set_aside_and_no_cell_is_lost_or_counted_twice(video_run, video_settings, tmp_path, capsys):
+    """A corrupted middle line of results.jsonl made a rerun stop reading there and average 2 of 12 cells."""
+    settings = replace(video_settings, output=tmp_path / "run", max_frames=4, depth_step=0.5)
+    run_video(settings)
+    results = settings.output / "results.jsonl"
+    intact = {(c["num_frames"], c["depth"]): c for c in cell_lines(settings.output)}
+    lines = results.read_bytes().splitlines(keepends=True)
+    damaged = lines[1][:10] + b"\xff\xfe\x00" + lines[1][13:]  # a bad disk's bytes, the newline kept
+    results.write_bytes(lines[0] + damaged + b"".join(lines[2:]) + b"[1, 2]\n")
+    capsys.readouterr()
+    run_video(settings)
+    assert f"set aside 2 damaged lines of {results}" in " ".join(capsys.readouterr().err.split())
+    assert (settings.output / "results.jsonl.damaged").read_bytes() == damaged + b"[1, 2]\n"
+    cells = cell_lines(settings.output)
+    assert len(cells) == len(intact) == 6 and {(c["num_frames"], c["depth"]): c for c in cells} == intact
+
+
 def test_resuming_a_finished_run_says_it_is_complete(video_run, video_settings, capsys):
     assert run_video(video_settings).scored_now == 0
     err = capsys.readouterr().err
