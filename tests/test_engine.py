@@ -292,3 +292,59 @@ def test_an_empty_answer_is_said_on_stderr(tiny_longva, video_file, monkeypatch,
     answers = ask.ask(video_file, ["Q?"], ask.AskSettings(frames=2, temperature=0, max_new_tokens=4, use_cache=False))
     assert answers[0].answer == ""
     assert "ended its answer at once" in capsys.readouterr().err
+
+
+def test_a_failed_chat_save_is_one_line_and_the_chat_goes_on(tiny_longva, video_file, tmp_path, monkeypatch, capsys):
+    """/save to a folder, a missing folder, /dev/full or a full disk ended the chat; a file was overwritten silently."""
+    import errno
+    import io
+
+    from longva_cli import ask, chat
+
+    existing = tmp_path / "earlier.json"
+    existing.write_text('{"kept": true}\n')
+    real_write_bytes = Path.write_bytes
+
+    def disk_fills_up_for_full_json(self, data):
+        if self.name.startswith(".full.json."):  # the temporary file of `/save full.json`
+            real_write_bytes(self, data[:5])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", disk_fills_up_for_full_json)
+    script = [
+        f"/save {tmp_path}", f"/save {tmp_path / 'missing' / 'chat.json'}", "/save /dev/full", "/save! /dev/full",
+        "What happens?", f"/save {existing}", f"/save {tmp_path / 'full.json'}", "And then?", f"/save! {existing}",
+    ]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(script) + "\n"))
+    monkeypatch.setattr(ask, "load_model", lambda *a, **k: tiny_longva)
+    turns = chat.chat(video_file, ask.AskSettings(frames=2, temperature=0, max_new_tokens=3, use_cache=False), json_output=True)
+    assert turns == 2
+    said = " ".join(capsys.readouterr().err.split())  # rich may wrap long lines
+    expected = [
+        f"not saved: {tmp_path} is a folder; give a file name, such as {tmp_path / 'chat.json'}.",
+        f"not saved: the folder {tmp_path / 'missing'} does not exist; create it or give another path.",
+        "not saved: /dev/full is not a regular file; give the path of a file.",
+        "not saved: /dev/full is not a regular file; give the path of a file.",  # /save! too: never a device
+        f"not saved: {existing} already exists; /save! {existing} replaces it.",
+        f"not saved: could not write {tmp_path / 'full.json'} (No space left on device); nothing was written there.",
+        f"saved 2 turns to {existing}",
+    ]
+    positions = [said.find(" ".join(line.split())) for line in expected]
+    assert -1 not in positions and positions == sorted(positions), said
+    assert said.count("/dev/full is not a regular file") == 2
+    assert not (tmp_path / "full.json").exists() and not list(tmp_path.glob(".*.tmp"))
+    assert [turn["role"] for turn in json.loads(existing.read_text())["turns"]] == ["user", "assistant"] * 2
+
+
+def test_a_huge_chat_line_is_skipped_and_the_chat_goes_on(tiny_longva, video_file, monkeypatch, capsys):
+    """A 10 MB line is read no further than a question may be long, refused, and the next turn answered."""
+    import io
+
+    from longva_cli import ask, chat
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("x" * 10_000_000 + "\nWhat happens?\n"))
+    monkeypatch.setattr(ask, "load_model", lambda *a, **k: tiny_longva)
+    turns = chat.chat(video_file, ask.AskSettings(frames=2, temperature=0, max_new_tokens=3, use_cache=False), json_output=True)
+    assert turns == 1
+    assert "skipped: this line has more than the 1,000,000 characters a question may have" in " ".join(capsys.readouterr().err.split())
