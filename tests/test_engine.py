@@ -69,20 +69,20 @@ def test_the_cache_key_follows_content_not_the_file_name(tiny_longva, video_file
     b = drive(encode(tiny_longva, MediaSpec(copy, frames=3), cache))
     c = drive(encode(tiny_longva, MediaSpec(video_file, frames=4), cache))
     assert a.identity == b.identity != c.identity
-    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
+    assert len(cache.entries()) == 2
 
 
 def test_the_disk_cache_evicts_the_least_recently_used_entry(tiny_longva, video_file, tmp_path):
     cache = VisualCache(tmp_path, max_bytes=10**12)
     for frames in (2, 3, 4):
         drive(encode(tiny_longva, MediaSpec(video_file, frames=frames), cache))
-    entries = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    entries = cache.entries()
     sizes = {p: sum(f.stat().st_size for f in p.iterdir()) for p in entries}
     drive(encode(tiny_longva, MediaSpec(video_file, frames=2), cache))  # the oldest is used again
     newest = max(entries, key=lambda p: p.stat().st_mtime)
     cache.max_bytes = sum(sizes.values()) - min(sizes.values())  # room for all but one
     cache.evict(keep=None)
-    left = {p for p in tmp_path.iterdir() if p.is_dir()}
+    left = set(cache.entries())
     assert len(left) == 2 and newest in left
 
 
@@ -94,6 +94,140 @@ def test_a_frame_cap_on_fps_sampling_says_what_it_covered(tiny_longva, video_fil
     notices = [event.message for event in events if isinstance(event, Notice)]
     assert visual.frame_ids == [0, 14, 29]  # the whole 3-second clip, not its first 0.6 s
     assert notices == ["--fps 5 would take 15 frames; took 3 (--frames) spread over the whole video (0-3.0 s)."]
+
+
+def a_finished_process_id() -> int:
+    """The id of a process that has exited (as a crashed cache writer has)."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(child.stdout)
+
+
+def test_eviction_never_deletes_folders_the_cache_did_not_write(tiny_longva, video_file, tmp_path, monkeypatch):
+    """`--cache-dir ~/work` with a tiny budget deleted thesis/ and photos/: only the cache's own entries go."""
+    from longva_cli.engine.visual_cache import KEY_FILE, key_digest
+
+    work = tmp_path / "work"
+    for name in ("thesis", "photos", "a" * 64, "b" * 24, key_digest({"other": 1})):
+        (work / name).mkdir(parents=True)
+        (work / name / "chapter.txt").write_text("years of work")
+    (work / key_digest({"other": 1}) / KEY_FILE).write_text(json.dumps({"not": "the key of this folder"}))
+    (work / ("c" * 64)).symlink_to(work / "thesis")
+    cache = VisualCache(work, max_bytes=1)
+    first = drive(encode(tiny_longva, MediaSpec(video_file, frames=2), cache))
+    drive(encode(tiny_longva, MediaSpec(video_file, frames=3), cache))  # evicts the first entry, keeps its own
+    assert len(cache.entries()) == 1
+    cache.evict()
+    assert cache.entries() == []
+    user_folders = sorted(p.name for p in work.iterdir() if p.name != "hashes")
+    assert user_folders == sorted(["thesis", "photos", "a" * 64, "b" * 24, key_digest({"other": 1}), "c" * 64])
+    assert all((work / name / "chapter.txt").read_text() == "years of work" for name in user_folders)
+    assert drive(encode(tiny_longva, MediaSpec(video_file, frames=2), cache)).identity == first.identity
+
+
+@pytest.mark.parametrize("budget", ["-1", "0", "nan", "inf", "abc", ""])
+def test_an_impossible_cache_budget_is_refused_in_one_sentence(budget, tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGVA_CACHE_MAX_GB", budget)
+    with pytest.raises(LongVAError, match=r"^LONGVA_CACHE_MAX_GB must be a finite number above 0, got .*disk budget in GiB.*unset it\.$"):
+        VisualCache(tmp_path)
+    monkeypatch.setenv("LONGVA_CACHE_MAX_GB", "0.5")
+    assert VisualCache(tmp_path).max_bytes == 2**29
+
+
+def test_two_files_that_differ_outside_sampled_blocks_have_different_cache_keys(tmp_path):
+    """Two 37 MB files that differ only between the 1 MiB blocks the old hash sampled shared one entry."""
+    from longva_cli.engine.visual_cache import content_hash
+
+    size = 37 * 10**6
+    first, second = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    data = bytearray(size)
+    first.write_bytes(data)
+    data[size // 31] = 1  # inside none of the sixteen evenly spaced 1 MiB blocks
+    second.write_bytes(data)
+    assert content_hash(first) != content_hash(second)
+    assert VisualCache(tmp_path / "cache").file_hash(first) != VisualCache(tmp_path / "cache").file_hash(second)
+
+
+def test_a_remembered_hash_is_reused_but_never_matches_a_changed_file(tmp_path, monkeypatch):
+    from longva_cli.engine import visual_cache
+
+    monkeypatch.setattr(visual_cache, "SETTLE_NS", 0)  # the file is settled as soon as it was written
+    video = tmp_path / "movie.mp4"
+    video.write_bytes(b"frames " * 1000)
+    before = video.stat()
+    digest = VisualCache(tmp_path / "cache").file_hash(video)
+    real_hash = visual_cache.content_hash
+    monkeypatch.setattr(visual_cache, "content_hash", lambda path: pytest.fail("a remembered file was read again"))
+    assert VisualCache(tmp_path / "cache").file_hash(video) == digest  # a new process reads the memo
+    video.write_bytes(b"FRAMES " * 1000)  # same size, then the old times put back
+    os.utime(video, ns=(before.st_atime_ns, before.st_mtime_ns))
+    monkeypatch.setattr(visual_cache, "content_hash", real_hash)
+    assert VisualCache(tmp_path / "cache").file_hash(video) == real_hash(video) != digest
+
+
+def test_a_full_disk_during_a_cache_write_answers_without_the_cache(tiny_longva, video_file, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a block")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    cache = VisualCache(tmp_path)
+    spec = MediaSpec(video_file, frames=3)
+    events = []
+    visual = drive(encode(tiny_longva, spec, cache), events.append)
+    from longva_cli.engine import Notice
+
+    notices = [event.message for event in events if isinstance(event, Notice)]
+    assert notices == [f"could not write the visual cache in {tmp_path} (No space left on device); this answer is computed without it."]
+    assert torch.equal(visual.embeds, drive(encode(tiny_longva, spec)).embeds)
+    assert not list(tmp_path.rglob(".partial-*")) and not list(tmp_path.rglob("frames-*"))
+
+
+def test_partial_blocks_left_by_a_crashed_writer_are_cleaned(tiny_longva, video_file, tmp_path):
+    cache = VisualCache(tmp_path)
+    drive(encode(tiny_longva, MediaSpec(video_file, frames=2), cache))
+    [entry] = cache.entries()
+    crashed = entry / f".partial-{a_finished_process_id()}-000000.safetensors"
+    writing = entry / f".partial-{os.getpid()}-000002.safetensors"  # a live writer's: kept
+    crashed.write_bytes(b"x" * 1000)
+    writing.write_bytes(b"x")
+    cache.evict()
+    assert not crashed.exists() and writing.exists()
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "NaN"])
+def test_a_tampered_cache_block_is_dropped_and_recomputed(damage, tiny_longva, video_file, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from longva_cli.engine import Notice
+
+    cache = VisualCache(tmp_path)
+    spec = MediaSpec(video_file, frames=3)
+    cold = drive(encode(tiny_longva, spec, cache))
+    [entry] = cache.entries()
+    [block] = entry.glob("frames-*.safetensors")
+    if damage == "flipped bytes":
+        data = bytearray(block.read_bytes())
+        data[-100:] = bytes(255 - b for b in data[-100:])
+        block.write_bytes(bytes(data))
+    else:
+        with safe_open(str(block), framework="pt") as handle:
+            metadata, embeds = handle.metadata(), handle.get_tensor("embeds")
+        embeds[0, 0, 0] = float("nan")
+        save_file({"embeds": embeds}, str(block), metadata=metadata)
+    events = []
+    again = drive(encode(tiny_longva, spec, VisualCache(tmp_path)), events.append)
+    assert [e.message for e in events if isinstance(e, Notice)] == [
+        f"the visual cache block {block} does not match its checksum; it was deleted and will be computed again."
+    ]
+    assert torch.equal(again.embeds, cold.embeds)
+    events.clear()
+    assert torch.equal(drive(encode(tiny_longva, spec, VisualCache(tmp_path)), events.append).embeds, cold.embeds)
+    assert events == []  # the recomputed block is whole again
 
 
 # ---- questions, chats, cancellations --------------------------------------------------------------------

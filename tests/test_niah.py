@@ -232,6 +232,43 @@ def test_haystack_frames_are_1fps_padded_to_square_and_cached(tiny_longva, hayst
     assert not torch.allclose(cached, encode_frames(tiny_longva, video.batches(ids, 16), 6))
 
 
+def test_a_damaged_haystack_block_is_embedded_again_not_used(tiny_longva, haystack, tmp_path, capsys):
+    from longva_cli.niah.video import prepare_haystack
+
+    entry = CacheEntry(tmp_path, {"haystack": "test"})
+    prepare_haystack(tiny_longva, haystack, 6, entry)
+    intact = load_haystack(entry, 6, tiny_longva.model.device)
+    block = entry.blocks()[0][2]
+    data = bytearray(block.read_bytes())
+    data[-8:] = bytes(255 - b for b in data[-8:])  # a bad disk flips the last frame's bytes
+    block.write_bytes(bytes(data))
+    with pytest.raises(LongVAError, match=r"does not match its checksum; it was deleted and will be computed again: run the same command again"):
+        load_haystack(entry, 6, tiny_longva.model.device)
+    block.write_bytes(bytes(data))
+    capsys.readouterr()
+    prepare_haystack(tiny_longva, haystack, 6, entry)  # what a rerun does before loading
+    assert "does not match its checksum" in capsys.readouterr().err
+    assert torch.equal(load_haystack(entry, 6, tiny_longva.model.device), intact)
+
+
+def test_a_full_disk_while_embedding_the_haystack_is_one_sentence(tiny_longva, haystack, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from longva_cli.niah.video import prepare_haystack
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a block")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    entry = CacheEntry(tmp_path, {"haystack": "test"})
+    with pytest.raises(LongVAError, match=r"could not write the haystack's embeddings to .* \(No space left on device\); free some space"):
+        prepare_haystack(tiny_longva, haystack, 6, entry)
+    assert not list(tmp_path.glob(".partial-*"))
+
+
 def test_a_video_shorter_than_the_grid_says_how_many_frames_it_has(haystack):
     with pytest.raises(LongVAError, match="has 6 frames at 1 frame a second"):
         haystack_frame_ids(haystack, 8)
