@@ -117,6 +117,15 @@ def test_config_that_is_not_a_json_object_is_named(checkpoint, text, fragment):
         load(checkpoint)
 
 
+def test_a_config_file_far_too_large_is_refused_before_it_is_parsed(checkpoint, monkeypatch):
+    from longva_cli.model import config
+
+    monkeypatch.setattr(config, "MAX_JSON_BYTES", 4096)  # the real bound is 64 MiB: the same check, on a small file
+    edit_config(checkpoint, padding="x" * 5000)
+    with pytest.raises(LongVAError, match=r"config.json is [\d,]+ bytes, far more than a checkpoint's JSON file holds \(4,096 at most\)"):
+        load(checkpoint)
+
+
 def test_damaged_vision_tower_config_is_named(checkpoint):
     edit_config(checkpoint, mm_vision_tower=str(checkpoint / "vision_tower"))
     tower_config = checkpoint / "vision_tower" / "config.json"

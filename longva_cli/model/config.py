@@ -102,11 +102,19 @@ def refetch_hint(folder: Path) -> str:
     return "copy the checkpoint again, or download it again with `longva download <hub id>` (it fetches only what is missing)"
 
 
+# The largest JSON file a checkpoint holds is its tokenizer.json (7 MB for Qwen2, about 33 MB for
+# the largest vocabularies); a file far beyond that is not one, and parsing it costs gigabytes.
+MAX_JSON_BYTES = 64 * 2**20
+
+
 def read_json(path: Path, folder: Path | None = None) -> dict:
     """A JSON object from a checkpoint file; a LongVAError naming the file when it is not one."""
     path = Path(path)
     hint = refetch_hint(folder if folder is not None else path.parent)
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise LongVAError(f"{path} is {size:,} bytes, far more than a checkpoint's JSON file holds ({MAX_JSON_BYTES:,} at most); {hint}.")
         value = json.loads(path.read_bytes())
     except json.JSONDecodeError as err:
         raise LongVAError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); {hint}.") from None
