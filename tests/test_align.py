@@ -408,35 +408,6 @@ def test_rng_state_is_stored_without_pickled_objects(tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
 
 
-class DiskFillsEngine:
-    """DeepSpeed's save_checkpoint as far as the checkpoint folder sees it."""
-
-    def save_checkpoint(self, folder, tag, client_state, save_latest):
-        Path(folder, tag).mkdir(parents=True)
-        Path(folder, tag, "mp_rank_00_model_states.pt").write_bytes(b"x" * 1000)
-
-
-def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_leaves_no_partial_one(tmp_path):
-    import errno
-
-    from longva_cli.train import checkpoint
-
-    def disk_full(folder, weights):
-        (folder / "model.safetensors").write_bytes(b"half")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def save_model(folder, weights):
-        (folder / "model.safetensors").write_bytes(b"whole")
-
-    (tmp_path / ".tmp-step_1").mkdir()  # a crash's partial checkpoint: removed by the next save
-    common = dict(client_state={}, state_dict=dict, trainer_state={})
-    checkpoint.save(DiskFillsEngine(), tmp_path, 2, save_model=save_model, **common)
-    with pytest.raises(LongVAError, match=r"^writing checkpoint step_4 failed \(No space left on device\); the partial checkpoint was removed"):
-        checkpoint.save(DiskFillsEngine(), tmp_path, 4, save_model=disk_full, **common)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_2"]
-    assert (tmp_path / "latest").read_text() == "step_2\n" and (tmp_path / "step_2" / "model.safetensors").read_bytes() == b"whole"
-
-
 def test_a_latest_file_naming_a_path_out_of_the_run_is_refused(tmp_path):
     from longva_cli.train import checkpoint
 
