@@ -164,6 +164,26 @@ def test_a_remembered_hash_is_reused_but_never_matches_a_changed_file(tmp_path, 
     assert VisualCache(tmp_path / "cache").file_hash(video) == real_hash(video) != digest
 
 
+def test_a_memory_only_cache_remembers_the_hashes_of_the_latest_files_only(tmp_path, monkeypatch):
+    """A server sees many files: its in-memory hashes stay bounded, oldest out first."""
+    from longva_cli.engine import visual_cache
+
+    monkeypatch.setattr(visual_cache, "SETTLE_NS", 0)
+    monkeypatch.setattr(visual_cache, "MAX_REMEMBERED_HASHES", 2)
+    files = [tmp_path / f"{n}.mp4" for n in range(3)]
+    for n, file in enumerate(files):
+        file.write_bytes(bytes([n]) * 100)
+    cache = VisualCache()  # no folder, as `serve` has
+    for file in files:
+        cache.file_hash(file)
+    read = []
+    real_hash = visual_cache.content_hash
+    monkeypatch.setattr(visual_cache, "content_hash", lambda path: read.append(path.name) or real_hash(path))
+    cache.file_hash(files[2])
+    cache.file_hash(files[0])
+    assert read == ["0.mp4"]
+
+
 def test_a_full_disk_during_a_cache_write_answers_without_the_cache(tiny_longva, video_file, tmp_path, monkeypatch):
     import errno
 

@@ -257,14 +257,14 @@ class VisualCache:
         except (OSError, UnicodeDecodeError):
             remembered = ""
         if re.fullmatch(r"[0-9a-f]{64}", remembered):
-            self._hashes[memo] = remembered
+            self._keep_hash(memo, remembered)
             return remembered
         started = time.time_ns()
         digest = content_hash(path)
         after = path.stat()
         unchanged = (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns) == identity[2:]
         if unchanged and started - max(after.st_mtime_ns, after.st_ctime_ns) > SETTLE_NS:
-            self._hashes[memo] = digest
+            self._keep_hash(memo, digest)
             if memo_file is not None:
                 try:
                     from longva_cli.engine.runs import write_atomic
@@ -274,6 +274,12 @@ class VisualCache:
                 except OSError:  # not remembering costs a rehash next time, nothing else
                     pass
         return digest
+
+    def _keep_hash(self, memo: str, digest: str) -> None:
+        """Remember a file's hash in memory; a server that sees many files keeps the latest few thousand."""
+        self._hashes[memo] = digest
+        if len(self._hashes) > MAX_REMEMBERED_HASHES:
+            del self._hashes[next(iter(self._hashes))]
 
     def remembered(self, key: dict):
         """A value kept in memory for `key`, or None."""
