@@ -98,8 +98,11 @@ def test_a_frame_cap_on_fps_sampling_says_what_it_covered(tiny_longva, video_fil
 
 def a_finished_process_id() -> int:
     """The id of a process that has exited (as a crashed cache writer has)."""
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    return int(child.stdout)
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)
+    return child
 
 
 def test_eviction_never_deletes_folders_the_cache_did_not_write(tiny_longva, video_file, tmp_path, monkeypatch):
