@@ -251,6 +251,27 @@ def test_a_damaged_haystack_block_is_embedded_again_not_used(tiny_longva, haysta
     assert torch.equal(load_haystack(entry, 6, tiny_longva.model.device), intact)
 
 
+def test_a_damaged_block_that_cannot_be_deleted_is_one_sentence_not_a_loop(tiny_longva, haystack, tmp_path, monkeypatch, capsys):
+    """A read-only cache: the damaged block stays, so embedding again cannot mend it."""
+    from longva_cli.niah.video import prepare_haystack
+
+    entry = CacheEntry(tmp_path, {"haystack": "test"})
+    prepare_haystack(tiny_longva, haystack, 6, entry)
+    block = entry.blocks()[0][2]
+    block.write_bytes(block.read_bytes()[:-8] + b"\xff" * 8)
+    real_unlink = Path.unlink
+
+    def read_only(self, **kwargs):
+        if self == block:
+            raise PermissionError(13, "Read-only file system")
+        return real_unlink(self, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(LongVAError, match=r"stays damaged after embedding it again; delete that folder"):
+        prepare_haystack(tiny_longva, haystack, 6, entry)
+    assert "does not match its checksum; it is skipped and will be computed again" in " ".join(capsys.readouterr().err.split())
+
+
 def test_a_full_disk_while_embedding_the_haystack_is_one_sentence(tiny_longva, haystack, tmp_path, monkeypatch):
     import errno
 

@@ -180,8 +180,12 @@ class CacheEntry:
             if expected == tensor_digest(embeds):
                 return embeds
             problem = "does not match its checksum" if expected else "has no checksum"
-        file.unlink(missing_ok=True)
-        raise DamagedEntry(f"the visual cache block {file} {problem}; it was deleted and will be computed again")
+        try:
+            file.unlink(missing_ok=True)
+            done = "it was deleted"
+        except OSError:  # a read-only cache: the block stays, and is skipped each time
+            done = "it is skipped"
+        raise DamagedEntry(f"the visual cache block {file} {problem}; {done} and will be computed again")
 
     def load(self, count: int, device: "torch.device | str") -> "torch.Tensor | None":
         """The first `count` frames' embeddings [count, 144, d], or None if fewer are stored (or

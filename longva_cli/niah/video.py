@@ -98,7 +98,7 @@ def prepare_haystack(longva, path: Path, count: int, entry: CacheEntry, on_start
 
     from longva_cli.console import escape, stderr
 
-    while True:
+    for _ in range(2):  # the damaged blocks of the first pass are embedded again in the second
         try:
             embed_haystack(longva, path, count, entry, on_start, on_progress)
         except (OSError, SafetensorError) as err:
@@ -112,6 +112,7 @@ def prepare_haystack(longva, path: Path, count: int, entry: CacheEntry, on_start
             return
         for problem in problems:
             stderr.print(f"[yellow]warning:[/yellow] {escape(problem)}.")
+    raise LongVAError(f"the haystack cache {entry.folder} stays damaged after embedding it again; delete that folder, or choose another --cache-dir.")
 
 
 def load_haystack(entry: CacheEntry, count: int, device: torch.device) -> torch.Tensor:
