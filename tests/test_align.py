@@ -408,6 +408,23 @@ def test_rng_state_is_stored_without_pickled_objects(tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
 
 
+def test_rng_state_saved_by_earlier_releases_still_resumes(tmp_path):
+    """Earlier releases pickled numpy's legacy state tuple (a uint32 array): allowed, and restored."""
+    import random
+
+    import numpy as np
+
+    from longva_cli.train.checkpoint import _set_rng_state, check_loadable, weights_only_loading
+
+    (tmp_path / "engine").mkdir()
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}, tmp_path / "engine" / "rng_rank0.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    check_loadable(tmp_path)
+    with weights_only_loading():
+        _set_rng_state(torch.load(tmp_path / "engine" / "rng_rank0.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
 def test_a_latest_file_naming_a_path_out_of_the_run_is_refused(tmp_path):
     from longva_cli.train import checkpoint
 

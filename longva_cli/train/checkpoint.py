@@ -88,7 +88,8 @@ def _safe_globals() -> list:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     rebuild_array = np.empty(0).__reduce__()[0]  # numpy's _reconstruct, wherever this numpy keeps it
-    return [fragment_address, ZeroStageEnum, LossScalerBase, LossScaler, DynamicLossScaler, np.ndarray, np.dtype, rebuild_array]
+    numpy_types = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), rebuild_array]  # the legacy MT19937 state is a uint32 array
+    return [fragment_address, ZeroStageEnum, LossScalerBase, LossScaler, DynamicLossScaler, *numpy_types]
 
 
 def _global_name(item) -> str:
