@@ -22,20 +22,45 @@ from longva_cli.hub import DEFAULT_MODEL
 EMPTY_ANSWER = "the model ended its answer at once (0 tokens); try --temperature 0 or another --seed."
 
 
+# Longer than LongVA's whole 224K-token context holds of ordinary text (about 4 characters a
+# token): such a question can never be answered, and tokenizing it alone would take gigabytes.
+MAX_QUESTION_CHARS = 1_000_000
+MAX_QUESTIONS_FILE_BYTES = 256 * 2**20
+
+
+def check_question(question: str, where: str) -> str:
+    """`question` when it is no longer than MAX_QUESTION_CHARS; else one sentence naming `where`."""
+    if len(question) > MAX_QUESTION_CHARS:
+        raise LongVAError(
+            f"{where} has more than the {MAX_QUESTION_CHARS:,} characters a question may have (more than LongVA's "
+            "224K-token context holds); shorten it."
+        )
+    return question
+
+
+def read_stdin_question() -> str:
+    """All of standard input as one question, reading no more than a question may hold."""
+    return check_question(sys.stdin.read(MAX_QUESTION_CHARS + 1).strip(), "the question on standard input")
+
+
 def read_questions(arguments: list[str], questions_file: str | None) -> list[str]:
-    """The questions: arguments ('-' reads all of stdin as one question), then one per line of --questions."""
+    """The questions: arguments ('-' reads all of stdin as one question), then one per line of
+    --questions (UTF-8 text, each line at most MAX_QUESTION_CHARS)."""
+    from longva_cli.checks import read_text_file
+
     questions = []
-    for argument in arguments:
-        questions.append(sys.stdin.read().strip() if argument == "-" else argument)
+    for number, argument in enumerate(arguments, 1):
+        questions.append(read_stdin_question() if argument == "-" else check_question(argument, f"question {number}"))
     if questions_file is not None:
         if questions_file == "-":
-            text = sys.stdin.read()
+            text = sys.stdin.read(MAX_QUESTIONS_FILE_BYTES + 1)
+            if len(text) > MAX_QUESTIONS_FILE_BYTES:
+                raise LongVAError(f"--questions - gave more than {MAX_QUESTIONS_FILE_BYTES:,} characters; split the questions over several runs.")
         else:
-            path = Path(questions_file).expanduser()
-            if not path.is_file():
-                raise LongVAError(f"--questions {path} does not exist; give a text file with one question a line, or '-' for stdin.")
-            text = path.read_text(encoding="utf-8")
-        questions += [line.strip() for line in text.splitlines() if line.strip()]
+            text = read_text_file(Path(questions_file).expanduser(), "--questions", max_bytes=MAX_QUESTIONS_FILE_BYTES)
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                questions.append(check_question(line.strip(), f"line {number} of --questions"))
     if not questions:
         raise LongVAError("no question given; pass it after the media, through stdin with '-', or one a line with --questions FILE.")
     if any(not question.strip() for question in questions):
@@ -89,13 +114,14 @@ class AskSettings:
         from longva_cli.engine.visual_cache import disk_cache
         from longva_cli.model.prompt import DEFAULT_SYSTEM
 
+        cache = disk_cache(self.cache_dir, self.use_cache)  # a bad $LONGVA_CACHE_MAX_GB fails before the model loads
         longva = load_model(
             self.model, device=self.device, dtype=self.dtype, attn=self.attn, device_map=self.device_map,
             quantize=self.quantize, revision=self.revision,
         )
         session = Session(
             longva, [MediaSpec(media, self.frames, self.fps)] if media is not None else [],
-            system=DEFAULT_SYSTEM if self.system is None else self.system, cache=disk_cache(self.cache_dir, self.use_cache),
+            system=DEFAULT_SYSTEM if self.system is None else self.system, cache=cache,
             prefill_chunk=self.prefill_chunk, keep_history=keep_history,
         )
         sampling = longva.sampling_settings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)

@@ -13,22 +13,45 @@ from pathlib import Path
 import typer
 
 from longva_cli import options
-from longva_cli.ask import EMPTY_ANSWER, AskSettings, checked_settings
-from longva_cli.console import EventDisplay, stderr
+from longva_cli.ask import EMPTY_ANSWER, MAX_QUESTION_CHARS, AskSettings, check_question, checked_settings
+from longva_cli.console import EventDisplay, escape, stderr
+from longva_cli.errors import LongVAError
 from longva_cli.hub import DEFAULT_MODEL
 
-COMMANDS = "/reset forgets the conversation, /save FILE writes it as JSON, Ctrl-D (or /exit) leaves"
+COMMANDS = (
+    "/reset forgets the conversation, /save FILE writes it as JSON (/save! FILE replaces an existing file), "
+    "Ctrl-D (or /exit) leaves"
+)
 
 
 def next_line(interactive: bool) -> str | None:
-    """The user's next line, or None at the end of input (Ctrl-D, end of the pipe)."""
+    """The user's next line, or None at the end of input (Ctrl-D, end of the pipe). A piped
+    line is read no further than a question may be long, so a huge one costs no memory."""
     if interactive:
         try:
             return input("you> ")
         except EOFError:
             return None
-    line = sys.stdin.readline()
+    line = sys.stdin.readline(MAX_QUESTION_CHARS + 1)
+    rest = line
+    while len(rest) > MAX_QUESTION_CHARS and not rest.endswith("\n"):  # drain a too-long line; `chat` refuses its start
+        rest = sys.stdin.readline(MAX_QUESTION_CHARS + 1)
     return None if line == "" else line
+
+
+def save(session, command: str, target: str, turns: int) -> None:
+    """`/save FILE` or `/save! FILE`: one line on stderr whatever happens; the chat goes on."""
+    if not target:
+        stderr.print("[yellow]usage:[/yellow] /save FILE (or /save! FILE to replace an existing file)")
+        return
+    try:
+        session.save(Path(target).expanduser(), overwrite=command == "/save!")
+    except FileExistsError:
+        stderr.print(f"[yellow]not saved:[/yellow] {escape(target)} already exists; /save! {escape(target)} replaces it.")
+    except LongVAError as err:
+        stderr.print(f"[yellow]not saved:[/yellow] {escape(str(err))}")
+    else:
+        stderr.print(f"[dim]saved {turns} turns to {escape(target)}[/dim]")
 
 
 def chat(media: Path, settings: AskSettings = AskSettings(), *, json_output: bool = False) -> int:
@@ -57,13 +80,14 @@ def chat(media: Path, settings: AskSettings = AskSettings(), *, json_output: boo
             session.reset()
             stderr.print("[dim]conversation cleared; the media stays encoded.[/dim]")
             continue
-        if text.split()[0] == "/save":
-            target = text[len("/save") :].strip()
-            if not target:
-                stderr.print("[yellow]usage:[/yellow] /save FILE")
-                continue
-            session.save(Path(target).expanduser())
-            stderr.print(f"[dim]saved {turns} turns to {target}[/dim]")
+        command, _, target = text.partition(" ")
+        if command in ("/save", "/save!"):
+            save(session, command, target.strip(), turns)
+            continue
+        try:
+            check_question(text, "this line")
+        except LongVAError as err:
+            stderr.print(f"[yellow]skipped:[/yellow] {err}")
             continue
         if text.startswith("/"):
             stderr.print(f"[yellow]unknown command {text.split()[0]}:[/yellow] {COMMANDS}.")
@@ -114,7 +138,8 @@ def command(
     """Chat about a video or an image: several turns, the history kept in the KV cache.
 
     Type a question and press Enter; /reset starts over (the media stays encoded), /save FILE
-    writes the conversation as JSON, Ctrl-D leaves. In a pipe, each input line is one turn.
+    writes the conversation as JSON (/save! FILE replaces an existing file), Ctrl-D leaves. In a
+    pipe, each input line is one turn.
 
     examples:
       longva chat movie.mp4 --frames 128

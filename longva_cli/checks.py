@@ -73,6 +73,22 @@ def check_flags(*flags: tuple[str, object, dict]) -> None:
     for name, value, bounds in flags:
         if value is not None:
             check_number(name, value, **bounds)
+def env_number(name: str, default: float, *, meaning: str, **bounds) -> float:
+    """The number in environment variable `name` (`default` when unset), checked as
+    `check_number` checks; `meaning` says in the error what the variable sets."""
+    import os
+
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = raw
+    try:
+        return check_number(name, value, **bounds)
+    except LongVAError as err:
+        raise LongVAError(f"{str(err).removesuffix('.')} ({meaning}); set it to a valid value or unset it.") from None
 
 
 def _shown(bound: float) -> str:

@@ -343,15 +343,95 @@ def test_resume_continues_exactly(stage2, tmp_path):
     root, recipe, summary = stage2
     shutil.copytree(root / "run", tmp_path / "run")
     shutil.rmtree(tmp_path / "run" / "step_6")
+    with open(tmp_path / "run" / "metrics.jsonl", "ab") as metrics:  # a bad disk's line and a kill's torn tail
+        metrics.write(b"[1, 2]\n\xff\xfe{\"step\": 9")
     recipe = replace(recipe, train=replace(recipe.train, output_dir=tmp_path / "run"))
     resumed = align(recipe, resume=tmp_path / "run" / "step_3")
     assert resumed["steps_this_run"] == 3
+    assert (tmp_path / "run" / "metrics.jsonl.damaged").read_bytes() == b"[1, 2]\n\xff\xfe{\"step\": 9\n"
     assert resumed["losses"] == pytest.approx(summary["losses"][3:], abs=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights(root / "run" / "step_6").values(),
                                                              weights(tmp_path / "run" / "step_6").values()))
     # the records of steps 4-6 of the first run were dropped before the resumed run wrote its own
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
+
+
+class Planted:
+    """A pickle that runs a shell command when loaded, as one planted in a shared run folder would."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("target", ["engine/rng_rank0.pt", "engine/state/mp_rank_00_model_states.pt"])
+def test_a_planted_pickle_in_a_resumed_run_is_refused_and_never_runs(stage2, tmp_path, target):
+    import shutil
+
+    root, recipe, _ = stage2
+    shutil.copytree(root / "run", tmp_path / "run")
+    marker = tmp_path / "code-ran"
+    torch.save({"state": Planted(marker)}, tmp_path / "run" / "step_3" / target)
+    recipe = replace(recipe, train=replace(recipe.train, output_dir=tmp_path / "run"))
+    with pytest.raises(LongVAError, match=r"^refusing to resume from .*step_3: .* holds Python objects that would run code"):
+        align(recipe, resume=tmp_path / "run" / "step_3")
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_file_is_one_sentence(stage2, tmp_path):
+    import shutil
+
+    root, recipe, _ = stage2
+    shutil.copytree(root / "run", tmp_path / "run")
+    rng = tmp_path / "run" / "step_3" / "engine" / "rng_rank0.pt"
+    rng.write_bytes(rng.read_bytes()[:200])
+    recipe = replace(recipe, train=replace(recipe.train, output_dir=tmp_path / "run"))
+    with pytest.raises(LongVAError, match=r"rng_rank0.pt is damaged and cannot be read .*; resume from an earlier step_<N> folder"):
+        align(recipe, resume=tmp_path / "run" / "step_3")
+
+
+def test_rng_state_is_stored_without_pickled_objects(tmp_path):
+    """What resume loads with weights_only=True: the RNG states round-trip exactly."""
+    import random
+
+    import numpy as np
+
+    from longva_cli.train.checkpoint import _rng_state, _set_rng_state
+
+    torch.save(_rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.random(), np.random.rand(), torch.rand(1)  # move every generator on
+    _set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_rng_state_saved_by_earlier_releases_still_resumes(tmp_path):
+    """Earlier releases pickled numpy's legacy state tuple (a uint32 array): allowed, and restored."""
+    import random
+
+    import numpy as np
+
+    from longva_cli.train.checkpoint import _set_rng_state, check_loadable, weights_only_loading
+
+    (tmp_path / "engine").mkdir()
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}, tmp_path / "engine" / "rng_rank0.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    check_loadable(tmp_path)
+    with weights_only_loading():
+        _set_rng_state(torch.load(tmp_path / "engine" / "rng_rank0.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_a_latest_file_naming_a_path_out_of_the_run_is_refused(tmp_path):
+    from longva_cli.train import checkpoint
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "latest").write_text("../../elsewhere\n")
+    with pytest.raises(LongVAError, match=r"latest should name a step_<N> folder but holds '../../elsewhere'"):
+        checkpoint.resolve(tmp_path / "run")
 
 
 def test_dpo_starts_at_log2_and_moves_the_policy(example, tmp_path):

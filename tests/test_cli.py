@@ -108,6 +108,8 @@ def bad_media(tmp_path_factory):
     (folder / "not-an-image.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" * 10)
     (folder / "empty.mp4").write_bytes(b"")
     (folder / "notes.txt").write_text("hello")
+    (folder / "latin-1.txt").write_bytes("Caf\u00e9 ou th\u00e9 ?\n".encode("latin-1"))
+    (folder / "long-line.txt").write_text("Short?\n" + "x" * 1_000_001 + "\n")
     zero = av.open(str(folder / "zero-frames.mkv"), mode="w")  # a video stream with no frames in it
     stream = zero.add_stream("mpeg4", rate=10)
     stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
@@ -137,6 +139,9 @@ def bad_media(tmp_path_factory):
         (["{video}", "Q?", "--prefill-chunk", "-1"], "--prefill-chunk must be a whole number at least 1, got -1."),
         (["{video}", "Q?", "--model", "{ckpt}", "--frames", "1000000000"], "ask for fewer frames"),
         (["{video}", "Q?", "--temperature", "-1"], "--temperature"),
+        (["{video}", "{huge}"], "question 1 has more than the 1,000,000 characters a question may have"),
+        (["{video}", "--questions", "{bad}/latin-1.txt"], "--questions {bad}/latin-1.txt is not UTF-8 text (byte 3 is 0xe9)"),
+        (["{video}", "--questions", "{bad}/long-line.txt"], "line 2 of --questions has more than the 1,000,000 characters"),
         (["{video}", "", ], "question is empty"),
         (["{video}", "Q?", "--model", "no-such-model"], "unknown model"),
         (["{video}", "Q?", "--model", "{bad}"], "not a complete LongVA checkpoint"),
@@ -154,10 +159,13 @@ def test_bad_input_gets_one_sentence_and_no_traceback(args, fragment, bad_media,
     from longva_cli.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(sys, "argv", ["longva", "ask", *[a.format(bad=bad_media, video=video_file, ckpt=tiny_checkpoint) for a in args]])
+    names = dict(bad=bad_media, video=video_file, ckpt=tiny_checkpoint, huge="x" * 10_000_001)  # a 10 MB question
+    monkeypatch.setattr(sys, "argv", ["longva", "ask", *[a.format(**names) for a in args]])
     with pytest.raises(SystemExit) as exited:
         main()
-    assert_clean_error(subprocess.CompletedProcess(sys.argv, exited.value.code, "", capsys.readouterr().err), fragment)
+    said = capsys.readouterr().err
+    assert_clean_error(subprocess.CompletedProcess(sys.argv, exited.value.code, "", said), "")
+    assert fragment.format(**names) in " ".join(said.split()), said  # rich may wrap a long path
 
 
 def test_truncated_video_is_reported_not_crashed(bad_media, tiny_checkpoint):

@@ -69,20 +69,20 @@ def test_the_cache_key_follows_content_not_the_file_name(tiny_longva, video_file
     b = drive(encode(tiny_longva, MediaSpec(copy, frames=3), cache))
     c = drive(encode(tiny_longva, MediaSpec(video_file, frames=4), cache))
     assert a.identity == b.identity != c.identity
-    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
+    assert len(cache.entries()) == 2
 
 
 def test_the_disk_cache_evicts_the_least_recently_used_entry(tiny_longva, video_file, tmp_path):
     cache = VisualCache(tmp_path, max_bytes=10**12)
     for frames in (2, 3, 4):
         drive(encode(tiny_longva, MediaSpec(video_file, frames=frames), cache))
-    entries = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    entries = cache.entries()
     sizes = {p: sum(f.stat().st_size for f in p.iterdir()) for p in entries}
     drive(encode(tiny_longva, MediaSpec(video_file, frames=2), cache))  # the oldest is used again
     newest = max(entries, key=lambda p: p.stat().st_mtime)
     cache.max_bytes = sum(sizes.values()) - min(sizes.values())  # room for all but one
     cache.evict(keep=None)
-    left = {p for p in tmp_path.iterdir() if p.is_dir()}
+    left = set(cache.entries())
     assert len(left) == 2 and newest in left
 
 
@@ -94,6 +94,163 @@ def test_a_frame_cap_on_fps_sampling_says_what_it_covered(tiny_longva, video_fil
     notices = [event.message for event in events if isinstance(event, Notice)]
     assert visual.frame_ids == [0, 14, 29]  # the whole 3-second clip, not its first 0.6 s
     assert notices == ["--fps 5 would take 15 frames; took 3 (--frames) spread over the whole video (0-3.0 s)."]
+
+
+def a_finished_process_id() -> int:
+    """The id of a process that has exited (as a crashed cache writer has)."""
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)
+    return child
+
+
+def test_eviction_never_deletes_folders_the_cache_did_not_write(tiny_longva, video_file, tmp_path, monkeypatch):
+    """`--cache-dir ~/work` with a tiny budget deleted thesis/ and photos/: only the cache's own entries go."""
+    from longva_cli.engine.visual_cache import KEY_FILE, key_digest
+
+    work = tmp_path / "work"
+    for name in ("thesis", "photos", "a" * 64, "b" * 24, key_digest({"other": 1})):
+        (work / name).mkdir(parents=True)
+        (work / name / "chapter.txt").write_text("years of work")
+    (work / key_digest({"other": 1}) / KEY_FILE).write_text(json.dumps({"not": "the key of this folder"}))
+    (work / ("c" * 64)).symlink_to(work / "thesis")
+    cache = VisualCache(work, max_bytes=1)
+    first = drive(encode(tiny_longva, MediaSpec(video_file, frames=2), cache))
+    drive(encode(tiny_longva, MediaSpec(video_file, frames=3), cache))  # evicts the first entry, keeps its own
+    assert len(cache.entries()) == 1
+    cache.evict()
+    assert cache.entries() == []
+    user_folders = sorted(p.name for p in work.iterdir() if p.name != "hashes")
+    assert user_folders == sorted(["thesis", "photos", "a" * 64, "b" * 24, key_digest({"other": 1}), "c" * 64])
+    assert all((work / name / "chapter.txt").read_text() == "years of work" for name in user_folders)
+    assert drive(encode(tiny_longva, MediaSpec(video_file, frames=2), cache)).identity == first.identity
+
+
+@pytest.mark.parametrize("budget", ["-1", "0", "nan", "inf", "abc", ""])
+def test_an_impossible_cache_budget_is_refused_in_one_sentence(budget, tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGVA_CACHE_MAX_GB", budget)
+    with pytest.raises(LongVAError, match=r"^LONGVA_CACHE_MAX_GB must be a finite number above 0, got .*disk budget in GiB.*unset it\.$"):
+        VisualCache(tmp_path)
+    monkeypatch.setenv("LONGVA_CACHE_MAX_GB", "0.5")
+    assert VisualCache(tmp_path).max_bytes == 2**29
+
+
+def test_two_files_that_differ_outside_sampled_blocks_have_different_cache_keys(tmp_path):
+    """Two 37 MB files that differ only between the 1 MiB blocks the old hash sampled shared one entry."""
+    from longva_cli.engine.visual_cache import content_hash
+
+    size = 37 * 10**6
+    first, second = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    data = bytearray(size)
+    first.write_bytes(data)
+    data[size // 31] = 1  # inside none of the sixteen evenly spaced 1 MiB blocks
+    second.write_bytes(data)
+    assert content_hash(first) != content_hash(second)
+    assert VisualCache(tmp_path / "cache").file_hash(first) != VisualCache(tmp_path / "cache").file_hash(second)
+
+
+def test_a_remembered_hash_is_reused_but_never_matches_a_changed_file(tmp_path, monkeypatch):
+    from longva_cli.engine import visual_cache
+
+    monkeypatch.setattr(visual_cache, "SETTLE_NS", 0)  # the file is settled as soon as it was written
+    video = tmp_path / "movie.mp4"
+    video.write_bytes(b"frames " * 1000)
+    before = video.stat()
+    digest = VisualCache(tmp_path / "cache").file_hash(video)
+    real_hash = visual_cache.content_hash
+    monkeypatch.setattr(visual_cache, "content_hash", lambda path: pytest.fail("a remembered file was read again"))
+    assert VisualCache(tmp_path / "cache").file_hash(video) == digest  # a new process reads the memo
+    video.write_bytes(b"FRAMES " * 1000)  # same size, then the old times put back
+    os.utime(video, ns=(before.st_atime_ns, before.st_mtime_ns))
+    monkeypatch.setattr(visual_cache, "content_hash", real_hash)
+    assert VisualCache(tmp_path / "cache").file_hash(video) == real_hash(video) != digest
+
+
+def test_a_memory_only_cache_remembers_the_hashes_of_the_latest_files_only(tmp_path, monkeypatch):
+    """A server sees many files: its in-memory hashes stay bounded, oldest out first."""
+    from longva_cli.engine import visual_cache
+
+    monkeypatch.setattr(visual_cache, "SETTLE_NS", 0)
+    monkeypatch.setattr(visual_cache, "MAX_REMEMBERED_HASHES", 2)
+    files = [tmp_path / f"{n}.mp4" for n in range(3)]
+    for n, file in enumerate(files):
+        file.write_bytes(bytes([n]) * 100)
+    cache = VisualCache()  # no folder, as `serve` has
+    for file in files:
+        cache.file_hash(file)
+    read = []
+    real_hash = visual_cache.content_hash
+    monkeypatch.setattr(visual_cache, "content_hash", lambda path: read.append(path.name) or real_hash(path))
+    cache.file_hash(files[2])
+    cache.file_hash(files[0])
+    assert read == ["0.mp4"]
+
+
+def test_a_full_disk_during_a_cache_write_answers_without_the_cache(tiny_longva, video_file, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a block")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    cache = VisualCache(tmp_path)
+    spec = MediaSpec(video_file, frames=3)
+    events = []
+    visual = drive(encode(tiny_longva, spec, cache), events.append)
+    from longva_cli.engine import Notice
+
+    notices = [event.message for event in events if isinstance(event, Notice)]
+    assert notices == [f"could not write the visual cache in {tmp_path} (No space left on device); this answer is computed without it."]
+    assert torch.equal(visual.embeds, drive(encode(tiny_longva, spec)).embeds)
+    assert not list(tmp_path.rglob(".partial-*")) and not list(tmp_path.rglob("frames-*"))
+
+
+def test_partial_blocks_left_by_a_crashed_writer_are_cleaned(tiny_longva, video_file, tmp_path):
+    cache = VisualCache(tmp_path)
+    drive(encode(tiny_longva, MediaSpec(video_file, frames=2), cache))
+    [entry] = cache.entries()
+    crashed = entry / f".partial-{a_finished_process_id()}-000000.safetensors"
+    writing = entry / f".partial-{os.getpid()}-000002.safetensors"  # a live writer's: kept
+    crashed.write_bytes(b"x" * 1000)
+    writing.write_bytes(b"x")
+    cache.evict()
+    assert not crashed.exists() and writing.exists()
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "NaN"])
+def test_a_tampered_cache_block_is_dropped_and_recomputed(damage, tiny_longva, video_file, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from longva_cli.engine import Notice
+
+    cache = VisualCache(tmp_path)
+    spec = MediaSpec(video_file, frames=3)
+    cold = drive(encode(tiny_longva, spec, cache))
+    [entry] = cache.entries()
+    [block] = entry.glob("frames-*.safetensors")
+    if damage == "flipped bytes":
+        data = bytearray(block.read_bytes())
+        data[-100:] = bytes(255 - b for b in data[-100:])
+        block.write_bytes(bytes(data))
+    else:
+        with safe_open(str(block), framework="pt") as handle:
+            metadata, embeds = handle.metadata(), handle.get_tensor("embeds")
+        embeds[0, 0, 0] = float("nan")
+        save_file({"embeds": embeds}, str(block), metadata=metadata)
+    events = []
+    again = drive(encode(tiny_longva, spec, VisualCache(tmp_path)), events.append)
+    assert [e.message for e in events if isinstance(e, Notice)] == [
+        f"the visual cache block {block} does not match its checksum; it was deleted and will be computed again."
+    ]
+    assert torch.equal(again.embeds, cold.embeds)
+    events.clear()
+    assert torch.equal(drive(encode(tiny_longva, spec, VisualCache(tmp_path)), events.append).embeds, cold.embeds)
+    assert events == []  # the recomputed block is whole again
 
 
 # ---- questions, chats, cancellations --------------------------------------------------------------------
@@ -185,6 +342,38 @@ def test_a_run_store_resumes_and_refuses_other_settings_unless_overwrite(tmp_pat
     assert store.read("items.jsonl") == []
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b'{"id": 2, "sc',  # a torn tail (a kill)
+        bytes(i for i in range(256) if i != 10) + b"\x00\xff" * 22 + b"\x00",  # 300 bytes of binary garbage, no newline (a torn write)
+        b"\xe9t\xe9\n",  # a line that is not UTF-8
+        b"[1, 2]\n",  # JSON that is not an object
+        b'{"score": 1}\n',  # an object without the run's fields
+    ],
+)
+def test_a_results_file_with_damaged_lines_resumes_with_every_good_line_kept(damage, tmp_path, capsys):
+    store = RunStore(tmp_path, "settings.json", fields={"items.jsonl": ("id",)})
+    store.open({"model": "a"}, overwrite=False, results=("items.jsonl",))
+    store.append("items.jsonl", {"id": 1})
+    with open(tmp_path / "items.jsonl", "ab") as handle:
+        handle.write(damage)
+    if damage.endswith(b"\n"):  # a damaged line in the middle: the lines after it count too
+        store.append("items.jsonl", {"id": 2})
+    capsys.readouterr()
+    store.open({"model": "a"}, overwrite=False, results=("items.jsonl",))
+    side = tmp_path / "items.jsonl.damaged"
+    assert capsys.readouterr().err == f"warning: set aside 1 damaged line of {tmp_path / 'items.jsonl'} into {side}; what it held will be computed again.\n"
+    assert side.read_bytes() == (damage if damage.endswith(b"\n") else damage + b"\n")
+    store.append("items.jsonl", {"id": 3})
+    kept = [1, 2, 3] if damage.endswith(b"\n") else [1, 3]
+    assert [record["id"] for record in store.read("items.jsonl")] == kept
+    store.open({"model": "a"}, overwrite=False, results=("items.jsonl",))
+    assert capsys.readouterr().err == ""  # nothing left to set aside
+    store.open({"model": "a"}, overwrite=True, results=("items.jsonl",))
+    assert not side.exists() and store.read("items.jsonl") == []
+
+
 # ---- loading --------------------------------------------------------------------------------------------
 
 
@@ -260,3 +449,59 @@ def test_an_empty_answer_is_said_on_stderr(tiny_longva, video_file, monkeypatch,
     answers = ask.ask(video_file, ["Q?"], ask.AskSettings(frames=2, temperature=0, max_new_tokens=4, use_cache=False))
     assert answers[0].answer == ""
     assert "ended its answer at once" in capsys.readouterr().err
+
+
+def test_a_failed_chat_save_is_one_line_and_the_chat_goes_on(tiny_longva, video_file, tmp_path, monkeypatch, capsys):
+    """/save to a folder, a missing folder, /dev/full or a full disk ended the chat; a file was overwritten silently."""
+    import errno
+    import io
+
+    from longva_cli import ask, chat
+
+    existing = tmp_path / "earlier.json"
+    existing.write_text('{"kept": true}\n')
+    real_write_bytes = Path.write_bytes
+
+    def disk_fills_up_for_full_json(self, data):
+        if self.name.startswith(".full.json."):  # the temporary file of `/save full.json`
+            real_write_bytes(self, data[:5])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", disk_fills_up_for_full_json)
+    script = [
+        f"/save {tmp_path}", f"/save {tmp_path / 'missing' / 'chat.json'}", "/save /dev/full", "/save! /dev/full",
+        "What happens?", f"/save {existing}", f"/save {tmp_path / 'full.json'}", "And then?", f"/save! {existing}",
+    ]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(script) + "\n"))
+    monkeypatch.setattr(ask, "load_model", lambda *a, **k: tiny_longva)
+    turns = chat.chat(video_file, ask.AskSettings(frames=2, temperature=0, max_new_tokens=3, use_cache=False), json_output=True)
+    assert turns == 2
+    said = " ".join(capsys.readouterr().err.split())  # rich may wrap long lines
+    expected = [
+        f"not saved: {tmp_path} is a folder; give a file name, such as {tmp_path / 'chat.json'}.",
+        f"not saved: the folder {tmp_path / 'missing'} does not exist; create it or give another path.",
+        "not saved: /dev/full is not a regular file; give the path of a file.",
+        "not saved: /dev/full is not a regular file; give the path of a file.",  # /save! too: never a device
+        f"not saved: {existing} already exists; /save! {existing} replaces it.",
+        f"not saved: could not write {tmp_path / 'full.json'} (No space left on device); nothing was written there.",
+        f"saved 2 turns to {existing}",
+    ]
+    positions = [said.find(" ".join(line.split())) for line in expected]
+    assert -1 not in positions and positions == sorted(positions), said
+    assert said.count("/dev/full is not a regular file") == 2
+    assert not (tmp_path / "full.json").exists() and not list(tmp_path.glob(".*.tmp"))
+    assert [turn["role"] for turn in json.loads(existing.read_text())["turns"]] == ["user", "assistant"] * 2
+
+
+def test_a_huge_chat_line_is_skipped_and_the_chat_goes_on(tiny_longva, video_file, monkeypatch, capsys):
+    """A 10 MB line is read no further than a question may be long, refused, and the next turn answered."""
+    import io
+
+    from longva_cli import ask, chat
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("x" * 10_000_000 + "\nWhat happens?\n"))
+    monkeypatch.setattr(ask, "load_model", lambda *a, **k: tiny_longva)
+    turns = chat.chat(video_file, ask.AskSettings(frames=2, temperature=0, max_new_tokens=3, use_cache=False), json_output=True)
+    assert turns == 1
+    assert "skipped: this line has more than the 1,000,000 characters a question may have" in " ".join(capsys.readouterr().err.split())

@@ -148,11 +148,12 @@ def test_each_video_is_encoded_once_and_a_rerun_recomputes_nothing(videomme_fold
 
 def test_resume_drops_a_half_written_line_and_refuses_other_settings(videomme_folder, tiny_longva, tmp_path):
     evaluate_local(videomme_folder, model=tiny_longva, frames=2, max_new_tokens=2, output=tmp_path, limit=2)
-    with open(tmp_path / "samples.jsonl", "a") as handle:
-        handle.write('{"id": "001-3", "status": "o')  # a crash mid-write
+    with open(tmp_path / "samples.jsonl", "ab") as handle:
+        handle.write(b'{"id": "001-2"}\n{"id": "001-3", "status": "o\xff\xfe')  # a line without results, then a crash mid-write
     results = evaluate_local(videomme_folder, model=tiny_longva, frames=2, max_new_tokens=2, output=tmp_path, limit=3)
     assert results["summary"]["overall"]["total"] == 3
     assert all(json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines())
+    assert (tmp_path / "samples.jsonl.damaged").read_bytes() == b'{"id": "001-2"}\n{"id": "001-3", "status": "o\xff\xfe\n'
     with pytest.raises(LongVAError, match="frames = 2"):
         evaluate_local(videomme_folder, model=tiny_longva, frames=3, output=tmp_path)
 

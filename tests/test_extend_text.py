@@ -479,9 +479,11 @@ def test_disk_full_keeps_latest_on_the_previous_checkpoint(tmp_path, monkeypatch
     assert (tmp_path / "latest").read_text().strip() == "step_1"
 
     def full(folder, weights):
+        (folder / "model.safetensors").write_bytes(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(LongVAError, match="disk filled up.*previous complete checkpoint"):
+    (tmp_path / ".tmp-step_9").mkdir()  # a crashed save's partial checkpoint: the next save removes it
+    with pytest.raises(LongVAError, match=r"writing checkpoint step_2 failed \(No space left on device\); the partial checkpoint was removed.*previous complete one"):
         checkpoint.save(Engine(), tmp_path, 2, **{**kwargs, "save_model": full})
     monkeypatch.setattr(checkpoint, "free_bytes", lambda path: 10)
     with pytest.raises(LongVAError, match="not enough disk space"):

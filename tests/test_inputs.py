@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import struct
 import sys
@@ -116,6 +117,15 @@ def test_config_that_is_not_a_json_object_is_named(checkpoint, text, fragment):
         load(checkpoint)
 
 
+def test_a_config_file_far_too_large_is_refused_before_it_is_parsed(checkpoint, monkeypatch):
+    from longva_cli.model import config
+
+    monkeypatch.setattr(config, "MAX_JSON_BYTES", 4096)  # the real bound is 64 MiB: the same check, on a small file
+    edit_config(checkpoint, padding="x" * 5000)
+    with pytest.raises(LongVAError, match=r"config.json is [\d,]+ bytes, far more than a checkpoint's JSON file holds \(4,096 at most\)"):
+        load(checkpoint)
+
+
 def test_damaged_vision_tower_config_is_named(checkpoint):
     edit_config(checkpoint, mm_vision_tower=str(checkpoint / "vision_tower"))
     tower_config = checkpoint / "vision_tower" / "config.json"
@@ -127,6 +137,56 @@ def test_damaged_vision_tower_config_is_named(checkpoint):
     (checkpoint / "vision_tower" / "preprocessor_config.json").write_text("{")
     with pytest.raises(LongVAError, match=r"vision_tower/preprocessor_config.json is not valid JSON"):
         load(checkpoint)
+
+
+@pytest.mark.parametrize("outside", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../outside.safetensors"])
+def test_a_weight_map_entry_outside_the_checkpoint_is_refused(checkpoint, outside):
+    """An index naming `../../../etc/passwd` made loading open it: a name must stay inside the folder."""
+    shutil.copy(a_shard(checkpoint), checkpoint.parent / "outside.safetensors")  # a real file there, not a missing one
+    index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
+    victim = next(iter(index["weight_map"]))
+    index["weight_map"][victim] = outside
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(LongVAError, match=rf"names the weight file '{re.escape(outside)}', which is outside the checkpoint folder"):
+        load(checkpoint)
+
+
+@pytest.mark.parametrize("fields", [{"num_hidden_layers": 100_000}, {"hidden_size": 2**40}, {"intermediate_size": 2**40}])
+def test_a_config_describing_a_huge_model_is_refused_before_anything_is_allocated(checkpoint, fields):
+    """`num_hidden_layers: 100000` or `hidden_size: 2**40` allocated until the process was killed."""
+    edit_config(checkpoint, **fields)
+    with pytest.raises(LongVAError, match=r"config.json describes a language model of [\d,]+ parameters, but the weight files hold [\d,]+ numbers for it"):
+        load(checkpoint)
+
+
+@pytest.mark.parametrize("victim", ["model.layers.0.mlp.up_proj.weight", "model.vision_tower.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"])
+def test_a_shard_tensor_of_the_wrong_shape_is_named(checkpoint, victim):
+    from safetensors.torch import load_file, save_file
+
+    shard = checkpoint / weight_map(checkpoint)[victim]
+    tensors = load_file(shard)
+    wanted = list(tensors[victim].shape)
+    tensors[victim] = tensors[victim].t().contiguous()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(LongVAError, match=rf"tensor {re.escape(victim)} has shape \[{wanted[1]}, {wanted[0]}\] where config.json gives \[{wanted[0]}, {wanted[1]}\]"):
+        load(checkpoint)
+
+
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        ({"repetition_penalty": "x"}, "field 'repetition_penalty' must be a finite number above 0 or null, got 'x'"),
+        ({"top_k": -5}, "field 'top_k' must be a whole number at least 0 or null, got -5"),
+        ({"eos_token_id": ["<|im_end|>"]}, "eos_token_id"),
+    ],
+)
+def test_a_generation_config_with_unusable_sampling_fields_is_named(checkpoint, fields, fragment):
+    from longva_cli.model.config import read_generation_config
+
+    path = checkpoint / "generation_config.json"
+    path.write_text(json.dumps({**(json.loads(path.read_text()) if path.is_file() else {}), **fields}))
+    with pytest.raises(LongVAError, match=re.escape(fragment)):
+        read_generation_config(checkpoint)
 
 
 def test_unreadable_weight_index_is_named(checkpoint):

@@ -232,6 +232,64 @@ def test_haystack_frames_are_1fps_padded_to_square_and_cached(tiny_longva, hayst
     assert not torch.allclose(cached, encode_frames(tiny_longva, video.batches(ids, 16), 6))
 
 
+def test_a_damaged_haystack_block_is_embedded_again_not_used(tiny_longva, haystack, tmp_path, capsys):
+    from longva_cli.niah.video import prepare_haystack
+
+    entry = CacheEntry(tmp_path, {"haystack": "test"})
+    prepare_haystack(tiny_longva, haystack, 6, entry)
+    intact = load_haystack(entry, 6, tiny_longva.model.device)
+    block = entry.blocks()[0][2]
+    data = bytearray(block.read_bytes())
+    data[-8:] = bytes(255 - b for b in data[-8:])  # a bad disk flips the last frame's bytes
+    block.write_bytes(bytes(data))
+    with pytest.raises(LongVAError, match=r"does not match its checksum; it was deleted and will be computed again: run the same command again"):
+        load_haystack(entry, 6, tiny_longva.model.device)
+    block.write_bytes(bytes(data))
+    capsys.readouterr()
+    prepare_haystack(tiny_longva, haystack, 6, entry)  # what a rerun does before loading
+    assert "does not match its checksum" in capsys.readouterr().err
+    assert torch.equal(load_haystack(entry, 6, tiny_longva.model.device), intact)
+
+
+def test_a_damaged_block_that_cannot_be_deleted_is_one_sentence_not_a_loop(tiny_longva, haystack, tmp_path, monkeypatch, capsys):
+    """A read-only cache: the damaged block stays, so embedding again cannot mend it."""
+    from longva_cli.niah.video import prepare_haystack
+
+    entry = CacheEntry(tmp_path, {"haystack": "test"})
+    prepare_haystack(tiny_longva, haystack, 6, entry)
+    block = entry.blocks()[0][2]
+    block.write_bytes(block.read_bytes()[:-8] + b"\xff" * 8)
+    real_unlink = Path.unlink
+
+    def read_only(self, **kwargs):
+        if self == block:
+            raise PermissionError(13, "Read-only file system")
+        return real_unlink(self, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(LongVAError, match=r"stays damaged after embedding it again; delete that folder"):
+        prepare_haystack(tiny_longva, haystack, 6, entry)
+    assert "does not match its checksum; it is skipped and will be computed again" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_full_disk_while_embedding_the_haystack_is_one_sentence(tiny_longva, haystack, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from longva_cli.niah.video import prepare_haystack
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a block")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    entry = CacheEntry(tmp_path, {"haystack": "test"})
+    with pytest.raises(LongVAError, match=r"could not write the haystack's embeddings to .* \(No space left on device\); free some space"):
+        prepare_haystack(tiny_longva, haystack, 6, entry)
+    assert not list(tmp_path.glob(".partial-*"))
+
+
 def test_a_video_shorter_than_the_grid_says_how_many_frames_it_has(haystack):
     with pytest.raises(LongVAError, match="has 6 frames at 1 frame a second"):
         haystack_frame_ids(haystack, 8)
@@ -293,6 +351,23 @@ def test_a_killed_run_resumes_without_losing_or_recomputing_a_cell(video_run, vi
         if (cell["num_frames"], cell["depth"]) in full:
             assert cell == full[(cell["num_frames"], cell["depth"])]
     assert run_video(settings).scored_now == 0
+
+
+def test_a_damaged_middle_line_is_set_aside_and_no_cell_is_lost_or_counted_twice(video_run, video_settings, tmp_path, capsys):
+    """A corrupted middle line of results.jsonl made a rerun stop reading there and average 2 of 12 cells."""
+    settings = replace(video_settings, output=tmp_path / "run", max_frames=4, depth_step=0.5)
+    run_video(settings)
+    results = settings.output / "results.jsonl"
+    intact = {(c["num_frames"], c["depth"]): c for c in cell_lines(settings.output)}
+    lines = results.read_bytes().splitlines(keepends=True)
+    damaged = lines[1][:10] + b"\xff\xfe\x00" + lines[1][13:]  # a bad disk's bytes, the newline kept
+    results.write_bytes(lines[0] + damaged + b"".join(lines[2:]) + b"[1, 2]\n")
+    capsys.readouterr()
+    run_video(settings)
+    assert f"set aside 2 damaged lines of {results}" in " ".join(capsys.readouterr().err.split())
+    assert (settings.output / "results.jsonl.damaged").read_bytes() == damaged + b"[1, 2]\n"
+    cells = cell_lines(settings.output)
+    assert len(cells) == len(intact) == 6 and {(c["num_frames"], c["depth"]): c for c in cells} == intact
 
 
 def test_resuming_a_finished_run_says_it_is_complete(video_run, video_settings, capsys):

@@ -116,6 +116,28 @@ def test_windows_match_the_original_where_the_document_fits_them_exactly():
     assert window_spans(length, context, stride, False) == original
 
 
+@pytest.mark.parametrize("text", ["one endless word " * 3 + "x" * 300, "line one\nline two\n\n" * 40, "words and more words " * 60])
+def test_a_document_tokenized_in_pieces_gives_the_ids_of_the_whole(tokenizer, text):
+    pieces = list(ppl.text_pieces(text, size=100))
+    assert "".join(pieces) == text and all(len(piece) <= 100 for piece in pieces)
+    ids = np.concatenate([tokenizer(piece, add_special_tokens=False).input_ids for piece in pieces])
+    assert ids.tolist() == tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_one_huge_line_is_tokenized_in_bounded_pieces(tokenizer):
+    """One 50 MB line took 9.4 GB and did not finish: the tokenizer only ever sees pieces."""
+    seen = []
+
+    def measured(text, **kwargs):
+        seen.append(len(text))
+        return tokenizer(text, **kwargs)
+
+    line = "word " * (ppl.PIECE_CHARS // 2)  # 2.5 pieces of one line
+    ids = ppl.tokenize_document(measured, line)
+    assert max(seen) <= ppl.PIECE_CHARS and len(seen) == 3
+    assert len(ids) == len(tokenizer(line, add_special_tokens=False).input_ids)
+
+
 def test_start_tokens_are_the_ones_the_tokenizer_adds(tokenizer):
     import copy
 
@@ -243,8 +265,8 @@ def test_a_killed_run_continues_where_it_stopped(run, models, books, tmp_path, m
     monkeypatch.setattr(ppl, "measure", killed_on_the_third)
     with pytest.raises(KeyboardInterrupt):
         evaluate_perplexity(settings(models, books, output, samples=3, min_doc_tokens=40))
-    with open(output / "ppl.jsonl", "a") as handle:
-        handle.write('{"model": "half a line')  # a write the kill cut short
+    with open(output / "ppl.jsonl", "ab") as handle:
+        handle.write(b'{"model": "half a line\xff\x00\xfe')  # a write the kill cut short, ending in binary garbage
     monkeypatch.setattr(ppl, "measure", real_measure)
 
     resumed = evaluate_perplexity(settings(models, books, output, samples=3, min_doc_tokens=40))
@@ -252,6 +274,7 @@ def test_a_killed_run_continues_where_it_stopped(run, models, books, tmp_path, m
     clean = {(r["model"], r["context_length"]): r["perplexity"] for r in run[0].records}
     assert {(r["model"], r["context_length"]): r["perplexity"] for r in resumed.records} == pytest.approx(clean, rel=1e-9)
     assert (output / "ppl.csv").read_text().splitlines()[0] == ",32,64,128"
+    assert (output / "ppl.jsonl.damaged").read_bytes() == b'{"model": "half a line\xff\x00\xfe\n'  # kept, set aside
 
     monkeypatch.setattr(ppl, "load_for_scoring", lambda *a: pytest.fail("a finished run loaded a model"))
     again = evaluate_perplexity(settings(models, books, output, samples=3, min_doc_tokens=40))

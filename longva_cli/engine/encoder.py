@@ -23,7 +23,7 @@ from PIL import Image
 
 from longva_cli.engine.objectives import Notice
 from longva_cli.engine.sequence import Visual, identity_of
-from longva_cli.engine.visual_cache import VisualCache, content_hash
+from longva_cli.engine.visual_cache import DamagedEntry, VisualCache, content_hash
 from longva_cli.errors import LongVAError
 from longva_cli.model import media as media_io
 from longva_cli.model.processing import preprocess, unires_crops
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 DEFAULT_FRAMES = 32
 VISION_BATCH = 16  # frames decoded, preprocessed and encoded together: bounds memory at any length
+INFO_FILE = "info.json"  # in a visual cache entry: kind, count, frame ids and crop grid of its frames
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,13 +75,15 @@ def media_kind(source: Path | Image.Image) -> str:
     return "video"
 
 
-def content_of(source: Path | Image.Image) -> str:
-    """What a media item holds, as a short hash (a file's bytes, an image's pixels)."""
+def content_of(source: Path | Image.Image, cache: VisualCache | None = None) -> str:
+    """What a media item holds, as a SHA-256 (of all of a file's bytes, or an image's pixels);
+    `cache` remembers a large file's hash between runs."""
     if isinstance(source, Image.Image):
         digest = hashlib.sha256(f"{source.mode}{source.size}".encode())
         digest.update(source.tobytes())
-        return digest.hexdigest()[:20]
-    return content_hash(media_io.check_file(Path(source)))
+        return digest.hexdigest()
+    path = media_io.check_file(Path(source))
+    return cache.file_hash(path) if cache is not None else content_hash(path)
 
 
 # ---- pixels ------------------------------------------------------------------------------------
@@ -181,12 +184,16 @@ def encode(model: "LongVA", spec: MediaSpec, cache: VisualCache | None = None) -
     """The visual tokens of one media item, from `cache` when it has them."""
     if spec.frames is not None and spec.fps is None:
         check_memory(model, spec.frames)
-    content = content_of(spec.source)
+    usable = cache is not None and model.fingerprint is not None
+    content = content_of(spec.source, cache if usable else None)
     key = cache_key(model, spec, content)
     identity = identity_of(json.dumps(key, sort_keys=True))
-    usable = cache is not None and model.fingerprint is not None
     if usable:
-        found = cache.remembered(key) or from_disk(cache, key, model)
+        try:
+            found = cache.remembered(key) or from_disk(cache, key, model)
+        except DamagedEntry as err:
+            yield Notice(str(err) + ".")
+            found = None
         if found is not None:
             embeds, info = found
             cache.remember(key, found, embeds.numel() * embeds.element_size())
@@ -203,21 +210,42 @@ def encode(model: "LongVA", spec: MediaSpec, cache: VisualCache | None = None) -
     info = {"kind": source.kind, "images": source.count, "frame_ids": source.frame_ids, "grid": source.grid}
     if usable:
         cache.remember(key, (embeds, info), embeds.numel() * embeds.element_size())
-        entry = cache.entry(key)
-        if entry is not None:
-            entry.append(0, embeds)
-            (entry.folder / "info.json").write_text(json.dumps(info) + "\n")
-            cache.evict(keep=entry)
+        problem = store_on_disk(cache, key, embeds, info)
+        if problem:
+            yield Notice(problem)
     return Visual(embeds.flatten(0, 1), source.kind, source.count, source.frame_ids, source.grid, identity)
 
 
-def from_disk(cache: VisualCache, key: dict, model: "LongVA") -> tuple[torch.Tensor, dict] | None:
+def store_on_disk(cache: VisualCache, key: dict, embeds: torch.Tensor, info: dict) -> str | None:
+    """Write a fresh encoding to the disk cache; a failed write (a full disk, a read-only folder)
+    leaves nothing behind and is said in one line, and the answer goes on without the cache."""
+    from safetensors import SafetensorError
+
+    from longva_cli.engine.runs import write_atomic
+
     entry = cache.entry(key)
-    if entry is None or not (entry.folder / "info.json").is_file():
+    if entry is None:
         return None
     try:
-        info = json.loads((entry.folder / "info.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        entry.append(0, embeds)
+        write_atomic(entry.folder / INFO_FILE, json.dumps(info) + "\n")
+        cache.evict(keep=entry)
+    except (OSError, SafetensorError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        return f"could not write the visual cache in {cache.folder} ({reason}); this answer is computed without it."
+    return None
+
+
+def from_disk(cache: VisualCache, key: dict, model: "LongVA") -> tuple[torch.Tensor, dict] | None:
+    """The stored encoding of `key`, or None; DamagedEntry when a stored block fails its checksum."""
+    entry = cache.entry(key)
+    if entry is None or not (entry.folder / INFO_FILE).is_file():
+        return None
+    try:
+        info = json.loads((entry.folder / INFO_FILE).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("images"), int) or info.get("kind") not in ("video", "image"):
         return None
     embeds = entry.load(info["images"], model.model.device)
     if embeds is None:

@@ -23,6 +23,7 @@ from longva_cli.engine.memory import check_fits
 from longva_cli.engine.objectives import Generate, Generated, Notice, SamplingSettings, run
 from longva_cli.engine.runner import DEFAULT_PREFILL_CHUNK, PrefixCache
 from longva_cli.engine.sequence import Visual, build, prompt_parts
+from longva_cli.errors import LongVAError
 from longva_cli.model.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, Turn, chat_prompt
 
 if TYPE_CHECKING:
@@ -135,12 +136,28 @@ class Session:
         """Forget the conversation; the media's tokens stay encoded and prefilled."""
         self.turns = []
 
-    def save(self, path: Path) -> None:
-        """The conversation as JSON: model, media, system prompt and turns."""
+    def save(self, path: Path, *, overwrite: bool = False) -> None:
+        """The conversation as JSON (model, media, system prompt and turns), written atomically:
+        the file is whole or untouched. An existing file is replaced only with `overwrite` (else
+        FileExistsError), and only a regular file; any other failure is a LongVAError."""
+        from longva_cli.engine.runs import write_atomic
+
+        path = Path(path)
+        if path.is_dir():
+            raise LongVAError(f"{path} is a folder; give a file name, such as {path / 'chat.json'}.")
+        if path.exists() and not path.is_file():
+            raise LongVAError(f"{path} is not a regular file; give the path of a file.")
+        if path.exists() and not overwrite:
+            raise FileExistsError(path)
+        if not path.parent.is_dir():
+            raise LongVAError(f"the folder {path.parent} does not exist; create it or give another path.")
         record = {
             "model": self.model.name,
             "media": [str(spec.source) for spec in self.media],
             "system": self.system,
             "turns": [asdict(turn) for turn in self.turns],
         }
-        Path(path).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        try:
+            write_atomic(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        except OSError as err:
+            raise LongVAError(f"could not write {path} ({err.strerror or err}); nothing was written there.") from None

@@ -40,6 +40,8 @@ VIDEO_SUFFIXES = (".mp4", ".mkv", ".MP4", ".webm", ".avi", ".mov")
 SAMPLES_FILE = "samples.jsonl"
 RESULTS_FILE = "results.json"
 RUN_FILE = "run.json"
+# what a samples.jsonl line needs to be counted; a line without them is set aside and asked again
+SAMPLE_FIELDS = ("id", "status", "response", "correct")
 
 # `videomme` is Video-MME's own frames-only prompt. `lmms-eval` is what lmms-eval's videomme
 # task builds (0.3 to 0.7.x) for models without their own settings: it mentions subtitles
@@ -311,13 +313,12 @@ def evaluate_local(
     output = Path(output) if output else Path("runs") / "eval-local" / f"{data.stem}-{frames}f"
     model_name = model if isinstance(model, str) else getattr(model, "name", "longva")
     settings = {"model": str(model_name), "frames": frames, "prompt": prompt, "max_new_tokens": max_new_tokens}
-    store = RunStore(output, RUN_FILE)
+    store = RunStore(output, RUN_FILE, fields={SAMPLES_FILE: SAMPLE_FIELDS})
     store.open(settings, overwrite=overwrite, results=(SAMPLES_FILE, RESULTS_FILE))
 
     records: dict[str, dict] = {}
     for record in store.read(SAMPLES_FILE):
-        if isinstance(record, dict) and "id" in record:
-            records[str(record["id"])] = record  # the last line of a question wins
+        records[str(record["id"])] = record  # the last line of a question wins
     guard = DegenerateGuard(degenerate_threshold, degenerate_min_samples)
     for record in records.values():
         if record["status"] == "ok":

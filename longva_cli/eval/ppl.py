@@ -33,6 +33,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -310,6 +311,42 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "longva" / "ppl"
 
 
+# Documents are tokenized in pieces of at most this many characters: within one call a
+# tokenizer's memory and time grow faster than the text (one 50 MB line took 9.4 GB and did not
+# finish in 600 s); over pieces they grow linearly, and a piece takes about a second.
+PIECE_CHARS = 1 << 20
+LINE_BREAK = re.compile(r"\S\n(?=\S)")  # one newline between two other characters
+WORD_BREAK = re.compile(r"\S (?=\S)")  # one space between two other characters
+
+
+def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `size` characters, each cut after the last single
+    newline between two other characters (else before such a space): byte-level BPE tokenizers
+    such as Qwen2's split words there anyway, so the pieces' ids are the whole text's. A piece
+    with neither (one endless word) is cut at `size`."""
+    start = 0
+    while len(text) - start > size:
+        window = text[start : start + size]
+        cut = _last(LINE_BREAK, window, after=2) or _last(WORD_BREAK, window, after=1) or size
+        yield window[:cut]
+        start += cut
+    yield text[start:]
+
+
+def _last(pattern: re.Pattern, window: str, after: int) -> int | None:
+    """The position `after` characters into the last match of `pattern` in `window`."""
+    last = None
+    for last in pattern.finditer(window):
+        pass
+    return None if last is None else last.start() + after
+
+
+def tokenize_document(tokenizer, text: str) -> np.ndarray:
+    """A document's token ids (uint32), tokenized piece by piece (`text_pieces`)."""
+    parts = [np.asarray(tokenizer(piece, add_special_tokens=False, verbose=False).input_ids, dtype=np.uint32) for piece in text_pieces(text)]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint32)
+
+
 def tokenized_documents(
     source: TextSource,
     tokenizer,
@@ -337,7 +374,7 @@ def tokenized_documents(
     for text in source.texts():
         if samples is not None and len(kept) >= samples:
             break
-        ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False).input_ids, dtype=np.uint32)
+        ids = tokenize_document(tokenizer, text)
         seen += 1
         longest = max(longest, len(ids))
         if on_tokens:
@@ -509,7 +546,7 @@ def evaluate_perplexity(
         main = ranks.is_main  # the other ranks of a sequence-parallel group compute the same, silently
         prepared = prepare_models(settings, source, lengths, on_warning if main else lambda message: None, progress if main else None)
         folder = run_folder(settings)
-        store = RunStore(folder, SETTINGS)
+        store = RunStore(folder, SETTINGS, fields={RESULTS: ("model", "context_length", "perplexity")})
         if main:
             store.open(identity(settings, source), overwrite=overwrite, results=(RESULTS, TABLE, PLOT), settings=settings_record(settings))
         ranks.barrier()  # no rank reads the folder before the main rank has checked (or cleared) it

@@ -14,8 +14,10 @@ belong to which part. Loading is strict: a missing key is an error, never a rand
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -26,10 +28,13 @@ from longva_cli.errors import LongVAError
 from longva_cli.model.config import (
     MultimodalConfig,
     language_config,
+    language_parameters,
     multimodal_config,
+    projector_parameters,
     read_config,
     read_json,
     refetch_hint,
+    vision_parameters,
     vision_settings,
 )
 from longva_cli.model.files import check_weight_files, weight_map
@@ -37,6 +42,9 @@ from longva_cli.model.modeling import LongVAForCausalLM, build_projector
 
 TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
 PROJECTOR_PREFIX = "model.mm_projector."
+# A config may describe this many times the numbers its weight files hold (a pre-quantized
+# checkpoint packs two or more weights into one) before it is taken for a config of another model.
+SIZE_MARGIN = 4
 
 
 class _LanguageModel(Qwen2ForCausalLM):
@@ -115,6 +123,37 @@ def _read_tensors(folder: Path, files: dict[str, str], prefix: str) -> dict[str,
     return tensors
 
 
+def check_described_size(part: str, folder: Path, described: int, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a config that describes far more parameters than the files hold for `part`
+    (`num_hidden_layers: 100000`, `hidden_size: 2**40`) before anything is allocated."""
+    stored = sum(math.prod(shape) for shape in shapes.values())
+    if described > SIZE_MARGIN * stored + 10**6:
+        raise LongVAError(
+            f"{folder / 'config.json'} describes a {part} of {described:,} parameters, but the weight files hold {stored:,} "
+            f"numbers for it: the config does not belong to these weights; correct it, or {refetch_hint(folder)}."
+        )
+
+
+def check_shapes(part: str, folder: Path, model_class, config, shapes: dict[str, tuple[int, ...]], prefix: str = "") -> None:
+    """Every stored tensor of `part` has the shape the config gives it, compared with the model
+    built on the meta device (no memory); transformers would say it after allocating, in a table."""
+    with torch.device("meta"):
+        expected = {name: tuple(tensor.shape) for name, tensor in model_class(copy.deepcopy(config)).state_dict().items()}
+    for key, shape in shapes.items():
+        wanted = expected.get(key.removeprefix(prefix))
+        if wanted is not None and wanted != tuple(shape):
+            raise LongVAError(
+                f"{folder}: the {part} tensor {key} has shape {list(shape)} where config.json gives {list(wanted)}; {refetch_hint(folder)}."
+            )
+
+
+def _part(shapes: dict[str, tuple[int, ...]], prefix: str | None) -> dict[str, tuple[int, ...]]:
+    """The tensors under `prefix`; with None, the language model's (under neither other prefix)."""
+    if prefix is None:
+        return {k: v for k, v in shapes.items() if not k.startswith((TOWER_PREFIX, PROJECTOR_PREFIX))}
+    return {k: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
 def _strict(part: str, folder: Path, info: dict) -> None:
     if info["missing_keys"] or info["mismatched_keys"]:
         bad = sorted(info["missing_keys"]) or sorted(str(k) for k in info["mismatched_keys"])
@@ -131,14 +170,19 @@ def load_language_model(
     device: torch.device | str = "cpu",
     device_map: str | dict | None = None,
     quantization_config=None,
-    files: dict[str, str] | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> Qwen2ForCausalLM:
     """The Qwen2 language model of a LongVA checkpoint alone, strictly loaded (text NIAH and
-    perplexity need no tower); `files` is the folder's `weight_map` when already read."""
+    perplexity need no tower); `shapes` are the folder's tensor shapes when already read.
+    The config is checked against the files' headers before anything is allocated."""
     folder = Path(folder)
-    config = language_config(read_config(folder), folder / "config.json")
-    files = weight_map(folder) if files is None else files
-    check_weight_files(folder, files)
+    raw = read_config(folder)
+    config = language_config(raw, folder / "config.json")
+    shapes = check_weight_files(folder, weight_map(folder)) if shapes is None else shapes
+    language = _part(shapes, None)
+    check_described_size("language model", folder, language_parameters(config), language)
+    if "quantization_config" not in raw:  # pre-quantized files store packed shapes
+        check_shapes("language model", folder, _LanguageModel, config, language)
     with quiet_loading():
         language_model, info = _LanguageModel.from_pretrained(
             folder,
@@ -168,6 +212,7 @@ def load_longva(
     mm = multimodal_config(raw, folder / "config.json")
     vision_config, _ = vision_settings(mm)
     files = weight_map(folder)
+    shapes = check_weight_files(folder, files)
     language_model = load_language_model(
         folder,
         dtype=dtype,
@@ -175,13 +220,18 @@ def load_longva(
         device=device,
         device_map=device_map,
         quantization_config=quantization_config,
-        files=files,
+        shapes=shapes,
     )
+    hidden_size = language_model.config.hidden_size
+    check_described_size("projector", folder, projector_parameters(mm, hidden_size), _part(shapes, PROJECTOR_PREFIX))
     home = language_model.get_input_embeddings().weight.device
 
     # Flash-attention is for the long text sequence; the tower's 577-token images gain nothing.
     tower_attn = "sdpa" if attn_implementation == "flash_attention_2" else attn_implementation
-    if any(k.startswith(TOWER_PREFIX) for k in files):
+    tower = _part(shapes, TOWER_PREFIX)
+    if tower:
+        check_described_size("vision tower", folder, vision_parameters(vision_config), tower)
+        check_shapes("vision tower", folder, _VisionTower, vision_config, tower, prefix=TOWER_PREFIX)
         with quiet_loading():
             vision_tower, info = _VisionTower.from_pretrained(
                 folder,
@@ -197,7 +247,7 @@ def load_longva(
         # A checkpoint that froze its tower may leave it out: take it from mm_vision_tower.
         vision_tower = _load_separate_tower(mm, dtype, tower_attn, home)
 
-    projector = build_projector(mm, language_model.config.hidden_size)
+    projector = build_projector(mm, hidden_size)
     state = _read_tensors(folder, files, PROJECTOR_PREFIX)
     try:
         projector.load_state_dict(state, strict=True)

@@ -102,11 +102,19 @@ def refetch_hint(folder: Path) -> str:
     return "copy the checkpoint again, or download it again with `longva download <hub id>` (it fetches only what is missing)"
 
 
+# The largest JSON file a checkpoint holds is its tokenizer.json (7 MB for Qwen2, about 33 MB for
+# the largest vocabularies); a file far beyond that is not one, and parsing it costs gigabytes.
+MAX_JSON_BYTES = 64 * 2**20
+
+
 def read_json(path: Path, folder: Path | None = None) -> dict:
     """A JSON object from a checkpoint file; a LongVAError naming the file when it is not one."""
     path = Path(path)
     hint = refetch_hint(folder if folder is not None else path.parent)
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise LongVAError(f"{path} is {size:,} bytes, far more than a checkpoint's JSON file holds ({MAX_JSON_BYTES:,} at most); {hint}.")
         value = json.loads(path.read_bytes())
     except json.JSONDecodeError as err:
         raise LongVAError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); {hint}.") from None
@@ -119,10 +127,28 @@ def read_json(path: Path, folder: Path | None = None) -> dict:
     return value
 
 
+# generation_config.json fields that sampling uses, and the numbers each may hold
+GENERATION_NUMBERS = {"top_k": dict(integer=True, at_least=0), "repetition_penalty": dict(above=0)}
+
+
 def read_generation_config(folder: Path) -> dict:
-    """A checkpoint's generation_config.json ({} when it has none)."""
+    """A checkpoint's generation_config.json ({} when it has none), with the fields sampling uses
+    checked: a LongVAError naming the field, not a failure at the first token."""
+    from longva_cli.checks import check_number
+
     path = Path(folder) / "generation_config.json"
-    return read_json(path, folder) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    config = read_json(path, folder)
+    for key, bounds in GENERATION_NUMBERS.items():
+        try:
+            check_number(f"{path}: field {key!r}", config.get(key), nullable=True, **bounds)
+        except LongVAError as err:
+            raise LongVAError(f"{str(err).removesuffix('.')}; correct it, or {refetch_hint(folder)}.") from None
+    eos = config.get("eos_token_id")
+    if eos is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in (eos if isinstance(eos, list) else [eos])):
+        raise _wrong_field(path, "eos_token_id", eos, "a token id or a list of them")
+    return config
 
 
 def read_config(folder: Path) -> dict:
@@ -218,6 +244,31 @@ def language_config(raw: dict, path: Path | None = None):
         return Qwen2Config(**fields)
     except (StrictDataclassError, TypeError, ValueError, KeyError) as err:
         raise LongVAError(f"{where}: {_config_error(err)}; correct it, or {refetch_hint(Path(where).parent)}.") from None
+
+
+def language_parameters(config) -> int:
+    """How many parameters a Qwen2 config describes (biases and norms left out): an absurd
+    config is refused by this count before anything is built."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    kv_heads = config.num_key_value_heads or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)  # q and o, k and v
+    layer = attention + 3 * hidden * config.intermediate_size  # gate, up, down
+    embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
+    return embeddings + config.num_hidden_layers * layer
+
+
+def vision_parameters(config) -> int:
+    """How many parameters a CLIP vision config describes (biases and norms left out)."""
+    hidden = config.hidden_size
+    positions = (config.image_size // config.patch_size) ** 2 + 1
+    embeddings = config.num_channels * config.patch_size**2 * hidden + positions * hidden
+    return embeddings + config.num_hidden_layers * (4 * hidden * hidden + 2 * hidden * config.intermediate_size)
+
+
+def projector_parameters(mm: MultimodalConfig, hidden_size: int) -> int:
+    """How many parameters the projector of `mm` has (biases left out)."""
+    return mm.mm_hidden_size * hidden_size + (mm.projector_depth - 1) * hidden_size * hidden_size
 
 
 def _tower_folder(tower: str) -> Path | None:

@@ -20,7 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from longva_cli.errors import LongVAError
-from longva_cli.niah.results import ITEMS, RESULTS, SIZE_KEYS, append_line, read_lines
+from longva_cli.niah.results import ITEMS, RESULTS, SIZE_KEYS, append_line, line_fields, read_lines
 from longva_cli.parallel import ParallelState
 
 
@@ -75,10 +75,11 @@ def run_units(
 ) -> int:
     """Score this rank's unfinished units in order; the number scored now."""
     size_key = SIZE_KEYS[mode]
+    fields = line_fields(mode)
     units_per_cell = Counter(unit.cell for unit in units)
-    finished = {(row[size_key], row["depth"]) for row in read_lines(folder / RESULTS)}
+    finished = {(row[size_key], row["depth"]) for row in read_lines(folder / RESULTS, fields[RESULTS])}
     items: dict[tuple[int, float], dict[int, dict]] = {}
-    for row in read_lines(folder / ITEMS):
+    for row in read_lines(folder / ITEMS, fields[ITEMS]):
         items.setdefault((row[size_key], row["depth"]), {})[row["index"]] = row
 
     def finish_if_complete(cell: tuple[int, float]) -> None:
@@ -113,7 +114,7 @@ def finished_cells(folder: Path, mode: str) -> list[dict]:
     """The cell lines of results.jsonl (one per cell, the first if a cell was written twice)."""
     size_key = SIZE_KEYS[mode]
     cells = {}
-    for row in read_lines(folder / RESULTS):
+    for row in read_lines(folder / RESULTS, line_fields(mode)[RESULTS]):
         cells.setdefault((row[size_key], row["depth"]), row)
     return list(cells.values())
 

@@ -9,7 +9,9 @@
 
 The folder is an engine `RunStore`: each line is written with one `write`, flushed and fsynced
 under an exclusive lock, so a killed run (or several ranks writing at once) leaves whole lines,
-at worst one partial last line, which is dropped when the folder is opened again.
+at worst one partial last line. Opening the folder again sets every damaged line aside (a torn
+tail, bytes that are not UTF-8, a line that is not a needle's or a cell's record) and says so;
+what it held is scored again, and every good line is kept.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from longva_cli.engine.runs import RunStore, append_line, read_lines, write_atom
 from longva_cli.errors import LongVAError
 from longva_cli.niah.settings import depth_label
 
-__all__ = ["append_line", "read_lines", "prepare_folder", "stored_settings", "write_outputs"]
+__all__ = ["append_line", "line_fields", "read_lines", "prepare_folder", "stored_settings", "write_outputs"]
 
 SETTINGS = "settings.json"
 ITEMS = "items.jsonl"
@@ -36,12 +38,18 @@ OUTPUT_KEYS = {"video": ("Num. Frame", "Frame Depth"), "text": ("Context Length"
 SIZE_KEYS = {"video": "num_frames", "text": "context_length"}
 
 
+def line_fields(mode: str) -> dict[str, tuple[str, ...]]:
+    """The fields every line of items.jsonl and results.jsonl must have to be used."""
+    size_key = SIZE_KEYS[mode]
+    return {ITEMS: (size_key, "depth", "index", "found"), RESULTS: (size_key, "depth", "score")}
+
+
 def prepare_folder(folder: Path, mode: str, settings: dict, identity: dict, overwrite: bool) -> int:
     """Create or reopen a run folder; the number of finished cells in it.
 
     A folder measuring other settings is refused unless `overwrite`, which deletes its results.
     """
-    store = RunStore(folder, SETTINGS)
+    store = RunStore(folder, SETTINGS, fields=line_fields(mode))
     store.open(
         {"mode": mode, **identity}, overwrite=overwrite, results=(ITEMS, RESULTS, ACCURACIES, AVERAGE, HEATMAP),
         resume_hint=", --resume to continue with the stored settings", mode=mode, settings=settings,
@@ -51,10 +59,11 @@ def prepare_folder(folder: Path, mode: str, settings: dict, identity: dict, over
 
 def stored_settings(folder: Path) -> tuple[str, dict]:
     """(mode, settings) of an existing run folder, for --resume."""
-    path = folder / SETTINGS
-    if not path.is_file():
+    stored = RunStore(folder, SETTINGS).stored()
+    if stored is None:
         raise LongVAError(f"{folder} has no {SETTINGS}: there is no run to resume there; drop --resume to start one.")
-    stored = json.loads(path.read_text())
+    if stored.get("mode") not in SIZE_KEYS or not isinstance(stored.get("settings"), dict):
+        raise LongVAError(f"{folder / SETTINGS} names no niah mode and settings; start the run again with --overwrite.")
     return stored["mode"], stored["settings"]
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from longva_cli.engine.visual_cache import CacheEntry, VisualCache, content_hash
+from longva_cli.engine.visual_cache import CacheEntry, VisualCache
 from longva_cli.errors import LongVAError
 from longva_cli.model import media as media_io
 from longva_cli.niah.grid import Unit
@@ -52,7 +52,7 @@ def haystack_frame_ids(path: Path, count: int) -> tuple[media_io.Video, list[int
 def haystack_entry(cache: VisualCache, longva, path: Path) -> CacheEntry:
     """The cache entry of a haystack: its 1-fps square-padded frames, from the first, for this model."""
     key = {
-        "content": content_hash(path), "model": longva.fingerprint, "dtype": str(longva.model.dtype),
+        "content": cache.file_hash(path), "model": longva.fingerprint, "dtype": str(longva.model.dtype),
         "tokens": longva.model.tokens_per_image, "fps": HAYSTACK_FPS, "pad_to_square": True, "frames": "from the start",
     }
     return cache.entry(key)
@@ -90,9 +90,39 @@ def embed_haystack(
         entry.append(start, embeds)
 
 
+def prepare_haystack(longva, path: Path, count: int, entry: CacheEntry, on_start=None, on_progress=None) -> None:
+    """Embed what the cache lacks of the first `count` frames, then check every stored block;
+    a damaged block (a bad disk, an edit) is deleted, said on stderr and embedded again. A failed
+    write (a full disk) is one sentence: V-NIAH reads its haystack from the cache."""
+    from safetensors import SafetensorError
+
+    from longva_cli.console import escape, stderr
+
+    for _ in range(2):  # the damaged blocks of the first pass are embedded again in the second
+        try:
+            embed_haystack(longva, path, count, entry, on_start, on_progress)
+        except (OSError, SafetensorError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+            raise LongVAError(
+                f"could not write the haystack's embeddings to {entry.folder} ({reason}); free some space there or "
+                "choose another --cache-dir, then run again (finished blocks are kept)."
+            ) from None
+        problems = entry.verify(count)
+        if not problems:
+            return
+        for problem in problems:
+            stderr.print(f"[yellow]warning:[/yellow] {escape(problem)}.")
+    raise LongVAError(f"the haystack cache {entry.folder} stays damaged after embedding it again; delete that folder, or choose another --cache-dir.")
+
+
 def load_haystack(entry: CacheEntry, count: int, device: torch.device) -> torch.Tensor:
     """[count, 144, d] cached haystack embeddings on `device`."""
-    embeds = entry.load(count, device)
+    from longva_cli.engine.visual_cache import DamagedEntry
+
+    try:
+        embeds = entry.load(count, device)
+    except DamagedEntry as err:
+        raise LongVAError(f"{err}: run the same command again.") from None
     if embeds is None:
         raise LongVAError(f"the haystack cache {entry.folder} holds {entry.stored()} frames, fewer than {count}; delete it and run again.")
     return embeds
@@ -261,22 +291,25 @@ def run_video(settings, *, overwrite: bool = False):
     from longva_cli.niah.scoring import answer_matches, greedy, teacher_forced
     from longva_cli.recipes import to_dict
 
+    cache = VisualCache(settings.cache_dir or default_cache_dir())  # checks $LONGVA_CACHE_MAX_GB before any work
     ranks = join_ranks(settings.sequence_parallel)
-    run_identity = {**identity(settings), "haystack": f"{path.name} (content {content_hash(path)})"}
+    run_identity = {**identity(settings), "haystack": f"{path.name} (content {cache.file_hash(path)})"}
     if ranks.is_main:
         prepare_folder(settings.output, "video", to_dict(settings), run_identity, overwrite)
     ranks.barrier()  # no rank reads the folder before rank 0 has checked (or cleared) it
     check_device_map(ranks, settings.device_map)
     longva = load(settings.model, device=ranks.device(settings.device), device_map=settings.device_map, dtype=settings.dtype, attn=settings.attn)
-    cache = VisualCache(settings.cache_dir or default_cache_dir())
     entry = haystack_entry(cache, longva, path)
     if ranks.is_main and entry.stored() < max(sizes):  # one rank embeds, the others wait and read the cache
         with progress(unit="frames") as bar:
             task = bar.add_task("haystack frames", total=None)
-            embed_haystack(
+            prepare_haystack(
                 longva, path, max(sizes), entry,
                 on_start=lambda n: bar.update(task, total=n), on_progress=lambda n: bar.advance(task, n),
             )
+    elif ranks.is_main:
+        prepare_haystack(longva, path, max(sizes), entry)  # checks the stored blocks, embeds damaged ones again
+    if ranks.is_main:
         cache.evict(keep=entry)
     ranks.barrier()
     haystack = load_haystack(entry, max(sizes), longva.model.device)  # [frames, 144, d]

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from longva_cli.train.settings import LoggingSettings, TrainSettings
 
 METRICS = "metrics.jsonl"
+METRICS_FIELDS = ("step",)  # what a metrics.jsonl line needs to count
 # What a training run writes into its output folder (and --overwrite removes): checkpoints and
 # their pointer, metrics, loggers' folders, align's skipped-sample list and DPO reference cache.
 RUN_FILES = ("latest", ".latest.tmp", METRICS, "skipped.jsonl", "reference_logps.json", "tensorboard", "wandb")
@@ -109,7 +110,7 @@ def prepare_output(folder: Path, resume: str | Path | None, overwrite: bool) -> 
         )
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    for path in [*steps, *folder.glob(".tmp-step_*"), *(folder / name for name in RUN_FILES)]:
+    for path in [*steps, *folder.glob(".tmp-step_*"), *folder.glob(".old-step_*"), *(folder / name for name in RUN_FILES)]:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -255,23 +256,17 @@ def run(
 
 def keep_metrics_until(path: Path, step: int) -> None:
     """Drop the records after `step` (written after the checkpoint a run resumes from), so the
-    file holds one record per step once the resumed run has written its own."""
+    file holds one record per step once the resumed run has written its own; damaged lines (a
+    kill's torn tail, bytes that are not JSON) are set aside first, as in every run folder."""
+    from longva_cli.engine.runs import set_aside_damaged, split_lines, write_atomic
+
+    set_aside_damaged(path, METRICS_FIELDS)
     if not path.is_file():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and _step_of(line) <= step]
-    if len(kept) == len(lines):
-        return
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text("".join(kept))
-    os.replace(partial, path)
-
-
-def _step_of(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):  # a line cut by a kill: drop it
-        return float("inf")
+    records, lines, _ = split_lines(path.read_bytes(), METRICS_FIELDS)
+    kept = [line for record, line in zip(records, lines) if isinstance(record["step"], int) and record["step"] <= step]
+    if len(kept) < len(lines):
+        write_atomic(path, b"".join(kept))
 
 
 def peak_host_memory_gb() -> float | None:

@@ -59,10 +59,10 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file (later records for a step win, as after a resume)."""
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_step[record["step"]] = record
+    """The records of a metrics.jsonl file (later records for a step win, as after a resume);
+    damaged lines are skipped (a resumed run sets them aside)."""
+    from longva_cli.engine.runs import read_lines
+    from longva_cli.train.loop import METRICS_FIELDS
+
+    by_step = {record["step"]: record for record in read_lines(path, METRICS_FIELDS) if isinstance(record["step"], int)}
     return [by_step[s] for s in sorted(by_step)]
