@@ -16,6 +16,7 @@ import typer
 
 from longva_cli import options
 from longva_cli.console import EventDisplay, load_model, stderr
+from longva_cli.checks import check_number
 from longva_cli.errors import LongVAError
 from longva_cli.hub import DEFAULT_MODEL
 
@@ -77,6 +78,8 @@ class AskSettings:
             raise LongVAError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}.")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise LongVAError(f"--top-p must be in (0, 1], got {self.top_p}.")
+        check_number("--top-k", self.top_k, integer=True, at_least=0, nullable=True)  # 0: no top-k
+        check_number("--seed", self.seed, integer=True, at_least=0, at_most=2**63 - 1, nullable=True)  # what torch takes
         if self.max_new_tokens < 1:
             raise LongVAError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}.")
         if self.prefill_chunk < 1:

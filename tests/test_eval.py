@@ -266,7 +266,7 @@ def test_bad_inputs_fail_with_one_sentence(tmp_path, videomme_folder):
         (["--data", str(missing_field)], "line 1 lacks 'question'"),
         (["--data", str(empty)], "no annotation file"),
         (["--data", str(bad_answer)], "answer 'Z' is not one of the option letters A, B"),
-        (["--data", str(videomme_folder), "--frames", "0"], "--frames must be at least 1"),
+        (["--data", str(videomme_folder), "--frames", "0"], "--frames must be a whole number at least 1"),
     ]
     for args, message in cases:
         done = run_cli("eval", "local", *args, "--model", "/nonexistent-model")

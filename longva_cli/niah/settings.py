@@ -94,9 +94,9 @@ MAX_SIZES = 10_000  # haystack sizes in one grid: far above any real grid, and a
 
 def size_grid(low: int, high: int, step: int, what: str) -> list[int]:
     """low, low + step, ... up to high (inclusive), as the original's range(low, high + 1, step)."""
-    check_number(f"the {what} step", step, integer=True, at_least=1)
-    check_number(f"the smallest {what} count", low, integer=True, at_least=1)
-    check_number(f"the largest {what} count", high, integer=True, at_least=1)
+    check_number(f"--{what}-step", step, integer=True, at_least=1)  # (recipe keys: the same with _)
+    check_number(f"--min-{what}s", low, integer=True, at_least=1)
+    check_number(f"--max-{what}s", high, integer=True, at_least=1)
     if low > high:
         raise LongVAError(f"the smallest {what} count ({low}) is larger than the largest ({high}); swap them.")
     if (high - low) // step + 1 > MAX_SIZES:
