@@ -44,7 +44,7 @@ def prepare_folder(folder: Path, mode: str, settings: dict, identity: dict, over
     store = RunStore(folder, SETTINGS)
     store.open(
         {"mode": mode, **identity}, overwrite=overwrite, results=(ITEMS, RESULTS, ACCURACIES, AVERAGE, HEATMAP),
-        resume_hint=", --resume to continue with the stored settings", mode=mode, settings=settings,
+        resume_hint=f", --resume {folder} to continue with the stored settings", mode=mode, settings=settings,
     )
     return len(store.read(RESULTS))
 
@@ -53,7 +53,7 @@ def stored_settings(folder: Path) -> tuple[str, dict]:
     """(mode, settings) of an existing run folder, for --resume."""
     path = folder / SETTINGS
     if not path.is_file():
-        raise LongVAError(f"{folder} has no {SETTINGS}: there is no run to resume there; drop --resume to start one.")
+        raise LongVAError(f"{folder} has no {SETTINGS}: there is no run to resume there; start one without --resume.")
     stored = json.loads(path.read_text())
     return stored["mode"], stored["settings"]
 
