@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
@@ -37,12 +38,23 @@ SCORING_HELP = (
     "teacher-forced (the original: argmax equals the answer at every answer token) or generate (greedy answer, "
     f"compared as text) [default: {VideoSettings.scoring}]."
 )
-RECIPE_HELP = "Settings from a recipe: a YAML file or a bundled name (`longva recipes list`); flags override it."
-RESUME_HELP = (
-    "Continue the run in this folder with the settings stored there (flags may change --device, --attn, "
-    "--prefill-chunk and --cache-dir); rerunning the same command continues it too."
-)
-OVERWRITE_HELP = "Delete the results in --output and start over."
+# Options both modes take, spelled once.
+Recipe = Annotated[
+    Optional[str],
+    typer.Option("--recipe", "-r", help="Settings from a recipe: a YAML file or a bundled name (`longva recipes list`); flags override it."),
+]
+Resume = Annotated[
+    Optional[str],
+    typer.Option(
+        "--resume", metavar="RUN", help="Continue the run in this folder with the settings stored there (flags may change --device, "
+        "--attn, --prefill-chunk and --cache-dir); rerunning the same command continues it too.",
+    ),
+]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Delete the results in --output and start over.")]
+SequenceParallel = Annotated[
+    Optional[int],
+    typer.Option("--sequence-parallel", help="Split each sequence over this many torchrun ranks (DeepSpeed Ulysses; teacher-forced) [default: 1]."),
+]
 # The two modes share these defaults (VideoSettings and TextSettings spell them alike).
 Device = options.default_shown(options.Device, VideoSettings.device)
 Dtype = options.default_shown(options.Dtype, VideoSettings.dtype)
@@ -151,15 +163,13 @@ def video_command(
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where haystack embeddings are cached (the visual cache) [default: ~/.cache/longva/visual]."),
     device: Device = None,
     device_map: options.DeviceMap = None,
-    sequence_parallel: int | None = typer.Option(
-        None, "--sequence-parallel", help="Split each sequence over this many torchrun ranks (DeepSpeed Ulysses; teacher-forced) [default: 1]."
-    ),
+    sequence_parallel: SequenceParallel = None,
     dtype: Dtype = None,
     attn: Attention = None,
     prefill_chunk: PrefillChunk = None,
-    recipe: str | None = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
-    resume: str | None = typer.Option(None, "--resume", metavar="RUN", help=RESUME_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    recipe: Recipe = None,
+    resume: Resume = None,
+    overwrite: Overwrite = False,
     json_output: options.Json = False,
 ) -> None:
     """V-NIAH: can the model find one needle image among N frames of a long video?
@@ -206,15 +216,13 @@ def text_command(
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Longest generated answer (generate scoring) [default: 32]."),
     device: Device = None,
     device_map: options.DeviceMap = None,
-    sequence_parallel: int | None = typer.Option(
-        None, "--sequence-parallel", help="Split each sequence over this many torchrun ranks (DeepSpeed Ulysses; teacher-forced) [default: 1]."
-    ),
+    sequence_parallel: SequenceParallel = None,
     dtype: Dtype = None,
     attn: Attention = None,
     prefill_chunk: PrefillChunk = None,
-    recipe: str | None = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
-    resume: str | None = typer.Option(None, "--resume", metavar="RUN", help=RESUME_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    recipe: Recipe = None,
+    resume: Resume = None,
+    overwrite: Overwrite = False,
     json_output: options.Json = False,
 ) -> None:
     """Text NIAH: find "The special magic Singapore number is: NNNNNNN." in a long book.
