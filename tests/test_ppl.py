@@ -258,6 +258,28 @@ def test_a_killed_run_continues_where_it_stopped(run, models, books, tmp_path, m
     assert again.scored_now == [] and len(again.records) == 6
 
 
+def test_ctrl_c_on_the_command_line_says_what_is_saved_and_how_to_continue(models, books, tmp_path, monkeypatch, longva_main):
+    real_measure = ppl.measure
+    measured = []
+
+    def ctrl_c_on_the_third(*args, **kwargs):
+        if len(measured) == 2:
+            raise KeyboardInterrupt
+        measured.append(1)
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(ppl, "measure", ctrl_c_on_the_third)
+    output = tmp_path / "run"
+    command = ["eval", "ppl", "--model", models[0], "--data", books, "--min-tokens", "32", "--max-tokens", "128", "--samples", "3",
+               "--min-doc-tokens", "40", "--device", "cpu", "--output", output]
+    stopped = longva_main(*command)
+    assert stopped.returncode == 130 and stopped.stdout == ""
+    again = "longva " + " ".join(map(str, command))
+    assert stopped.stderr.splitlines()[-1] == (
+        f"interrupted: 2 (model, length) results are saved in {output}/ppl.jsonl; run the same command to continue: {again}"
+    )
+
+
 def test_other_settings_are_refused_unless_overwrite(run, models, books, tmp_path):
     folder = shutil.copytree(run[0].folder, tmp_path / "run")
     with pytest.raises(LongVAError, match="--overwrite"):
