@@ -55,8 +55,9 @@ def root(
     """LongVA: ask questions about hour-long videos, run V-NIAH, train and serve long-context video models."""
 
 
-# Training commands take a recipe plus free-form dotted `key=value` overrides.
-RECIPE_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+# Training commands take their `key=value` overrides as a trailing argument; what launchers append
+# (deepspeed's --local_rank=N) lands there too instead of failing as an unknown option.
+RECIPE_ARGS = {"ignore_unknown_options": True}
 
 app.command("ask", no_args_is_help=True)(ask.command)
 app.command("chat", no_args_is_help=True)(chat.command)
