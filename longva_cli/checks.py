@@ -1,4 +1,4 @@
-"""The checks every input passes through, written once: numbers and text.
+"""The checks every input passes through, written once: numbers, text, and installed extras.
 
 Command-line options, recipe keys, environment variables and HTTP request fields all name
 numbers that must be finite, of the right type and in range, and text that must be valid
@@ -10,8 +10,8 @@ itself refuses.
 
 from __future__ import annotations
 
+import importlib.util
 import math
-import reprlib
 from pathlib import Path
 
 from longva_cli.errors import LongVAError
@@ -19,12 +19,6 @@ from longva_cli.errors import LongVAError
 # The range of a 64-bit integer: what torch takes as a seed, and a bound for any count, so that
 # no value reaches torch or numpy and overflows there.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-
-# How a refused value is shown: whole when short, cut in the middle when long (a 10 MB string
-# sent as `temperature` is not echoed back).
-_brief = reprlib.Repr()
-_brief.maxstring = _brief.maxlong = 60
-
 
 def check_number(
     name: str,
@@ -51,10 +45,11 @@ def check_number(
     if at_most is not None:
         bounds.append(f"at most {_shown(at_most)}")
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    # a Python int is always finite (and math.isfinite cannot take one past float's range)
+    finite = is_number and (isinstance(value, int) or math.isfinite(value))
     ok = (
-        is_number
-        and (not integer or isinstance(value, int) or (math.isfinite(value) and float(value).is_integer()))
-        and math.isfinite(value)
+        finite
+        and (not integer or isinstance(value, int) or float(value).is_integer())
         and (above is None or value > above)
         and (at_least is None or value >= at_least)
         and (below is None or value < below)
@@ -63,7 +58,7 @@ def check_number(
     if not ok:
         kind = "a whole number" if integer else "a finite number"
         wanted = kind + (f" {' and '.join(bounds)}" if bounds else "") + (" or null" if nullable else "")
-        raise LongVAError(f"{name} must be {wanted}, got {_brief.repr(value)}.")
+        raise LongVAError(f"{name} must be {wanted}, got {shown_value(value)}.")
     return int(value) if integer else value
 
 
@@ -93,6 +88,14 @@ def env_number(name: str, default: float, *, meaning: str, **bounds) -> float:
 
 def _shown(bound: float) -> str:
     return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
+def shown_value(value, limit: int = 60) -> str:
+    """`repr(value)`, cut to `limit` characters: an error line stays one readable line."""
+    if isinstance(value, int) and value.bit_length() > 3 * limit:  # (Python refuses repr past 4,300 digits)
+        return f"a whole number of about {int(value.bit_length() * math.log10(2)):,} digits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text):,} characters)"
 
 
 def checked_text(text: str, name: str) -> str:
@@ -127,3 +130,12 @@ def read_text_file(path: Path, name: str, *, max_bytes: int | None = None) -> st
         raise LongVAError(
             f"{name} {path} is not UTF-8 text (byte {err.start} is 0x{data[err.start]:02x}); save it as UTF-8."
         ) from None
+
+
+def require_extra(extra: str, modules: tuple[str, ...], needed_by: str) -> None:
+    """One sentence naming the pip extra to install when a module of it is missing, said before
+    anything imports it (the alternative is an import traceback from deep inside a run)."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise LongVAError(f"{needed_by} needs {' and '.join(missing)}, which {verb} not installed: pip install 'longva[{extra}]'.")

@@ -3,8 +3,9 @@
 Use as `device: Device = "auto"` in a Typer command's signature.
 """
 
+import copy
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_args
 
 import typer
 
@@ -41,3 +42,21 @@ TopP = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling
 TopK = Annotated[Optional[int], typer.Option("--top-k", help="Top-k sampling (default: the checkpoint's generation config, else 50).")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed for sampling (each answer starts from it).")]
 System = Annotated[Optional[str], typer.Option("--system", help="System prompt (default: 'You are a helpful assistant.'; '' for none).")]
+
+# Commands whose result is a table print it on stdout; this prints it as JSON there instead.
+Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout instead of a table.")]
+
+
+def default_shown(option, default) -> object:
+    """`option` with `[default: …]` added to its help, for commands whose options default to None
+    so that a flag given can be told from a default (`niah`, where a recipe comes between)."""
+    kind, info = get_args(option)
+    shown = copy.copy(info)
+    shown.help = f"{info.help} [default: {default}]"
+    return Annotated[kind, shown]
+
+# Training commands (and `recipes validate`) take recipe overrides after their options.
+Overrides = Annotated[
+    Optional[list[str]],
+    typer.Argument(metavar="KEY=VALUE", help="Recipe overrides: dotted keys, YAML values (train.max_steps=10 optimizer.betas=[0.9,0.95])."),
+]

@@ -54,3 +54,25 @@ def video_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def image_file(tmp_path_factory) -> Path:
     return write_image(tmp_path_factory.mktemp("media") / "photo.png")
+
+
+@pytest.fixture
+def longva_main(monkeypatch, capsys):
+    """Run `longva ARGS...` in this process through the executable's own `main` (an interpreter
+    start costs seconds of imports); returns a CompletedProcess with its exit status, stdout and
+    stderr."""
+    import subprocess
+
+    from longva_cli.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")  # main widens a terminal-less run through the environment
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["longva", *map(str, args)])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(sys.argv, exited.value.code or 0, out, err)
+
+    return run

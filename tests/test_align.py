@@ -512,7 +512,7 @@ def test_trained_tiny_checkpoint_loads_from_any_working_directory(tmp_path, monk
     assert made.returncode == 0, made.stderr
     done = _cli("--recipe", "align/tiny-cpu", "train.max_steps=1", "data.frames=2", "--output", "runs/one", cwd=work)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "" and (work / "runs/one/latest").read_text().strip() == "step_1"
+    assert done.stdout == "runs/one/step_1\n" and (work / "runs/one/latest").read_text().strip() == "step_1"
     monkeypatch.chdir(elsewhere)
     longva = LongVA.from_pretrained(str(work / "runs/one/step_1"), device="cpu")
     from longva_cli.engine import MediaSpec, drive, encode

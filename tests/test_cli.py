@@ -207,10 +207,10 @@ def test_download_checks_folders_without_importing_torch(tiny_checkpoint):
 
 def test_recipes_list_names_every_bundled_recipe_with_its_first_sentence():
     result = longva("recipes", "list", env={"COLUMNS": "200"})
-    assert result.returncode == 0
+    assert result.returncode == 0 and result.stderr == ""  # a listing is the result: stdout, so `| grep tiny` finds it
     for name in ("extend-text/qwen2-7b-224k", "align/stage2-full", "niah/v-niah-longva-7b"):
-        assert name in result.stderr
-    assert "LongVA stage 1: extend Qwen2-7B-Instruct's text context to 224K tokens (rope_theta 1e9, 1000 steps)." in result.stderr
+        assert name in result.stdout
+    assert "LongVA stage 1: extend Qwen2-7B-Instruct's text context to 224K tokens (rope_theta 1e9, 1000 steps)." in result.stdout
 
 
 def test_temperatures_and_top_p_too_small_to_sample_at_decode_greedily(video_file, tiny_checkpoint, monkeypatch, capsys):
@@ -229,3 +229,145 @@ def test_temperatures_and_top_p_too_small_to_sample_at_decode_greedily(video_fil
             assert exited.code in (0, None), capsys.readouterr().err
         answers.append(capsys.readouterr().out)
     assert answers[0].strip() and answers == [answers[0]] * 3
+
+
+# ---- what a new user meets: extras, Ctrl-C, spellings, help, the tiny kit -----------------------
+
+
+@pytest.mark.parametrize("command, recipe", [("extend-text", "extend-text/tiny-cpu"), ("align", "align/tiny-cpu")])
+def test_training_without_the_train_extra_names_it_in_one_line(command, recipe, longva_main, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # what `pip install -e .` without [train] leaves
+    done = longva_main(command, "--recipe", recipe, "--output", tmp_path / "run")
+    assert done.returncode == 1
+    assert done.stderr == f"error: `longva {command}` needs deepspeed, which is not installed: pip install 'longva[train]'.\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_status_130(longva_main, monkeypatch):
+    from longva_cli import download
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(download, "download", interrupted)
+    done = longva_main("download", "LongVA-7B")
+    assert (done.returncode, done.stderr, done.stdout) == (130, "interrupted: stopped by Ctrl-C.\n", "")
+
+
+def test_ctrl_c_in_training_names_the_kept_checkpoint_and_the_command_that_continues(longva_main, monkeypatch, tmp_path):
+    from longva_cli.train import extend_text
+
+    def stopped_after_a_checkpoint(recipe, resume=None, overwrite=False):
+        (recipe.train.output_dir / "step_2").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extend_text, "extend_text", stopped_after_a_checkpoint)
+    run = tmp_path / "run"
+    done = longva_main("extend-text", "--recipe", "extend-text/tiny-cpu", "train.save_every=2", "--output", run, "--overwrite")
+    assert done.returncode == 130
+    assert done.stderr == (
+        f"interrupted: {run}/step_2 is kept (a checkpoint every 2 steps); continue with: "
+        f"longva extend-text --recipe extend-text/tiny-cpu train.save_every=2 --output {run} --resume {run}\n"
+    )
+
+    def stopped_before_one(recipe, resume=None, overwrite=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extend_text, "extend_text", stopped_before_one)
+    done = longva_main("extend-text", "--recipe", "extend-text/tiny-cpu", "--output", tmp_path / "new")
+    assert done.stderr.startswith("interrupted: no checkpoint was written yet (the first at step 15); start over with: longva extend-text")
+
+
+def test_last_releases_spellings_still_work_with_a_note(capsys):
+    from longva_cli.cli import old_spellings
+
+    assert old_spellings(["eval", "ppl", "--tokens-step", "8", "--data", "d"]) == ["eval", "ppl", "--token-step", "8", "--data", "d"]
+    assert old_spellings(["eval", "ppl", "--tokens-step=8"]) == ["eval", "ppl", "--token-step=8"]
+    assert "--tokens-step is now --token-step" in capsys.readouterr().err
+    # niah's --resume was a switch meaning the --output folder; it now takes the folder ("" = --output)
+    assert old_spellings(["niah", "video", "--output", "runs/a", "--resume"]) == ["niah", "video", "--output", "runs/a", "--resume", ""]
+    assert old_spellings(["niah", "text", "--resume", "--output", "runs/a"]) == ["niah", "text", "--resume", "", "--output", "runs/a"]
+    assert "--resume now takes the run folder" in capsys.readouterr().err
+    unchanged = ["niah", "video", "--resume", "runs/a"]
+    assert old_spellings(unchanged) == unchanged and capsys.readouterr().err == ""
+
+
+def test_help_shows_defaults_overrides_and_group_examples(longva_main):
+    niah = longva_main("niah", "video", "--help").stdout
+    for shown in ("[default: auto]", "[default: 4096]", "[default: teacher-forced]", "[default: v_niah_needles]"):
+        assert shown in niah
+    for command in ("extend-text", "align"):
+        assert f"Usage: longva {command} [OPTIONS] [KEY=VALUE]..." in longva_main(command, "--help").stdout
+    for group, example in (("niah", "longva niah video --resume runs/niah-longva"), ("recipes", "longva recipes list")):
+        lines = [line.rstrip() for line in longva_main(group, "--help").stdout.splitlines()]
+        assert f"   {example}" in lines  # indented under `examples:` (Rich's margin is one space)
+
+
+def test_download_tiny_writes_a_kit_that_loads_and_prints_the_folder(longva_main, tmp_path):
+    from longva_cli.download import tiny_commands
+    from longva_cli.model.files import missing_files
+
+    done = longva_main("download", "tiny", "--output", tmp_path / "kit")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{tmp_path / 'kit'}\n"  # the result: `folder=$(longva download tiny)` works
+    for command in tiny_commands(str(tmp_path / "kit")):
+        assert command in done.stderr
+    assert missing_files(tmp_path / "kit" / "longva") == []
+    assert (tmp_path / "kit" / "qwen2" / "config.json").is_file() and (tmp_path / "kit" / "needles" / "needles.jsonl").is_file()
+    asked = longva_main("ask", tmp_path / "kit" / "clip.mp4", "What is moving?", "--model", tmp_path / "kit" / "longva", "--max-new-tokens", "4", "--json")
+    assert asked.returncode == 0 and json.loads(asked.stdout)["answer"] is not None
+    assert "tiny" in longva_main("download", "--list").stdout
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_readme_try_it_without_a_gpu_runs_as_written(tmp_path):
+    """The README's "Try it without a GPU" block, line by line, in an empty folder: it matches
+    what `download tiny` prints, and each line exits 0."""
+    from longva_cli.download import tiny_commands
+    from test_recipes import readme_block
+
+    lines = readme_block("## Try it without a GPU")
+    assert lines == ["longva download tiny", *tiny_commands("longva-tiny")]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200"}
+    for line in lines:
+        done = subprocess.run(line, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{line}: {done.stderr[-2000:]}"
+    assert (tmp_path / "runs" / "extend-tiny" / "step_4").is_dir() and (tmp_path / "runs" / "niah-tiny" / "heatmap.png").is_file()
+
+
+def test_readme_set_up_says_how_to_install_on_a_cpu_only_machine():
+    set_up = (REPO / "README.md").read_text().split("\n## Set up\n", 1)[1].split("\n## ", 1)[0]
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in set_up
+
+
+@pytest.mark.integration
+def test_help_and_tables_are_not_cut_at_80_columns_without_a_terminal():
+    env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    done = subprocess.run([sys.executable, "-m", "longva_cli", "extend-text", "--help"], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120, env=env)
+    # a docstring paragraph is one line, wrapped by Rich at the (wide) width, not at the source's breaks
+    assert "Trailing key=value arguments override recipe settings (dotted keys, YAML values). Multi-GPU" in done.stdout
+    listed = subprocess.run([sys.executable, "-m", "longva_cli", "recipes", "list"], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert "LongVA stage 1: extend Qwen2-7B-Instruct's text context to 224K tokens (rope_theta 1e9, 1000 steps)." in listed.stdout
+
+
+def test_status_lines_on_stderr_are_never_rewrapped(capsys):
+    from longva_cli.console import stderr
+
+    line = "video: 32 frames, 4,608 visual + 36 text tokens; " + "encode 5.2s, prefill 1.7s, 16 tokens in 1.4s; " * 4
+    stderr.print(line)
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_niah_json_puts_the_scores_on_stdout_as_one_object(tmp_path, capsys):
+    from longva_cli.niah.cli import report
+    from longva_cli.niah.grid import GridRun
+
+    (tmp_path / "avg_accuracy.txt").write_text("Average Accuracy: 0.5\n")
+    cells = [{"num_frames": 2, "depth": 0.0, "score": 1.0}, {"num_frames": 2, "depth": 1.0, "score": 0.0}]
+    report(GridRun(tmp_path, "video", cells, 0.5, 2, 0, None), json_output=True)
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"mode": "video", "average_accuracy": 0.5, "cells": cells, "folder": str(tmp_path), "files": ["avg_accuracy.txt"]}
+    assert "results:" in err

@@ -146,6 +146,29 @@ def test_each_video_is_encoded_once_and_a_rerun_recomputes_nothing(videomme_fold
     assert second["summary"] == first["summary"]
 
 
+def test_ctrl_c_on_the_command_line_says_how_many_answers_are_saved(videomme_folder, tiny_checkpoint, tmp_path, monkeypatch, longva_main):
+    from longva_cli.eval import local
+
+    real_answer = local.answer_one
+    answered = []
+
+    def ctrl_c_on_the_third(*args, **kwargs):
+        if len(answered) == 2:
+            raise KeyboardInterrupt
+        answered.append(1)
+        return real_answer(*args, **kwargs)
+
+    monkeypatch.setattr(local, "answer_one", ctrl_c_on_the_third)
+    command = ["eval", "local", "--data", videomme_folder, "--model", tiny_checkpoint, "--device", "cpu", "--frames", "2",
+               "--max-new-tokens", "2", "--output", tmp_path / "run", "--no-cache"]
+    stopped = longva_main(*command)
+    assert stopped.returncode == 130 and stopped.stdout == ""
+    again = "longva " + " ".join(map(str, command))
+    assert stopped.stderr.splitlines()[-1] == (
+        f"interrupted: 2 answers are saved in {tmp_path / 'run' / 'samples.jsonl'}; run the same command to continue: {again}"
+    )
+
+
 def test_resume_drops_a_half_written_line_and_refuses_other_settings(videomme_folder, tiny_longva, tmp_path):
     evaluate_local(videomme_folder, model=tiny_longva, frames=2, max_new_tokens=2, output=tmp_path, limit=2)
     with open(tmp_path / "samples.jsonl", "ab") as handle:
@@ -267,7 +290,7 @@ def test_bad_inputs_fail_with_one_sentence(tmp_path, videomme_folder):
         (["--data", str(missing_field)], "line 1 lacks 'question'"),
         (["--data", str(empty)], "no annotation file"),
         (["--data", str(bad_answer)], "answer 'Z' is not one of the option letters A, B"),
-        (["--data", str(videomme_folder), "--frames", "0"], "--frames must be at least 1"),
+        (["--data", str(videomme_folder), "--frames", "0"], "--frames must be a whole number at least 1"),
     ]
     for args, message in cases:
         done = run_cli("eval", "local", *args, "--model", "/nonexistent-model")

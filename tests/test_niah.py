@@ -368,6 +368,32 @@ def test_a_damaged_middle_line_is_set_aside_and_no_cell_is_lost_or_counted_twice
     assert (settings.output / "results.jsonl.damaged").read_bytes() == damaged + b"[1, 2]\n"
     cells = cell_lines(settings.output)
     assert len(cells) == len(intact) == 6 and {(c["num_frames"], c["depth"]): c for c in cells} == intact
+def test_ctrl_c_says_what_is_kept_and_the_rerun_says_it_is_resuming(video_settings, tmp_path, monkeypatch, longva_main):
+    s = video_settings
+    output = tmp_path / "run"
+    original = scoring.teacher_forced
+    calls = []
+
+    def ctrl_c_after_five(*args, **kwargs):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "teacher_forced", ctrl_c_after_five)
+    command = ["niah", "video", "--haystack", s.haystack, "--needles", s.needles, "--model", s.model, "--device", "cpu",
+               "--cache-dir", s.cache_dir, "--min-frames", "2", "--max-frames", "4", "--frame-step", "2", "--depth-step", "0.5",
+               "--output", output]
+    stopped = longva_main(*command)
+    assert stopped.returncode == 130 and stopped.stdout == ""
+    assert stopped.stderr.splitlines()[-1] == f"interrupted: 2 of 6 cells are saved in {output}; continue with: longva niah video --resume {output}"
+
+    monkeypatch.setattr(scoring, "teacher_forced", original)
+    resumed = longva_main("niah", "video", "--resume", output)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: 2 of 6 cells done in {output}" in resumed.stderr
+    assert "video NIAH scores" in resumed.stdout and "Average Accuracy" in resumed.stdout  # the result table: stdout
+    assert len(cell_lines(output)) == 6
 
 
 def test_resuming_a_finished_run_says_it_is_complete(video_run, video_settings, capsys):
@@ -503,11 +529,7 @@ def test_device_map_auto_runs_the_same_cells(video_run, video_settings, tmp_path
 # ---- the command line ---------------------------------------------------------------------
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "longva_cli", "niah", *args], check=False, capture_output=True, text=True, timeout=120)
-
-
-def test_bad_input_is_one_line_without_traceback(haystack, needle_dir, tmp_path):
+def test_bad_input_is_one_line_without_traceback(haystack, needle_dir, tmp_path, longva_main):
     no_answers = tmp_path / "needles"
     no_answers.mkdir()
     write_image(no_answers / "a.png")
@@ -519,12 +541,12 @@ def test_bad_input_is_one_line_without_traceback(haystack, needle_dir, tmp_path)
         "has no answer": ["video", "--haystack", str(haystack), "--needles", str(no_answers), *grid],
         "has 6 frames at 1 frame a second": ["video", "--haystack", str(haystack), "--max-frames", "8", "--min-frames", "2", "--frame-step", "2"],
         "larger than the largest": ["video", "--haystack", str(haystack), "--min-frames", "6", "--max-frames", "2"],
-        "step must be positive": ["text", "--token-step", "0"],
+        "--token-step must be a whole number at least 1, got 0": ["text", "--token-step", "0"],
         "does not divide 1": ["text", "--depth-step", "0.3"],
-        "between 0 and 6": ["text", "--distractors", "7"],
+        "--distractors (one per city) must be a whole number at least 0 and at most 6, got 7": ["text", "--distractors", "7"],
     }
     for expected, args in cases.items():
-        done = run_cli(*args, "--output", str(tmp_path / "out"))
+        done = longva_main("niah", *args, "--output", tmp_path / "out")
         assert done.returncode == 1, (args, done.stderr)
         assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
@@ -553,13 +575,14 @@ def test_flags_override_the_recipe_and_resume_reads_the_folder(tmp_path):
     from longva_cli.recipes import to_dict
 
     recipe = Path(__file__).parent.parent / "recipes" / "niah" / "v-niah-longva-7b.yaml"
-    settings = settings_for("video", str(recipe), False, {"max_frames": 1200, "output": tmp_path})
+    settings = settings_for("video", str(recipe), None, {"max_frames": 1200, "output": tmp_path})
     assert (settings.max_frames, settings.frame_step, settings.dtype) == (1200, 200, "bfloat16")
     prepare_folder(tmp_path, "video", to_dict(settings), identity(settings), overwrite=False)
-    resumed = settings_for("video", None, True, {"output": tmp_path})
+    resumed = settings_for("video", None, str(tmp_path), {})
+    assert settings_for("video", None, "", {"output": tmp_path}) == settings  # the bare switch of the last release
     assert resumed == settings
     with pytest.raises(LongVAError, match="video recipe"):
-        settings_for("text", str(recipe), False, {})
+        settings_for("text", str(recipe), None, {})
 
 
 def torchrun_text(settings: TextSettings, output: Path, *extra: str) -> None:

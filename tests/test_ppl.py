@@ -281,6 +281,28 @@ def test_a_killed_run_continues_where_it_stopped(run, models, books, tmp_path, m
     assert again.scored_now == [] and len(again.records) == 6
 
 
+def test_ctrl_c_on_the_command_line_says_what_is_saved_and_how_to_continue(models, books, tmp_path, monkeypatch, longva_main):
+    real_measure = ppl.measure
+    measured = []
+
+    def ctrl_c_on_the_third(*args, **kwargs):
+        if len(measured) == 2:
+            raise KeyboardInterrupt
+        measured.append(1)
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(ppl, "measure", ctrl_c_on_the_third)
+    output = tmp_path / "run"
+    command = ["eval", "ppl", "--model", models[0], "--data", books, "--min-tokens", "32", "--max-tokens", "128", "--samples", "3",
+               "--min-doc-tokens", "40", "--device", "cpu", "--output", output]
+    stopped = longva_main(*command)
+    assert stopped.returncode == 130 and stopped.stdout == ""
+    again = "longva " + " ".join(map(str, command))
+    assert stopped.stderr.splitlines()[-1] == (
+        f"interrupted: 2 (model, length) results are saved in {output}/ppl.jsonl; run the same command to continue: {again}"
+    )
+
+
 def test_other_settings_are_refused_unless_overwrite(run, models, books, tmp_path):
     folder = shutil.copytree(run[0].folder, tmp_path / "run")
     with pytest.raises(LongVAError, match="--overwrite"):
@@ -368,7 +390,7 @@ def test_context_lengths_double_or_step_as_the_original():
         (dict(max_tokens=16), "--max-tokens 16 is below --min-tokens 32"),
         (dict(stride=40), "--stride must be between 1 and the smallest context length 32"),
         (dict(samples=0), "--samples must be at least 1"),
-        (dict(tokens_step=0), "--tokens-step must be a positive"),
+        (dict(token_step=0), "--token-step must be a positive"),
         (dict(data="/no/such/books"), "--data /no/such/books does not exist"),
         (dict(min_tokens=1024, max_tokens=2048), "shorter than the smallest context length 1,024 (the longest has"),
         (dict(min_doc_tokens=5000), "no document of --data"),
@@ -432,15 +454,14 @@ def test_the_readme_commands_run_as_written(models, tmp_path, monkeypatch):
     runner = CliRunner()
     doubling = runner.invoke(app, commands[0])
     assert doubling.exit_code == 0, doubling.output
-    assert doubling.stdout == Path("runs/ppl/ppl.csv").read_text()
-    lines = doubling.stdout.splitlines()
+    lines = Path("runs/ppl/ppl.csv").read_text().splitlines()
     assert lines[0] == ",4096,8192"  # 16K to 256K: no book is that long; they are named, then left out
     assert [line.split(",")[0] for line in lines[1:]] == ["runs/extend-qwen2-7b-224k/step_1000", "Qwen/Qwen2-7B-Instruct"]
+    assert "perplexity against context length" in doubling.stdout and "Qwen/Qwen2-7B-Instruct" in doubling.stdout  # the table: the result
     assert "16,384" in doubling.stderr
     stepped = runner.invoke(app, commands[1])
     assert stepped.exit_code == 0, stepped.output
-    assert stepped.stdout == Path("runs/ppl-pg19-test/ppl.csv").read_text()  # no --output: a folder of its own
-    assert stepped.stdout.splitlines()[0] == ",4096"
+    assert Path("runs/ppl-pg19-test/ppl.csv").read_text().splitlines()[0] == ",4096"  # no --output: a folder of its own
     Path("runs/ppl/ppl.png").unlink()
     plotted = runner.invoke(app, commands[2])
     assert plotted.exit_code == 0, plotted.output

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import typer
 
 from longva_cli import options
-from longva_cli.console import progress, stderr
+from longva_cli.console import on_interrupt, progress, stderr, stdout, this_command
 from longva_cli.errors import LongVAError
 from longva_cli.eval.local import DEFAULT_EVAL_MODEL
 
@@ -42,6 +43,7 @@ def lmms_command(
     stop_on_degenerate: bool = typer.Option(
         True, "--stop-on-degenerate/--no-stop-on-degenerate", help="Stop when too many answers are empty or '!!!!' (else warn)."
     ),
+    json_output: options.Json = False,
 ) -> None:
     """Benchmark LongVA through lmms-eval, or on local multiple-choice video QA.
 
@@ -71,12 +73,14 @@ def lmms_command(
         conv_template=conv_template, revision=revision, stop_on_degenerate=stop_on_degenerate, include_path=include_path,
     )
     if results is not None:
-        print_task_table(results)
+        if json_output:
+            typer.echo(json.dumps(results["results"], default=str))
+        else:
+            print_task_table(results)
         stderr.print(f"results: {output / 'results.json'}")
 
 
 def print_task_table(results: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("task", "metric", "value", title="lmms-eval results")
@@ -86,7 +90,7 @@ def print_task_table(results: dict) -> None:
                 continue
             shown = f"{value:.2f}" if isinstance(value, float) else str(value)
             table.add_row(task, metric.split(",")[0], shown)
-    Console().print(table)
+    stdout.print(table)
 
 
 @app.command("local", no_args_is_help=True)
@@ -112,6 +116,7 @@ def local_command(
     ),
     degenerate_threshold: float = typer.Option(0.3, "--degenerate-threshold", help="Share of broken answers that trips the guard."),
     degenerate_min_samples: int = typer.Option(10, "--degenerate-min-samples", help="Answers seen before the guard may trip."),
+    json_output: options.Json = False,
 ) -> None:
     """Score multiple-choice video QA from local files: no hub, no lmms-eval.
 
@@ -128,25 +133,37 @@ def local_command(
       longva eval local --data my-questions.jsonl --frames 32 --output runs/mine
       longva eval local --data ~/datasets/Video-MME --limit 30 --dtype float16 --no-stop-on-degenerate
     """
+    from longva_cli.engine.runs import read_lines
     from longva_cli.engine.visual_cache import disk_cache
-    from longva_cli.eval.local import evaluate_local
+    from longva_cli.eval.local import SAMPLES_FILE, evaluate_local, run_folder
 
-    results = evaluate_local(
-        data, model=model, frames=frames, output=output, annotations=annotations, prompt=prompt,
-        max_new_tokens=max_new_tokens, limit=limit, device=device, dtype=dtype, attn=attn, revision=revision,
-        prefill_chunk=prefill_chunk, cache=disk_cache(cache_dir, not no_cache), overwrite=overwrite,
-        stop_on_degenerate=stop_on_degenerate, degenerate_threshold=degenerate_threshold,
-        degenerate_min_samples=degenerate_min_samples,
-        on_warning=lambda message: stderr.print(f"[bold red]warning:[/bold red] {message}"),
-        progress=progress(unit="questions"),
-    )
-    print_local_table(results)
+    def kept() -> str:
+        answers = run_folder(data, frames, output) / SAMPLES_FILE
+        done = len(read_lines(answers))
+        if not done:
+            return "no question was answered yet; run the same command again to start."
+        return f"{done} answers are saved in {answers}; run the same command to continue: {this_command(drop=('--overwrite',))}"
+
+    with on_interrupt(kept):
+        results = evaluate_local(
+            data, model=model, frames=frames, output=output, annotations=annotations, prompt=prompt,
+            max_new_tokens=max_new_tokens, limit=limit, device=device, dtype=dtype, attn=attn, revision=revision,
+            prefill_chunk=prefill_chunk, cache=disk_cache(cache_dir, not no_cache), overwrite=overwrite,
+            stop_on_degenerate=stop_on_degenerate, degenerate_threshold=degenerate_threshold,
+            degenerate_min_samples=degenerate_min_samples,
+            on_warning=lambda message: stderr.print(f"[bold red]warning:[/bold red] {message}"),
+            progress=progress(unit="questions"),
+        )
+    if json_output:
+        typer.echo(json.dumps({"summary": results["summary"], "skipped": results["skipped"], "samples_file": results["samples_file"]}, default=str))
+    else:
+        print_local_table(results)
     folder = Path(results["samples_file"]).parent
     stderr.print(f"results: {folder / 'results.json'}; answers: {results['samples_file']}")
 
 
 def print_local_table(results: dict) -> None:
-    from rich.console import Console
+    """Accuracy by group on stdout; skipped questions on stderr."""
     from rich.table import Table
 
     summary = results["summary"]
@@ -160,7 +177,7 @@ def print_local_table(results: dict) -> None:
     for field in ("duration", "category", "domain"):
         for name, score in summary.get(field, {}).items():
             row(f"{field}: {name}", score)
-    Console().print(table)
+    stdout.print(table)
     if results["skipped"]:
         stderr.print(f"[yellow]{len(results['skipped'])} question(s) skipped:[/yellow]")
         for item in results["skipped"][:10]:
@@ -194,7 +211,7 @@ def ppl_command(
     output: Path = typer.Option(None, "--output", "-o", help="Run folder for ppl.csv, ppl.jsonl and ppl.png (default: runs/ppl-<data name>); rerun to continue."),
     min_tokens: int = typer.Option(4096, "--min-tokens", help="Smallest context length L."),
     max_tokens: int = typer.Option(131072, "--max-tokens", help="Largest context length L."),
-    tokens_step: int = typer.Option(None, "--tokens-step", help="Step between context lengths (default: double from --min-tokens)."),
+    token_step: int = typer.Option(None, "--token-step", help="Step between context lengths (default: double from --min-tokens)."),
     stride: int = typer.Option(None, "--stride", help="Tokens between window starts; each window scores only tokens no earlier one did (default: L, disjoint windows)."),
     text_field: str = typer.Option("text", "--text-field", help="Field (.jsonl) or column (.parquet, datasets) holding the text."),
     split: str = typer.Option("test", "--split", help="Split of a `datasets` name or saved DatasetDict."),
@@ -209,20 +226,21 @@ def ppl_command(
     prefill_chunk: options.PrefillChunk = 4096,
     revision: options.Revision = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results in --output (made with other data, stride or selection) and start over."),
+    json_output: options.Json = False,
 ) -> None:
     """Perplexity on long documents against context length, for any causal LM.
 
     At each context length L (doubling from --min-tokens to --max-tokens, or every
-    --tokens-step), each document is scored in windows of L tokens, advanced by --stride;
+    --token-step), each document is scored in windows of L tokens, advanced by --stride;
     tokens scored by an earlier window do not count again. Perplexity is exp of the mean NLL
     over all scored tokens; the original's average of per-window means is in ppl.jsonl too.
     Documents are tokenized once and cached. Each finished (model, L) is saved at once:
     rerun the same command to continue, or add models and lengths to the same folder.
-    Prints ppl.csv on stdout.
+    Prints the table on stdout (--json: the records of ppl.jsonl); writes ppl.csv, ppl.jsonl, ppl.png.
 
     examples:
       longva eval ppl --model runs/extend-qwen2-7b-224k/step_1000 --model Qwen/Qwen2-7B-Instruct --data pg19/ --min-tokens 4096 --max-tokens 262144 --output runs/ppl
-      longva eval ppl --model lmms-lab/Qwen2-7B-Instrcuct-224K --data emozilla/pg19-test --tokens-step 32000 --max-tokens 512000
+      longva eval ppl --model lmms-lab/Qwen2-7B-Instrcuct-224K --data emozilla/pg19-test --token-step 32000 --max-tokens 512000
       longva eval ppl --model lmms-lab/LongVA-7B --data books.jsonl --text-field content --samples 10 --stride 2048
       torchrun --nproc-per-node 4 -m longva_cli eval ppl --model lmms-lab/Qwen2-7B-Instrcuct-224K --data pg19/ --max-tokens 524288 --sequence-parallel 4
       longva eval ppl plot runs/ppl
@@ -230,28 +248,38 @@ def ppl_command(
     if ctx.invoked_subcommand is not None:
         return
     from longva_cli.console import progress as progress_bar
-    from longva_cli.eval.ppl import PplSettings, csv_text, curves, evaluate_perplexity
+    from longva_cli.engine.runs import read_lines
+    from longva_cli.eval.ppl import RESULTS, PplSettings, evaluate_perplexity, run_folder
 
     if not data:
         raise LongVAError("give --data (text files, a saved `datasets` folder or a hub dataset name); see `longva eval ppl --help`.")
     settings = PplSettings(
-        models=list(model or []), data=data, output=output, min_tokens=min_tokens, max_tokens=max_tokens, tokens_step=tokens_step,
+        models=list(model or []), data=data, output=output, min_tokens=min_tokens, max_tokens=max_tokens, token_step=token_step,
         stride=stride, text_field=text_field, split=split, samples=samples, min_doc_tokens=min_doc_tokens, cache_dir=cache_dir,
         device=device, dtype=dtype, attn=attn, device_map=device_map, sequence_parallel=sequence_parallel, prefill_chunk=prefill_chunk,
         revision=revision,
     )
+    def kept() -> str:
+        records = run_folder(settings) / RESULTS
+        done = len(read_lines(records))
+        if not done:
+            return "no (model, length) was measured yet; run the same command again to start."
+        return f"{done} (model, length) results are saved in {records}; run the same command to continue: {this_command(drop=('--overwrite',))}"
+
     bar = progress_bar(unit="tok")
-    with bar:
+    with on_interrupt(kept), bar:
         run = evaluate_perplexity(
             settings, overwrite=overwrite, progress=bar, on_warning=lambda message: bar.console.print(f"[bold red]warning:[/bold red] {message}"),
         )
     if run is None:  # not the main rank
         return
-    print_ppl_table(run.records)
+    if json_output:
+        typer.echo(json.dumps({"records": run.records, "folder": str(run.folder)}, default=str))
+    else:
+        print_ppl_table(run.records)
     if run.plot_note:
         stderr.print(f"[yellow]note:[/yellow] {run.plot_note}")
     stderr.print(f"results: {run.folder} (ppl.csv, ppl.jsonl{'' if run.plot_note else ', ppl.png'}); measured now: {len(run.scored_now)}")
-    typer.echo(csv_text(*curves(run.records)), nl=False)
 
 
 def print_ppl_table(records: list[dict]) -> None:
@@ -268,7 +296,7 @@ def print_ppl_table(records: list[dict]) -> None:
     for model, values in weighted.items():
         table.add_row(model, *["-" if value is None else f"{value:.3f}" for value in values])
         table.add_row("", *["" if value is None else f"[dim]{value:.3f}[/dim]" for value in window_means[model]])
-    stderr.print(table)
+    stdout.print(table)
 
 
 @ppl_app.command("plot", no_args_is_help=True)
@@ -289,5 +317,4 @@ def ppl_plot_command(
     table = run if run.is_file() else run / TABLE
     if not table.is_file():
         raise LongVAError(f"{table} does not exist; give a run folder of `longva eval ppl` or its ppl.csv.")
-    path = draw_curves(*read_table(table), output or table.parent / PLOT, title)
-    stderr.print(f"plot: {path}")
+    typer.echo(str(draw_curves(*read_table(table), output or table.parent / PLOT, title)))

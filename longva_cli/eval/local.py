@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from longva_cli.checks import check_number
 from longva_cli.errors import LongVAError
 from longva_cli.eval.answers import (
     LETTERS,
@@ -298,19 +299,18 @@ def evaluate_local(
     """
     from longva_cli.engine.runs import RunStore
 
-    if frames < 1:
-        raise LongVAError(f"--frames must be at least 1, got {frames}.")
-    if max_new_tokens < 1:
-        raise LongVAError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")
-    if not 0 <= degenerate_threshold <= 1:
-        raise LongVAError(f"--degenerate-threshold must be between 0 and 1, got {degenerate_threshold}.")
+    for flag, count in {"--frames": frames, "--max-new-tokens": max_new_tokens, "--prefill-chunk": prefill_chunk}.items():
+        check_number(flag, count, integer=True, at_least=1)
+    check_number("--limit", limit, integer=True, at_least=1, nullable=True)
+    check_number("--degenerate-threshold", degenerate_threshold, at_least=0, at_most=1)
+    check_number("--degenerate-min-samples", degenerate_min_samples, integer=True, at_least=1)
     if prompt not in PROMPTS:
         raise LongVAError(f"--prompt {prompt!r} is not known; use {' or '.join(PROMPTS)}.")
     data = Path(data).expanduser()
     samples, source = load_samples(data, annotations)
     if limit is not None:
         samples = samples[:limit]
-    output = Path(output) if output else Path("runs") / "eval-local" / f"{data.stem}-{frames}f"
+    output = run_folder(data, frames, output)
     model_name = model if isinstance(model, str) else getattr(model, "name", "longva")
     settings = {"model": str(model_name), "frames": frames, "prompt": prompt, "max_new_tokens": max_new_tokens}
     store = RunStore(output, RUN_FILE, fields={SAMPLES_FILE: SAMPLE_FIELDS})
@@ -370,6 +370,11 @@ def evaluate_local(
     elif guard.tripped and on_warning:
         on_warning(guard.message())
     return finish(store, samples, records, run, guard, stopped=False)
+
+
+def run_folder(data: Path, frames: int, output: Path | None) -> Path:
+    """--output, or runs/eval-local/<data>-<frames>f."""
+    return Path(output) if output else Path("runs") / "eval-local" / f"{Path(data).expanduser().stem}-{frames}f"
 
 
 def load_model(model, *, device: str, dtype: str, attn: str, revision: str | None):

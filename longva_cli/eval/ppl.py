@@ -68,7 +68,7 @@ class PplSettings:
     output: Path | None = None  # None: runs/ppl-<data name> (see `run_folder`)
     min_tokens: int = 4096
     max_tokens: int = 131072
-    tokens_step: int | None = None  # None: double from min_tokens
+    token_step: int | None = None  # None: double from min_tokens
     stride: int | None = None  # None: L (disjoint windows)
     text_field: str = "text"
     split: str = "test"
@@ -87,16 +87,21 @@ class PplSettings:
 # ---- the grid and the windows --------------------------------------------------------------------
 
 
-def context_lengths(min_tokens: int, max_tokens: int, tokens_step: int | None) -> list[int]:
+MAX_LENGTHS = 10_000  # context lengths in one grid: far above any real grid, and a list that still fits memory
+
+
+def context_lengths(min_tokens: int, max_tokens: int, token_step: int | None) -> list[int]:
     """The grid: min_tokens doubling up to max_tokens, or min_tokens, min_tokens + step, ... (as the original)."""
     if min_tokens < 2:
         raise LongVAError(f"--min-tokens must be at least 2 (one token to predict from another), got {min_tokens}.")
     if max_tokens < min_tokens:
         raise LongVAError(f"--max-tokens {max_tokens} is below --min-tokens {min_tokens}; raise it or lower --min-tokens.")
-    if tokens_step is not None:
-        if tokens_step < 1:
-            raise LongVAError(f"--tokens-step must be a positive number of tokens, got {tokens_step}.")
-        return list(range(min_tokens, max_tokens + 1, tokens_step))
+    if token_step is not None:
+        if token_step < 1:
+            raise LongVAError(f"--token-step must be a positive number of tokens, got {token_step}.")
+        if (max_tokens - min_tokens) // token_step + 1 > MAX_LENGTHS:
+            raise LongVAError(f"--token-step {token_step} makes more than {MAX_LENGTHS:,} context lengths; take a larger step.")
+        return list(range(min_tokens, max_tokens + 1, token_step))
     lengths = [min_tokens]
     while lengths[-1] * 2 <= max_tokens:
         lengths.append(lengths[-1] * 2)
@@ -455,7 +460,7 @@ def check_settings(settings: PplSettings) -> list[int]:
         raise LongVAError("give at least one --model (a causal LM folder, hub id or LongVA checkpoint).")
     if len(set(settings.models)) != len(settings.models):
         raise LongVAError("a --model is given twice; give each model once.")
-    lengths = context_lengths(settings.min_tokens, settings.max_tokens, settings.tokens_step)
+    lengths = context_lengths(settings.min_tokens, settings.max_tokens, settings.token_step)
     if settings.stride is not None and not 1 <= settings.stride <= lengths[0]:
         raise LongVAError(
             f"--stride must be between 1 and the smallest context length {lengths[0]:,} (a longer one would skip tokens), got {settings.stride}."

@@ -154,3 +154,15 @@ def write_tiny_checkpoint(folder: Path, *, seed: int = 0, max_shard_size: str | 
         )
     )
     return folder
+
+
+def write_tiny_text_model(folder: Path, *, seed: int = 0) -> Path:
+    """A random Qwen2 causal LM of `tiny_configs`' language shape with the tiny tokenizer: what
+    `niah text`, `eval ppl` and `extend-text` load, in the layout `save_pretrained` writes."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(tiny_configs()[0]).save_pretrained(folder)
+    save_tiny_tokenizer(build_tiny_tokenizer(), folder)
+    return Path(folder)

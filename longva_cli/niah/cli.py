@@ -1,7 +1,7 @@
 """`longva niah video|text|plot`: the Typer layer over `video.run_video`, `text.run_text` and `heatmap`.
 
 Every option defaults to None so that a flag given on the command line can be told apart
-from a default: defaults < recipe (`--recipe`) < stored settings (`--resume`) < flags.
+from a default: defaults < recipe (`--recipe`) < stored settings (`--resume RUN`) < flags.
 """
 
 from __future__ import annotations
@@ -9,50 +9,118 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
 
 from longva_cli import options
-from longva_cli.console import stderr
+from longva_cli.console import on_interrupt, stderr, stdout
 from longva_cli.errors import LongVAError
+from longva_cli.niah.settings import VideoSettings
 
 app = typer.Typer(
-    help="Needle-in-a-haystack tests: V-NIAH on any long video, text NIAH on any text, and their heatmaps.",
+    help="""Needle-in-a-haystack tests: V-NIAH on any long video, text NIAH on any text, and their heatmaps.
+
+    Each run keeps every finished cell in its --output folder; run the same command again, or
+    `--resume RUN`, to continue a stopped one. The scores go to stdout (a table, or --json).
+
+    examples:
+      longva niah video --haystack movie.mp4 --model lmms-lab/LongVA-7B --output runs/niah-longva
+      longva niah video --resume runs/niah-longva
+      longva niah text --model lmms-lab/Qwen2-7B-Instrcuct-224K --haystack essays/ --max-tokens 128000
+      longva niah plot runs/niah-longva
+    """,
     no_args_is_help=True,
 )
 
-SCORING_HELP = "teacher-forced (the original: argmax equals the answer at every answer token) or generate (greedy answer, compared as text)."
+SCORING_HELP = (
+    "teacher-forced (the original: argmax equals the answer at every answer token) or generate (greedy answer, "
+    f"compared as text) [default: {VideoSettings.scoring}]."
+)
+# Options both modes take, spelled once.
+Recipe = Annotated[
+    Optional[str],
+    typer.Option("--recipe", "-r", help="Settings from a recipe: a YAML file or a bundled name (`longva recipes list`); flags override it."),
+]
+Resume = Annotated[
+    Optional[str],
+    typer.Option(
+        "--resume", metavar="RUN", help="Continue the run in this folder with the settings stored there (flags may change --device, "
+        "--attn, --prefill-chunk and --cache-dir); rerunning the same command continues it too.",
+    ),
+]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Delete the results in --output and start over.")]
+SequenceParallel = Annotated[
+    Optional[int],
+    typer.Option("--sequence-parallel", help="Split each sequence over this many torchrun ranks (DeepSpeed Ulysses; teacher-forced) [default: 1]."),
+]
+# The two modes share these defaults (VideoSettings and TextSettings spell them alike).
+Device = options.default_shown(options.Device, VideoSettings.device)
+Dtype = options.default_shown(options.Dtype, VideoSettings.dtype)
+Attention = options.default_shown(options.Attention, VideoSettings.attn)
+PrefillChunk = options.default_shown(options.PrefillChunk, VideoSettings.prefill_chunk)
 
 
-def settings_for(mode: str, recipe: str | None, resume: bool, flags: dict):
-    """The run's settings: defaults, then the recipe, then (--resume) the folder's, then flags."""
+def settings_for(mode: str, recipe: str | None, resume: str | None, flags: dict):
+    """The run's settings: defaults, then the recipe, then (--resume RUN) the folder's, then flags.
+
+    `resume` "" stands for the --output folder (the bare `--resume` switch of the last release).
+    """
     from longva_cli.niah.results import stored_settings
-    from longva_cli.niah.settings import NiahRecipe, TextSettings, VideoSettings
+    from longva_cli.niah.settings import NiahRecipe, TextSettings, check
     from longva_cli.recipes import build, load_recipe
 
     schema = VideoSettings if mode == "video" else TextSettings
     base = NiahRecipe()
     if recipe is not None:
         base = load_recipe(NiahRecipe, recipe)
+        check(base)
         if base.mode != mode:
             raise LongVAError(f"recipe {recipe} is a {base.mode} recipe; run it with `longva niah {base.mode} --recipe {recipe}`.")
     section = getattr(base, mode)
-    if resume:
-        folder = flags.get("output") or section.output
-        stored_mode, stored = stored_settings(Path(folder))
-        if stored_mode != mode:
-            raise LongVAError(f"{folder} holds a {stored_mode} run; resume it with `longva niah {stored_mode} --output {folder} --resume`.")
-        section = build(schema, stored)
     given = {key: value for key, value in flags.items() if value is not None}
+    if resume is not None:
+        folder = Path(resume) if resume else Path(given.get("output") or section.output)
+        if "output" in given and Path(given["output"]) != folder:
+            raise LongVAError(f"--resume {folder} continues the run in {folder}; drop --output {given['output']} (or give the same folder).")
+        stored_mode, stored = stored_settings(folder)
+        if stored_mode != mode:
+            raise LongVAError(f"{folder} holds a {stored_mode} run; resume it with `longva niah {stored_mode} --resume {folder}`.")
+        section = build(schema, stored)
+        given["output"] = folder
     settings = dataclasses.replace(section, **given)
     if settings.scoring not in ("teacher-forced", "generate"):
         raise LongVAError(f"--scoring must be teacher-forced or generate, got {settings.scoring!r}.")
     return settings
 
 
-def report(run) -> None:
-    """A rich table of the scores (depth down, size across) and where the files are."""
+def run_grid(mode: str, settings, overwrite: bool, json_output: bool) -> None:
+    """Run the grid and report it; Ctrl-C says how much is saved and how to continue."""
+    from longva_cli.niah.grid import finished_cells
+    from longva_cli.niah.results import SETTINGS
+    from longva_cli.niah.settings import check_text, video_grid
+
+    def kept() -> str:
+        folder = Path(settings.output)
+        if not (folder / SETTINGS).is_file():
+            return "nothing was scored yet; run the same command again to start."
+        sizes, depths = (video_grid if mode == "video" else check_text)(settings)
+        done = len(finished_cells(folder, mode))
+        return f"{done} of {len(sizes) * len(depths)} cells are saved in {folder}; continue with: longva niah {mode} --resume {folder}"
+
+    if mode == "video":
+        from longva_cli.niah.video import run_video as run
+    else:
+        from longva_cli.niah.text import run_text as run
+    with on_interrupt(kept):
+        result = run(settings, overwrite=overwrite)
+    report(result, json_output)
+
+
+def report(run, json_output: bool = False) -> None:
+    """The scores on stdout (a table, depth down and size across, or --json); notes and where
+    the files are on stderr."""
     if run is None:  # not rank 0
         return
     from rich.table import Table
@@ -61,25 +129,30 @@ def report(run) -> None:
     from longva_cli.niah.settings import depth_label, size_label
 
     size_key = SIZE_KEYS[run.mode]
-    sizes = sorted({cell[size_key] for cell in run.cells})
-    depths = sorted({cell["depth"] for cell in run.cells})
-    scores = {(cell[size_key], cell["depth"]): cell["score"] for cell in run.cells}
-    table = Table(OUTPUT_KEYS[run.mode][1], *[size_label(s) for s in sizes], title=f"{run.mode} NIAH scores", caption=f"Average Accuracy: {run.average:.4f}")
-    for depth in depths:
-        table.add_row(f"{depth_label(depth):g}", *[f"{scores[(s, depth)]:.2f}" if (s, depth) in scores else "-" for s in sizes])
-    stderr.print(table)
-    if run.warning:
-        stderr.print(f"[yellow]note:[/yellow] {escape(run.warning)}", soft_wrap=True)  # unbroken, to copy the command
     written = [name for name in ("all_accuracies.json", "avg_accuracy.txt", "heatmap.png", "results.jsonl") if (run.folder / name).is_file()]
-    stderr.print(f"results: {escape(str(run.folder))} ({', '.join(written)})", soft_wrap=True)
-    typer.echo(f"Average Accuracy: {run.average}")
+    if json_output:
+        cells = [{size_key: cell[size_key], "depth": cell["depth"], "score": cell["score"]} for cell in run.cells]
+        typer.echo(json.dumps({"mode": run.mode, "average_accuracy": run.average, "cells": cells, "folder": str(run.folder), "files": written}))
+    else:
+        sizes = sorted({cell[size_key] for cell in run.cells})
+        depths = sorted({cell["depth"] for cell in run.cells})
+        scores = {(cell[size_key], cell["depth"]): cell["score"] for cell in run.cells}
+        table = Table(OUTPUT_KEYS[run.mode][1], *[size_label(s) for s in sizes], title=f"{run.mode} NIAH scores", caption=f"Average Accuracy: {run.average:.4f}")
+        for depth in depths:
+            table.add_row(f"{depth_label(depth):g}", *[f"{scores[(s, depth)]:.2f}" if (s, depth) in scores else "-" for s in sizes])
+        stdout.print(table)
+    if run.warning:
+        stderr.print(f"[yellow]note:[/yellow] {escape(run.warning)}")
+    stderr.print(f"results: {escape(str(run.folder))} ({', '.join(written)})")
 
 
 @app.command("video", no_args_is_help=False)
 def video_command(
     haystack: Path | None = typer.Option(None, "--haystack", help="A long video you have (a film, a lecture); sampled at 1 frame a second."),
     model: str | None = typer.Option(None, "--model", "-m", help="LongVA checkpoint folder, hub id or short name [default: lmms-lab/LongVA-7B]."),
-    needles: str | None = typer.Option(None, "--needles", help="v_niah_needles (the hub set) or a folder of images + needles.jsonl {image, question, answer}."),
+    needles: str | None = typer.Option(
+        None, "--needles", help=f"v_niah_needles (the hub set) or a folder of images + needles.jsonl {{image, question, answer}} [default: {VideoSettings.needles}]."
+    ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Run folder [default: runs/niah-video]; rerun the same command to continue."),
     min_frames: int | None = typer.Option(None, "--min-frames", help="Smallest haystack, in frames [default: 200]."),
     max_frames: int | None = typer.Option(None, "--max-frames", help="Largest haystack, in frames [default: 3000]."),
@@ -88,17 +161,16 @@ def video_command(
     scoring: str | None = typer.Option(None, "--scoring", help=SCORING_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Longest generated answer (generate scoring) [default: 32]."),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where haystack embeddings are cached (the visual cache) [default: ~/.cache/longva/visual]."),
-    device: options.Device = None,
+    device: Device = None,
     device_map: options.DeviceMap = None,
-    sequence_parallel: int | None = typer.Option(
-        None, "--sequence-parallel", help="Split each sequence over this many torchrun ranks (DeepSpeed Ulysses; teacher-forced) [default: 1]."
-    ),
-    dtype: options.Dtype = None,
-    attn: options.Attention = None,
-    prefill_chunk: options.PrefillChunk = None,
-    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Settings from a recipe: a YAML file or a bundled name (`longva recipes list`); flags override it."),
-    resume: bool = typer.Option(False, "--resume", help="A switch: continue the run in --output with the settings stored there (rerunning the same command continues it too)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results in --output and start over."),
+    sequence_parallel: SequenceParallel = None,
+    dtype: Dtype = None,
+    attn: Attention = None,
+    prefill_chunk: PrefillChunk = None,
+    recipe: Recipe = None,
+    resume: Resume = None,
+    overwrite: Overwrite = False,
+    json_output: options.Json = False,
 ) -> None:
     """V-NIAH: can the model find one needle image among N frames of a long video?
 
@@ -119,15 +191,13 @@ def video_command(
       longva niah video --haystack movie.mp4 --max-frames 5000 --device-map auto
       torchrun --nproc-per-node 4 -m longva_cli niah video --haystack movie.mp4 --max-frames 6000 --sequence-parallel 4
     """
-    from longva_cli.niah.video import run_video
-
     flags = {
         "haystack": haystack, "model": model, "needles": needles, "output": output, "min_frames": min_frames, "max_frames": max_frames,
         "frame_step": frame_step, "depth_step": depth_step, "scoring": scoring, "max_new_tokens": max_new_tokens, "cache_dir": cache_dir,
         "device": device, "device_map": device_map, "sequence_parallel": sequence_parallel, "dtype": dtype, "attn": attn,
         "prefill_chunk": prefill_chunk,
     }
-    report(run_video(settings_for("video", recipe, resume, flags), overwrite=overwrite))
+    run_grid("video", settings_for("video", recipe, resume, flags), overwrite, json_output)
 
 
 @app.command("text")
@@ -144,17 +214,16 @@ def text_command(
     seed: int | None = typer.Option(None, "--seed", help="Seed of the numbers and distractor places [default: 2024]."),
     scoring: str | None = typer.Option(None, "--scoring", help=SCORING_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Longest generated answer (generate scoring) [default: 32]."),
-    device: options.Device = None,
+    device: Device = None,
     device_map: options.DeviceMap = None,
-    sequence_parallel: int | None = typer.Option(
-        None, "--sequence-parallel", help="Split each sequence over this many torchrun ranks (DeepSpeed Ulysses; teacher-forced) [default: 1]."
-    ),
-    dtype: options.Dtype = None,
-    attn: options.Attention = None,
-    prefill_chunk: options.PrefillChunk = None,
-    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Settings from a recipe: a YAML file or a bundled name (`longva recipes list`); flags override it."),
-    resume: bool = typer.Option(False, "--resume", help="A switch: continue the run in --output with the settings stored there (rerunning the same command continues it too)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results in --output and start over."),
+    sequence_parallel: SequenceParallel = None,
+    dtype: Dtype = None,
+    attn: Attention = None,
+    prefill_chunk: PrefillChunk = None,
+    recipe: Recipe = None,
+    resume: Resume = None,
+    overwrite: Overwrite = False,
+    json_output: options.Json = False,
 ) -> None:
     """Text NIAH: find "The special magic Singapore number is: NNNNNNN." in a long book.
 
@@ -167,15 +236,13 @@ def text_command(
       longva niah text --model Qwen/Qwen2-7B-Instruct --max-tokens 128000 --token-step 16000 --output runs/niah-qwen2
       longva niah text --recipe niah/text-qwen2-224k --haystack essays/
     """
-    from longva_cli.niah.text import run_text
-
     flags = {
         "model": model, "haystack": haystack, "output": output, "min_tokens": min_tokens, "max_tokens": max_tokens, "token_step": token_step,
         "depth_step": depth_step, "samples": samples, "distractors": distractors, "seed": seed, "scoring": scoring,
         "max_new_tokens": max_new_tokens, "device": device, "device_map": device_map, "sequence_parallel": sequence_parallel,
         "dtype": dtype, "attn": attn, "prefill_chunk": prefill_chunk,
     }
-    report(run_text(settings_for("text", recipe, resume, flags), overwrite=overwrite))
+    run_grid("text", settings_for("text", recipe, resume, flags), overwrite, json_output)
 
 
 @app.command("plot", no_args_is_help=True)
@@ -202,5 +269,4 @@ def plot_command(
         raise LongVAError(f"{scores} is not valid JSON; rerun the NIAH command to write it again.") from None
     if not rows or not isinstance(rows, list) or "Score" not in rows[0]:
         raise LongVAError(f"{scores} holds no scores; expected a list of {{size, depth, Score}} rows.")
-    path = draw_heatmap(rows, output or scores.parent / HEATMAP, title)
-    stderr.print(f"heatmap: {path}")
+    typer.echo(str(draw_heatmap(rows, output or scores.parent / HEATMAP, title)))

@@ -70,10 +70,13 @@ def run_units(
     folder: Path,
     mode: str,
     ranks: ParallelState,
-    on_start: Callable[[int], None] | None = None,
+    on_start: Callable[[int, int, int], None] | None = None,
     on_unit: Callable[[], None] | None = None,
 ) -> int:
-    """Score this rank's unfinished units in order; the number scored now."""
+    """Score this rank's unfinished units in order; the number scored now.
+
+    `on_start(units to score, cells finished before, cells)` is called once the folder is read.
+    """
     size_key = SIZE_KEYS[mode]
     fields = line_fields(mode)
     units_per_cell = Counter(unit.cell for unit in units)
@@ -98,7 +101,7 @@ def run_units(
     todo.sort(key=lambda u: u.order)
     ranks.barrier()  # ranks that score together must all have read the files before any writes
     if on_start:
-        on_start(len(todo))
+        on_start(len(todo), len(finished & set(units_per_cell)), len(units_per_cell))
     for unit in todo:
         record = {size_key: unit.size, "depth": unit.depth, "index": unit.index, **score(unit)}
         items.setdefault(unit.cell, {})[unit.index] = record
@@ -148,13 +151,15 @@ def score_grid(
     bar = progress(unit="needles" if mode == "video" else "samples") if ranks.is_main else None
     task = None
 
-    def start(total: int) -> None:
+    def start(total: int, cells_done: int, cells: int) -> None:
         nonlocal task
         if bar is None:
             return
         if total == 0:  # a finished run resumed: no empty 0/0 bar
             stderr.print(f"[dim]{folder}: every cell is already scored; writing the outputs again.[/dim]")
             return
+        if total < len(units):  # some needles are in the folder already
+            stderr.print(f"resuming: {cells_done} of {cells} cells done in {folder}")
         bar.start()
         task = bar.add_task(f"{mode} NIAH", total=total)
 

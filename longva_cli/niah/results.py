@@ -52,7 +52,7 @@ def prepare_folder(folder: Path, mode: str, settings: dict, identity: dict, over
     store = RunStore(folder, SETTINGS, fields=line_fields(mode))
     store.open(
         {"mode": mode, **identity}, overwrite=overwrite, results=(ITEMS, RESULTS, ACCURACIES, AVERAGE, HEATMAP),
-        resume_hint=", --resume to continue with the stored settings", mode=mode, settings=settings,
+        resume_hint=f", --resume {folder} to continue with the stored settings", mode=mode, settings=settings,
     )
     return len(store.read(RESULTS))
 

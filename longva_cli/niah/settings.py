@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
+from longva_cli.checks import check_number
 from longva_cli.errors import LongVAError
 
 Scoring = Literal["teacher-forced", "generate"]
@@ -88,14 +89,21 @@ def identity(settings: VideoSettings | TextSettings) -> dict:
     return values
 
 
+MAX_SIZES = 10_000  # haystack sizes in one grid: far above any real grid, and a list that still fits memory
+
+
 def size_grid(low: int, high: int, step: int, what: str) -> list[int]:
     """low, low + step, ... up to high (inclusive), as the original's range(low, high + 1, step)."""
-    if step <= 0:
-        raise LongVAError(f"the {what} step must be positive, got {step}.")
-    if low < 1:
-        raise LongVAError(f"the smallest {what} count must be at least 1, got {low}.")
+    check_number(f"--{what}-step", step, integer=True, at_least=1)  # (recipe keys: the same with _)
+    check_number(f"--min-{what}s", low, integer=True, at_least=1)
+    check_number(f"--max-{what}s", high, integer=True, at_least=1)
     if low > high:
         raise LongVAError(f"the smallest {what} count ({low}) is larger than the largest ({high}); swap them.")
+    if (high - low) // step + 1 > MAX_SIZES:
+        raise LongVAError(
+            f"{low} to {high} {what}s in steps of {step} makes {(high - low) // step + 1:,} haystack sizes, more than "
+            f"{MAX_SIZES:,}; take a larger step."
+        )
     return list(range(low, high + 1, step))
 
 
@@ -105,6 +113,7 @@ DEPTH_STEPS = (0.1, 0.2, 0.5, 1.0)
 def depth_grid(step: float) -> list[float]:
     """0, step, ..., 1. The step must divide 1 into tenths: the outputs label depths in whole tens
     (the original's `round(depth * 100, -1)`), so 0.25 would print 25% as 20%."""
+    check_number("--depth-step", step, above=0, at_most=1)
     if not any(abs(step - allowed) < 1e-9 for allowed in DEPTH_STEPS):
         raise LongVAError(f"the depth step {step} does not divide 1 into tenths; use 0.1, 0.2, 0.5 or 1.")
     count = round(1 / step)
@@ -117,31 +126,40 @@ def depth_label(depth: float) -> float:
 
 
 def check_video(settings: VideoSettings) -> tuple[list[int], list[float]]:
-    """The (frame counts, depths) grid, or a LongVAError naming the bad setting."""
+    """The (frame counts, depths) grid of a run, or a LongVAError naming the bad setting."""
     if settings.haystack is None:
         raise LongVAError("give a haystack video with --haystack (any long video you have, e.g. a film).")
+    return video_grid(settings)
+
+
+def video_grid(settings: VideoSettings) -> tuple[list[int], list[float]]:
+    """The (frame counts, depths) grid; every value of the settings checked (the haystack may
+    still be missing: a recipe leaves it to --haystack)."""
     sizes = size_grid(settings.min_frames, settings.max_frames, settings.frame_step, "frame")
     _check_common(settings)
     return sizes, depth_grid(settings.depth_step)
 
 
 def check_text(settings: TextSettings) -> tuple[list[int], list[float]]:
+    """The (haystack lengths, depths) grid, or a LongVAError naming the bad setting."""
     sizes = size_grid(settings.min_tokens, settings.max_tokens, settings.token_step, "token")
-    if settings.samples < 1:
-        raise LongVAError(f"--samples must be at least 1, got {settings.samples}.")
-    if not 0 <= settings.distractors <= 6:
-        raise LongVAError(f"--distractors must be between 0 and 6 (one per city), got {settings.distractors}.")
+    check_number("--samples", settings.samples, integer=True, at_least=1, at_most=MAX_SIZES)
+    check_number("--distractors (one per city)", settings.distractors, integer=True, at_least=0, at_most=6)
+    check_number("--seed", settings.seed, integer=True, at_least=0, at_most=2**63 - 1)
     _check_common(settings)
     return sizes, depth_grid(settings.depth_step)
 
 
+def check(recipe: NiahRecipe) -> None:
+    """Every value check of a niah recipe, both sections (what `longva niah` runs on a recipe
+    before any work, and `longva recipes validate` too)."""
+    video_grid(recipe.video)
+    check_text(recipe.text)
+
+
 def _check_common(settings: VideoSettings | TextSettings) -> None:
-    if settings.max_new_tokens < 1:
-        raise LongVAError(f"--max-new-tokens must be at least 1, got {settings.max_new_tokens}.")
-    if settings.prefill_chunk < 1:
-        raise LongVAError(f"--prefill-chunk must be at least 1, got {settings.prefill_chunk}.")
-    if settings.sequence_parallel < 1:
-        raise LongVAError(f"--sequence-parallel must be at least 1, got {settings.sequence_parallel}.")
+    for flag in ("max_new_tokens", "prefill_chunk", "sequence_parallel"):
+        check_number(f"--{flag.replace('_', '-')}", getattr(settings, flag), integer=True, at_least=1, at_most=2**31 - 1)
     if settings.sequence_parallel > 1 and settings.scoring != "teacher-forced":
         raise LongVAError("--sequence-parallel scores teacher-forced only; drop --scoring generate or the sequence parallelism.")
     if settings.sequence_parallel > 1 and settings.device_map is not None:

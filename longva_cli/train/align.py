@@ -15,6 +15,7 @@ are LongVA hub folders that `longva ask` and the original code load.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import typer
 
-from longva_cli.checks import check_number
+from longva_cli import options
+from longva_cli.checks import check_number, require_extra, shown_value
 from longva_cli.errors import LongVAError
 from longva_cli.train import loop
 from longva_cli.train.settings import (
@@ -117,8 +119,35 @@ def tunable_parts(recipe: AlignRecipe) -> list[str]:
     return parts
 
 
-def check_recipe(recipe: AlignRecipe) -> None:
-    """Value checks the type-level validation cannot express."""
+MAX_CROPS_A_SIDE = 49  # LongVA's grids go up to 7x7 crops; 49 still allows a 1x49 strip
+
+
+def check_pinpoints(value: Any) -> None:
+    """model.image_grid_pinpoints: null, [[w, h], ...] with whole sizes of 1 to 49 crops of 336
+    pixels, or a range string like "(1x1),...,(7x7)" of at most 49 crops a side (checked before
+    the range is expanded)."""
+    from longva_cli.model.config import parse_pinpoints
+
+    key = "recipe key model.image_grid_pinpoints"
+    if value is None:
+        return
+    if isinstance(value, str):
+        for number in re.findall(r"\d+", value):
+            check_number(f"{key} (a crop count in {shown_value(value)})", int(number), at_least=1, at_most=MAX_CROPS_A_SIDE)
+        parse_pinpoints(value)
+        return
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_CROPS_A_SIDE**2:
+        raise LongVAError(f"{key} must be a list of up to {MAX_CROPS_A_SIDE**2} [width, height] pairs or a range like (1x1),...,(7x7), got {shown_value(value)}.")
+    for i, pair in enumerate(value):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise LongVAError(f"{key}[{i}] must be a [width, height] pair, got {shown_value(pair)}.")
+        for side in pair:
+            check_number(f"{key}[{i}]", side, integer=True, at_least=1, at_most=336 * MAX_CROPS_A_SIDE)
+
+
+def check(recipe: AlignRecipe) -> None:
+    """Every value check of align's settings, before any work (`longva recipes validate` runs
+    the same)."""
     tunable_parts(recipe)
     check_optimizer(recipe.optimizer)
     check_number("recipe key optimizer.mm_vision_tower_lr", recipe.optimizer.mm_vision_tower_lr, above=0, nullable=True)
@@ -126,10 +155,10 @@ def check_recipe(recipe: AlignRecipe) -> None:
     check_train(recipe.train)
     check_parallel(recipe.parallel)
     check_number("recipe key dpo.beta", recipe.dpo.beta, above=0)
-    counts = {"train.epochs": recipe.train.epochs, "data.frames": recipe.data.frames, "data.max_length": recipe.data.max_length}
-    for key, value in counts.items():
-        if value < 1:
-            raise LongVAError(f"recipe key {key} must be at least 1, got {value}.")
+    for key, value in {"train.epochs": recipe.train.epochs, "data.frames": recipe.data.frames, "data.max_length": recipe.data.max_length}.items():
+        check_number(f"recipe key {key}", value, integer=True, at_least=1)
+    check_number("recipe key data.num_workers", recipe.data.num_workers, integer=True, at_least=0)
+    check_pinpoints(recipe.model.image_grid_pinpoints)
     if (recipe.model.name_or_path is None) == (recipe.model.language_model is None):
         raise LongVAError("set exactly one of model.name_or_path (a LongVA checkpoint) and model.language_model (a text model + model.vision_tower).")
     if recipe.train.mode == "dpo" and recipe.data.template != "qwen_1_5":
@@ -272,7 +301,8 @@ def align(recipe: AlignRecipe, resume: str | Path | None = None, overwrite: bool
     """
     from longva_cli.train.multimodal_data import load_records
 
-    check_recipe(recipe)
+    check(recipe)
+    require_extra("train", ("deepspeed",), "`longva align`")
     # Read and check every record before anything heavy loads: a bad file fails in a second.
     kind = "preference" if recipe.train.mode == "dpo" else "conversation"
     records, missing = load_records(recipe.data.path, kind, recipe.data.image_folder, recipe.data.video_folder)
@@ -584,8 +614,8 @@ def _precompute_reference(engine, dataset, data, tokens_per_image, output_dir: P
 
 
 def command(
-    ctx: typer.Context,
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe YAML: a bundled name (align/tiny-cpu) or a path."),
+    overrides: options.Overrides = None,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help=loop.OUTPUT_HELP),
     resume: Optional[Path] = typer.Option(None, "--resume", help=loop.RESUME_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=loop.OVERWRITE_HELP),
@@ -596,7 +626,8 @@ def command(
     """Vision-text alignment: projector pretraining, full fine-tuning, or DPO, from a recipe.
 
     Trailing key=value arguments override recipe settings (dotted keys, YAML values).
-    Multi-GPU / multi-node: launch the same command under torchrun or deepspeed.
+    Multi-GPU / multi-node: launch the same command under torchrun or deepspeed. Prints the
+    last checkpoint's folder on stdout; progress and the summary go to stderr.
 
     examples:
       longva align --make-tiny-example runs/align-tiny-example
@@ -619,9 +650,4 @@ def command(
         return
     if recipe is None:
         raise LongVAError("give --recipe (e.g. align/tiny-cpu) or --make-tiny-example DIR.")
-    from longva_cli.recipes import load_recipe
-
-    parsed = load_recipe(AlignRecipe, recipe, list(ctx.args))
-    if output is not None:
-        parsed.train.output_dir = output.expanduser()
-    align(parsed, resume=resume, overwrite=overwrite)
+    loop.run_recipe_command(align, AlignRecipe, recipe, overrides or [], output, resume, overwrite)

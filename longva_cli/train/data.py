@@ -25,6 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
+from longva_cli.checks import require_extra
 from longva_cli.errors import LongVAError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -172,6 +173,7 @@ def _parquet_has(path: Path, column: str) -> bool:
 
 
 def _load_local_dataset(path: Path, split: str):
+    require_extra("train", ("datasets",), f"reading {path}")
     import datasets
 
     if path.is_dir() and not path.suffix == ".parquet" and _is_saved_dataset(path):
@@ -187,6 +189,7 @@ def _load_local_dataset(path: Path, split: str):
 
 
 def _load_hub_dataset(name: str, split: str):
+    require_extra("train", ("datasets",), f"reading the hub dataset {name}")
     import datasets
 
     try:

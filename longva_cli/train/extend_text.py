@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import typer
 
-from longva_cli.checks import check_number
+from longva_cli import options
+from longva_cli.checks import check_number, require_extra
 from longva_cli.errors import LongVAError
 from longva_cli.train import loop
 from longva_cli.train.settings import (
@@ -82,17 +83,19 @@ class ExtendTextRecipe:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
 
-def check_recipe(recipe: ExtendTextRecipe) -> None:
-    """Value checks the type-level validation cannot express."""
+def check(recipe: ExtendTextRecipe) -> None:
+    """Every value check of extend-text's settings, before any work (`longva recipes validate`
+    runs the same)."""
     check_optimizer(recipe.optimizer)
     check_train(recipe.train)
     check_parallel(recipe.parallel)
     if recipe.train.max_steps is None:
         raise LongVAError("recipe key train.max_steps must be a number of steps for extend-text, got null.")
-    for key, value in {"data.seq_len": recipe.data.seq_len, "parallel.sequence_parallel": recipe.parallel.sequence_parallel}.items():
-        if value < 1:
-            raise LongVAError(f"recipe key {key} must be at least 1, got {value}.")
+    for key in ("seq_len", "synthetic_rows"):
+        check_number(f"recipe key data.{key}", getattr(recipe.data, key), integer=True, at_least=1)
+    check_number("recipe key parallel.sequence_parallel", recipe.parallel.sequence_parallel, integer=True, at_least=1)
     check_number("recipe key model.rope_theta", recipe.model.rope_theta, above=0, nullable=True)
+    check_number("recipe key model.max_position_embeddings", recipe.model.max_position_embeddings, integer=True, at_least=1, nullable=True)
     if recipe.model.init == "random" and recipe.model.tokenizer is None and recipe.data.source != "synthetic":
         raise LongVAError("model.init=random needs model.tokenizer (a tokenizer folder or `tiny`) to read text data.")
     from longva_cli.train.data import is_local
@@ -186,7 +189,8 @@ def extend_text(recipe: ExtendTextRecipe, resume: str | Path | None = None, over
     """
     from longva_cli.parallel import launched
 
-    check_recipe(recipe)
+    check(recipe)
+    require_extra("train", ("deepspeed",), "`longva extend-text`")
     par = recipe.parallel
     if not launched() and par.sequence_parallel > 1:  # checked before the slow imports
         raise LongVAError(
@@ -336,8 +340,8 @@ def _ranges(seq_len: int, state: ParallelState) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------- CLI
 
 def command(
-    ctx: typer.Context,
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML: a bundled name (extend-text/tiny-cpu) or a path."),
+    overrides: options.Overrides = None,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help=loop.OUTPUT_HELP),
     resume: Optional[Path] = typer.Option(None, "--resume", help=loop.RESUME_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=loop.OVERWRITE_HELP),
@@ -345,7 +349,8 @@ def command(
     """Long-context continued pretraining of a Qwen2 text model (LongVA's first stage).
 
     Trailing key=value arguments override recipe settings (dotted keys, YAML values).
-    Multi-GPU / multi-node: launch the same command under torchrun or deepspeed.
+    Multi-GPU / multi-node: launch the same command under torchrun or deepspeed. Prints the
+    last checkpoint's folder on stdout; progress and the summary go to stderr.
 
     examples:
       longva extend-text --recipe extend-text/tiny-cpu
@@ -353,11 +358,4 @@ def command(
       torchrun --nnodes 2 --nproc-per-node 8 -m longva_cli extend-text --recipe extend-text/qwen2-7b-224k
       longva extend-text --recipe extend-text/qwen2-7b-224k --resume runs/extend-qwen2-7b-224k/step_600
     """
-    from longva_cli.recipes import load_recipe
-
-    # the `deepspeed` launcher appends --local_rank=N; the rank comes from the environment anyway
-    overrides = [a for a in ctx.args if not a.startswith(("--local_rank", "--local-rank"))]
-    parsed = load_recipe(ExtendTextRecipe, recipe, overrides)
-    if output is not None:
-        parsed.train.output_dir = output.expanduser()
-    extend_text(parsed, resume=resume, overwrite=overwrite)
+    loop.run_recipe_command(extend_text, ExtendTextRecipe, recipe, overrides or [], output, resume, overwrite)

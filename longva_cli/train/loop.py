@@ -40,11 +40,42 @@ RUN_FILES = ("latest", ".latest.tmp", METRICS, "skipped.jsonl", "reference_logps
 
 # the command-line options of a run folder, the same in both commands
 OUTPUT_HELP = "Run folder for checkpoints and metrics (overrides the recipe's train.output_dir)."
-RESUME_HELP = (
-    "Continue a run: a checkpoint folder (step_<N>) or a run folder (continues from its `latest`). "
-    "A path here, where niah's --resume is a switch."
-)
+RESUME_HELP = "Continue a run: a checkpoint folder (step_<N>) or a run folder (continues from its `latest`)."
 OVERWRITE_HELP = "Delete the earlier run (checkpoints, metrics, logs) in the output folder and start over."
+
+
+def run_recipe_command(
+    train: Callable[..., dict[str, Any]], schema: type, recipe: str, overrides: list[str], output: Path | None,
+    resume: Path | None, overwrite: bool,
+) -> None:
+    """What `longva extend-text` and `longva align` do with their command line: the recipe with
+    its overrides (built, then checked by `train`), the training run, and its last checkpoint's
+    folder on stdout. Ctrl-C says which checkpoint is kept and the command that continues."""
+    from longva_cli.recipes import load_recipe
+
+    # the `deepspeed` launcher appends --local_rank=N; the rank comes from the environment anyway
+    settings = load_recipe(schema, recipe, [o for o in overrides if not o.startswith(("--local_rank", "--local-rank"))])
+    if output is not None:
+        settings.train.output_dir = output.expanduser()
+    from longva_cli.console import on_interrupt
+
+    with on_interrupt(lambda: kept_after_stop(settings.train)):
+        summary = train(settings, resume=resume, overwrite=overwrite)
+    if summary["checkpoint"] and int(os.environ.get("RANK", "0")) == 0:
+        print(summary["checkpoint"], flush=True)
+
+
+def kept_after_stop(train: TrainSettings) -> str:
+    """What a stopped run leaves, and the command line that goes on from there."""
+    from longva_cli.console import this_command
+
+    folder = Path(train.output_dir)
+    steps = checkpoints_in(folder)
+    if steps:
+        again = this_command(drop=("--overwrite",), drop_with_value=("--resume",), add=("--resume", str(folder)))
+        return f"{steps[-1]} is kept (a checkpoint every {train.save_every} steps); continue with: {again}"
+    again = this_command(drop_with_value=("--resume",), add=("--overwrite",))
+    return f"no checkpoint was written yet (the first at step {train.save_every}); start over with: {again}"
 
 
 class Task(Protocol):

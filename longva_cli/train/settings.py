@@ -74,18 +74,11 @@ def check_optimizer(opt: OptimizerSettings) -> None:
 
 
 def check_train(train: TrainSettings) -> None:
-    """Counts that must be at least one."""
-    counts = {
-        "train.micro_batch_size": train.micro_batch_size,
-        "train.grad_accum": train.grad_accum,
-        "train.save_every": train.save_every,
-        "train.loss_chunk": train.loss_chunk,
-    }
-    for key, value in counts.items():
-        if value < 1:
-            raise LongVAError(f"recipe key {key} must be at least 1, got {value}.")
-    if train.max_steps is not None and train.max_steps < 1:
-        raise LongVAError(f"recipe key train.max_steps must be at least 1, got {train.max_steps}.")
+    """Counts that must be at least one, and a seed torch and numpy both take."""
+    check_number("recipe key train.max_steps", train.max_steps, integer=True, at_least=1, nullable=True)
+    for key in ("micro_batch_size", "grad_accum", "save_every", "loss_chunk"):
+        check_number(f"recipe key train.{key}", getattr(train, key), integer=True, at_least=1)
+    check_number("recipe key train.seed", train.seed, integer=True, at_least=0, at_most=2**63 - 1)
 
 
 def check_parallel(par: ParallelSettings) -> None:

@@ -22,7 +22,8 @@ IMAGES = [("red", "blue", 200, 120), ("green", "yellow", 120, 200), ("blue", "re
 VIDEOS = [("red", "green"), ("blue", "yellow")]
 
 
-def _picture(shape: str, background: str, width: int, height: int, shift: int = 0) -> np.ndarray:
+def picture(shape: str, background: str, width: int, height: int, shift: int = 0) -> np.ndarray:
+    """An RGB image [height, width, 3]: a square of colour `shape` on colour `background`."""
     image = np.empty((height, width, 3), dtype=np.uint8)
     image[:] = COLOURS[background]
     side = min(width, height) // 2
@@ -31,14 +32,15 @@ def _picture(shape: str, background: str, width: int, height: int, shift: int = 
     return image
 
 
-def _write_video(path: Path, shape: str, background: str, frames: int = 12, width: int = 96, height: int = 64) -> None:
+def write_video(path: Path, shape: str, background: str, frames: int = 12, width: int = 96, height: int = 64) -> None:
+    """An H.264 clip at 6 frames a second of a `shape` square moving over `background`."""
     import av
 
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=6)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for index in range(frames):
-            frame = av.VideoFrame.from_ndarray(_picture(shape, background, width, height, shift=index * 3), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(picture(shape, background, width, height, shift=index * 3), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
 
@@ -56,7 +58,7 @@ def write_tiny_example(folder: Path) -> Path:
     conversations, captions, preferences = [], [], []
     for i, (shape, background, width, height) in enumerate(IMAGES):
         name = f"{shape}-on-{background}.png"
-        Image.fromarray(_picture(shape, background, width, height)).save(folder / "images" / name)
+        Image.fromarray(picture(shape, background, width, height)).save(folder / "images" / name)
         caption = f"A {shape} square on a {background} background."
         captions.append({"id": f"cap-{i}", "image": name, "conversations": [
             {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": caption}]})
@@ -66,7 +68,7 @@ def write_tiny_example(folder: Path) -> Path:
                             "chosen": f"The square is {shape}.", "rejected": f"The square is {background}."})
     for i, (shape, background) in enumerate(VIDEOS):
         name = f"{shape}-moving.mp4"
-        _write_video(folder / "videos" / name, shape, background)
+        write_video(folder / "videos" / name, shape, background)
         conversations.append({"id": f"vid-{i}", "video": name, "conversations": [
             {"from": "human", "value": "<image>\nWhat happens in the video?"},
             {"from": "gpt", "value": f"A {shape} square moves to the right over a {background} background."}]})
