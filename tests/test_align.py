@@ -396,6 +396,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.integration
 def test_cli_skips_missing_and_undecodable_media_and_reports_them(example, tmp_path):
     import shutil
 
@@ -420,6 +421,7 @@ def test_cli_skips_missing_and_undecodable_media_and_reports_them(example, tmp_p
     assert skipped == ["gone-1", "broken-1"]
 
 
+@pytest.mark.integration
 def test_trained_tiny_checkpoint_loads_from_any_working_directory(tmp_path, monkeypatch):
     """The README's flow (tiny example and recipe, relative paths), then the checkpoint by its
     absolute path from another folder: config.json must not name the tower relative to the first."""
@@ -441,6 +443,7 @@ def test_trained_tiny_checkpoint_loads_from_any_working_directory(tmp_path, monk
     assert visual.embeds.shape[-1] == longva.model.config.hidden_size
 
 
+@pytest.mark.integration
 def test_cli_refuses_to_train_over_a_run_and_names_impossible_numbers(example, stage1, tmp_path):
     out, _ = stage1
     data = [f"data.path={example / 'conversations.json'}", f"data.image_folder={example / 'images'}",
@@ -455,6 +458,7 @@ def test_cli_refuses_to_train_over_a_run_and_names_impossible_numbers(example, s
         assert done.stderr.strip().splitlines()[-1].startswith(f"error: recipe key {key} must be a finite number above 0")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "lines, overrides, message",
     [

@@ -220,6 +220,7 @@ def longva(*args: str, stdin: str | None = None, cache: Path | None = None) -> s
     return subprocess.run([sys.executable, "-m", "longva_cli", *args], input=stdin, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.integration
 def test_ask_answers_several_questions_as_json_lines_and_reuses_the_disk_cache(tiny_checkpoint, video_file, tmp_path):
     (tmp_path / "questions.txt").write_text("What happens?\n\nWhy?\n")
     common = ("--model", str(tiny_checkpoint), "-t", "0", "--max-new-tokens", "4", "--frames", "3")
@@ -234,6 +235,7 @@ def test_ask_answers_several_questions_as_json_lines_and_reuses_the_disk_cache(t
     assert plain.stdout.startswith("Q: Who?\nA: ") and "\n\nQ: Why?\nA: " in plain.stdout
 
 
+@pytest.mark.integration
 def test_chat_keeps_the_history_and_saves_it(tiny_checkpoint, video_file, tmp_path):
     saved = tmp_path / "chat.json"
     script = f"What happens?\nAnd then?\n/save {saved}\n/reset\n/nonsense\nAgain?\n"

@@ -67,6 +67,7 @@ def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 # ---- end to end ----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_local_videomme_folder_end_to_end(videomme_folder, tiny_checkpoint, tmp_path):
     out = tmp_path / "run"
     done = run_cli("eval", "local", "--data", str(videomme_folder), "--model", str(tiny_checkpoint), "--frames", "4",
@@ -251,6 +252,7 @@ def test_degenerate_answers_stop_the_run_or_warn(videomme_folder, tiny_longva, t
 # ---- bad input ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_bad_inputs_fail_with_one_sentence(tmp_path, videomme_folder):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"video": "a.mp4", "question": "q", "options": ["x", "y"], "answer": "A"}\n{not json\n')
@@ -288,6 +290,7 @@ def test_package_metadata_exposes_the_lmms_eval_entry_point():
     assert name in {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
 
 
+@pytest.mark.integration
 def test_eval_tasks_without_lmms_eval_says_how_to_install():
     if importlib.util.find_spec("lmms_eval") is not None:
         pytest.skip("lmms-eval is installed")

@@ -103,6 +103,7 @@ def test_video_run_writes_the_original_file_formats(video_run, video_settings):
     assert cells[0]["score"] == sum(i["found"] for i in cells[0]["items"]) / len(NEEDLES)
 
 
+@pytest.mark.integration
 def test_heatmap_is_a_17_5_by_8_inch_png(video_run, video_settings, tmp_path):
     from PIL import Image
 
@@ -432,6 +433,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "longva_cli", "niah", *args], check=False, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.integration
 def test_bad_input_is_one_line_without_traceback(haystack, needle_dir, tmp_path):
     no_answers = tmp_path / "needles"
     no_answers.mkdir()
@@ -500,6 +502,7 @@ def torchrun_text(settings: TextSettings, output: Path, *extra: str) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.integration
 def test_torchrun_ranks_split_the_cells_and_match_one_process(text_settings, text_run, tmp_path):
     """Two gloo processes on CPU: each takes every other cell; the merged files equal a one-process run."""
     output = tmp_path / "two-ranks"
@@ -510,6 +513,7 @@ def test_torchrun_ranks_split_the_cells_and_match_one_process(text_settings, tex
     assert (output / "all_accuracies.json").read_text() == (text_settings.output / "all_accuracies.json").read_text()
 
 
+@pytest.mark.integration
 def test_sequence_parallel_ranks_score_like_one_process(text_settings, text_run, tmp_path):
     """Two gloo processes split every sequence (DeepSpeed Ulysses): the same predictions as one process."""
     output = tmp_path / "sequence-parallel"

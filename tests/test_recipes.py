@@ -55,6 +55,7 @@ def test_old_repository_paths_name_the_bundled_recipe(tmp_path):
         recipes.find_recipe("extend-text/tiny-gpu")
 
 
+@pytest.mark.integration
 def test_show_writes_the_command_key_before_the_settings(tmp_path):
     done = longva("recipes", "show", "align/tiny-cpu", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -63,6 +64,7 @@ def test_show_writes_the_command_key_before_the_settings(tmp_path):
     assert done.stdout.startswith("# ")  # the header comment still comes first
 
 
+@pytest.mark.integration
 def test_readme_recipe_examples_run_as_written(tmp_path):
     """The README's `## Recipes` block, line by line, in an empty folder (show > file, then validate it)."""
     lines = readme_block("## Recipes")
@@ -75,6 +77,7 @@ def test_readme_recipe_examples_run_as_written(tmp_path):
     assert yaml.safe_load(done.stdout)["train"]["max_steps"] == 10
 
 
+@pytest.mark.integration
 def test_validate_takes_the_command_from_the_key_or_from_the_flag(tmp_path):
     text = recipes.find_recipe("extend-text/tiny-cpu").read_text()
     keyless = tmp_path / "keyless.yaml"
@@ -91,6 +94,7 @@ def test_validate_takes_the_command_from_the_key_or_from_the_flag(tmp_path):
         recipes.validate(wrong)
 
 
+@pytest.mark.integration
 def test_a_training_command_refuses_a_recipe_for_another_command(tmp_path):
     done = longva("align", "--recipe", "extend-text/tiny-cpu", cwd=tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr

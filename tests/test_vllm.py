@@ -220,6 +220,7 @@ def assert_same_answer(native, reference, token_ids: list[int]) -> None:
     assert native.tokenizer.decode(ids, skip_special_tokens=True).strip() == reference.answer
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_offline_llm_gives_the_native_greedy_tokens(checkpoint, media, native, references, tmp_path):
     requests = [
@@ -260,6 +261,7 @@ def wait_for_server(server: subprocess.Popen, log: Path, port: int, timeout: flo
             time.sleep(2)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_vllm_serve_answers_the_openai_client_with_the_native_tokens(checkpoint, media, native, references, tmp_path):
     openai = pytest.importorskip("openai")
@@ -364,6 +366,7 @@ def served_request(name: str, media: dict[str, Path]) -> dict:
     return {"messages": [user(part, text(request["question"]))], "temperature": 0, "max_tokens": MAX_TOKENS, "extra_body": extra}
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_longva_serve_on_vllm_answers_the_openai_client_with_the_native_tokens(longva_server, media, references):
     from test_serve import data_url, media_part, text, user
@@ -380,6 +383,7 @@ def test_longva_serve_on_vllm_answers_the_openai_client_with_the_native_tokens(l
         assert reply.choices[0].finish_reason == reference.finish_reason, name
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_streamed_answer_equals_the_whole_one_and_a_repeat_reuses_the_cached_prefix(longva_server, media, references):
     client = longva_server.client()
@@ -395,6 +399,7 @@ def test_streamed_answer_equals_the_whole_one_and_a_repeat_reuses_the_cached_pre
     assert 8 * 144 <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(longva_server, media, references):
     client = longva_server.client()
@@ -424,6 +429,7 @@ def start_long_stream(server: LongVAServer, media: dict[str, Path]) -> tuple[htt
     return connection, response
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_a_client_hanging_up_aborts_its_request_in_vllm(longva_server, media):
     connection, response = start_long_stream(longva_server, media)
@@ -438,6 +444,7 @@ def test_a_client_hanging_up_aborts_its_request_in_vllm(longva_server, media):
     assert not longva_server.health()["busy"]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_the_http_layer_checks_apply_on_the_vllm_engine(longva_server, media):
     from test_serve import corrupt_video_url, media_part, request, text, user
@@ -456,6 +463,7 @@ def test_the_http_layer_checks_apply_on_the_vllm_engine(longva_server, media):
     assert (status, answer["error"]["code"]) == (403, "media_root")
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_an_answer_that_fills_the_engines_length_ends_with_length(longva_server, media):
     from test_serve import media_part, request, text, user
@@ -470,6 +478,7 @@ def test_an_answer_that_fills_the_engines_length_ends_with_length(longva_server,
     assert answer["choices"][0]["finish_reason"] == "length"
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_sigterm_ends_streams_with_an_error_event_and_exits_0(longva_server, media):
     # Last in this module: it stops the module's server.

@@ -125,8 +125,19 @@ def write_tiny_checkpoint(folder: Path, *, seed: int = 0, max_shard_size: str | 
     language, vision, mm = tiny_configs(vision_tower=str(tower_folder), **sizes)
     torch.manual_seed(seed)
     model = build_longva(language, vision, mm)
-    with torch.no_grad():  # make the projector's output large enough to steer the tiny LM
-        for param in model.mm_projector.parameters():
+    with torch.no_grad():
+        # At Qwen2's initial scale (0.02) a tiny LM's attention is nearly uniform: a thousand visual
+        # tokens drown the few of the question, and every question gets the same answer. Stronger
+        # token embeddings and sharper attention make the answer follow the question, the system
+        # prompt and earlier turns, so that a test comparing a reused cache with a cold run notices
+        # the wrong prompt (tests/test_model.py guards this).
+        decoder = model.language_model.model
+        decoder.embed_tokens.weight.normal_(0, 0.5)
+        for layer in decoder.layers:
+            attention = layer.self_attn
+            for projection, std in ((attention.q_proj, 0.5), (attention.k_proj, 0.5), (attention.v_proj, 0.3), (attention.o_proj, 0.3)):
+                projection.weight.normal_(0, std)
+        for param in model.mm_projector.parameters():  # and the frames steer it too
             param.normal_(0, 0.2)
     save_longva(model, None, folder, max_shard_size=max_shard_size)
     # Written as the released config.json is: a window size with the window switched off, and
