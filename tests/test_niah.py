@@ -137,6 +137,8 @@ def test_kv_reuse_scores_equal_a_naive_full_forward_on_every_cell(video_run, vid
     language_model = tiny_longva.model.language_model
     naive_tokens = 0
     for cell in cell_lines(video_settings.output):
+        # each needle gets a prediction of its own, so scores reused from the cell's other needle would show
+        assert len({tuple(item["predicted_ids"]) for item in cell["items"]}) == len(cell["items"]) > 1
         for item in cell["items"]:
             sequence = prompts.sequence(cell["num_frames"], cell["depth"], item["index"], with_answer=True)
             naive = scoring.naive_teacher_forced(language_model, sequence.embed(0, len(sequence)), len(item["answer_ids"]))
@@ -160,10 +162,13 @@ def test_chunked_cache_reuse_equals_naive_for_teacher_forcing_and_greedy(tiny_lo
         answer = prompts.answer_ids(unit.index)
         naive = scoring.naive_teacher_forced(language_model, sequence.embed(0, len(sequence)), len(answer))
         assert scoring.teacher_forced(cache, sequence, answer) == naive
+    answers = set()
     for unit in units[:3]:
         prompt = prompts.sequence(unit.size, unit.depth, unit.index, with_answer=False)
         expected = scoring.greedy(tiny_longva, PrefixCache(language_model), prompt, 6)  # from an empty cache
         assert scoring.greedy(tiny_longva, cache, prompt, 6) == expected
+        answers.add(tuple(expected))
+    assert len(answers) == 3  # three prompts, three answers: a cache answering another prompt would show
 
 
 def test_generate_scoring_run_keeps_the_generated_text(video_run, video_settings, tiny_longva, needle_dir, tmp_path):

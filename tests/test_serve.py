@@ -284,14 +284,25 @@ def test_follow_up_requests_prefill_only_their_new_tokens_and_answer_as_cold_one
     def ask(messages):
         return client.chat.completions.create(model="longva", messages=messages, max_tokens=5, temperature=0, extra_body={"video": {"frames": 3}})
 
-    first = ask([user(video, text("What happens first?"))])
-    other_question = ask([user(video, text("What colour is the square?"))])
-    assert other_question.usage.prompt_tokens_details.cached_tokens >= 3 * 144  # the video's tokens were kept
-    cold = tiny_longva.ask(media_root / "clip.mp4", "What colour is the square?", frames=3, temperature=0, max_new_tokens=5)
-    assert other_question.choices[0].message.content == cold.answer
-    next_turn = ask([user(video, text("What happens first?")), {"role": "assistant", "content": first.choices[0].message.content},
-                     {"role": "user", "content": "And then?"}])
-    assert next_turn.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    from longva_cli.engine import MediaSpec, Session, drive
+
+    def cold(question: str, turns: list[Turn] = ()) -> str:
+        session = Session(tiny_longva, [MediaSpec(media_root / "clip.mp4", frames=3)], turns=list(turns), keep_history=False)
+        return drive(session.ask(question, tiny_longva.sampling_settings(max_new_tokens=5, temperature=0))).answer
+
+    openings = ["What happens first?", "What colour is the square?"]
+    firsts = [ask([user(video, text(opening))]) for opening in openings]
+    assert firsts[1].usage.prompt_tokens_details.cached_tokens >= 3 * 144  # the video's tokens were kept
+    assert [first.choices[0].message.content for first in firsts] == [cold(opening) for opening in openings]
+    assert firsts[0].choices[0].message.content != firsts[1].choices[0].message.content
+    seconds = []
+    for opening, first in zip(openings, firsts):  # the two conversations go on, interleaved with each other
+        said = first.choices[0].message.content
+        next_turn = ask([user(video, text(opening)), {"role": "assistant", "content": said}, {"role": "user", "content": "And then?"}])
+        assert next_turn.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+        seconds.append(next_turn.choices[0].message.content)
+        assert seconds[-1] == cold("And then?", [Turn("user", "<image>\n" + opening), Turn("assistant", said)])
+    assert seconds[0] != seconds[1]  # one question, two histories: a mixed-up cache would show
 
 
 def corrupt_video_url() -> str:
