@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import io
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -54,3 +56,20 @@ def video_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def image_file(tmp_path_factory) -> Path:
     return write_image(tmp_path_factory.mktemp("media") / "photo.png")
+
+
+@pytest.fixture
+def longva_main(monkeypatch, capsys):
+    """Run `longva ARGS...` through the executable's own `main` in this process, as a finished
+    process: a process each would cost seconds of imports (integration tests run the executable)."""
+    from longva_cli.cli import main
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "argv", ["longva", *args])
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        with pytest.raises(SystemExit) as exited:
+            main()
+        return subprocess.CompletedProcess(sys.argv, exited.value.code, *capsys.readouterr())
+
+    return run

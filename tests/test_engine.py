@@ -242,12 +242,11 @@ def test_ask_answers_several_questions_as_json_lines_and_reuses_the_disk_cache(t
     assert plain.stdout.startswith("Q: Who?\nA: ") and "\n\nQ: Why?\nA: " in plain.stdout
 
 
-@pytest.mark.integration
-def test_chat_keeps_the_history_and_saves_it(tiny_checkpoint, video_file, tmp_path):
+def test_chat_keeps_the_history_and_saves_it(tiny_checkpoint, video_file, tmp_path, monkeypatch, longva_main):
     saved = tmp_path / "chat.json"
     script = f"What happens?\nAnd then?\n/save {saved}\n/reset\n/nonsense\nAgain?\n"
-    result = longva("chat", str(video_file), "--model", str(tiny_checkpoint), "-t", "0", "--max-new-tokens", "3", "--json",
-                    stdin=script, cache=tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    result = longva_main("chat", str(video_file), "--model", str(tiny_checkpoint), "-t", "0", "--max-new-tokens", "3", "--json", stdin=script)
     assert result.returncode == 0, result.stderr
     turns = [json.loads(line) for line in result.stdout.splitlines()]
     assert [t["question"] for t in turns] == ["What happens?", "And then?", "Again?"]
