@@ -103,18 +103,14 @@ def test_video_run_writes_the_original_file_formats(video_run, video_settings):
     assert cells[0]["score"] == sum(i["found"] for i in cells[0]["items"]) / len(NEEDLES)
 
 
-@pytest.mark.integration
-def test_heatmap_is_a_17_5_by_8_inch_png(video_run, video_settings, tmp_path):
+def test_heatmap_is_a_17_5_by_8_inch_png(video_run, video_settings, tmp_path, longva_main):
     from PIL import Image
 
     path = video_settings.output / "heatmap.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(path).size == (1750, 800)  # 17.5 x 8 inches at matplotlib's 100 dpi
     redrawn = tmp_path / "again.png"
-    done = subprocess.run(
-        [sys.executable, "-m", "longva_cli", "niah", "plot", str(video_settings.output), "--output", str(redrawn)],
-        check=False, capture_output=True, text=True,
-    )
+    done = longva_main("niah", "plot", str(video_settings.output), "--output", str(redrawn))
     assert done.returncode == 0, done.stderr
     assert Image.open(redrawn).size == (1750, 800)
 
@@ -434,12 +430,7 @@ def test_device_map_auto_runs_the_same_cells(video_run, video_settings, tmp_path
 # ---- the command line ---------------------------------------------------------------------
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "longva_cli", "niah", *args], check=False, capture_output=True, text=True, timeout=120)
-
-
-@pytest.mark.integration
-def test_bad_input_is_one_line_without_traceback(haystack, needle_dir, tmp_path):
+def test_bad_input_is_one_line_without_traceback(haystack, needle_dir, tmp_path, longva_main):
     no_answers = tmp_path / "needles"
     no_answers.mkdir()
     write_image(no_answers / "a.png")
@@ -456,7 +447,7 @@ def test_bad_input_is_one_line_without_traceback(haystack, needle_dir, tmp_path)
         "between 0 and 6": ["text", "--distractors", "7"],
     }
     for expected, args in cases.items():
-        done = run_cli(*args, "--output", str(tmp_path / "out"))
+        done = longva_main("niah", *args, "--output", str(tmp_path / "out"))
         assert done.returncode == 1, (args, done.stderr)
         assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
