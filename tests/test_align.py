@@ -373,6 +373,7 @@ def _two_process_worker(rank: int, port: int, recipe: AlignRecipe) -> None:
     os._exit(0)
 
 
+@pytest.mark.integration
 def test_two_processes_train_with_zero3_on_gloo(example, tmp_path):
     import torch.multiprocessing as mp
 

@@ -307,6 +307,7 @@ def _one_process_reference(tokens, cuda: bool = False):
     return torch.cat([loss.detach().reshape(1)] + [p.grad.reshape(-1) for p in model.parameters()]).float().cpu()
 
 
+@pytest.mark.integration
 def test_ulysses_two_processes_match_one_process(tmp_path):
     """Loss and every gradient agree to atol 1e-5, rtol 1e-4 (fp32; DeepSpeed Ulysses over gloo)."""
     import torch
@@ -322,6 +323,7 @@ def test_ulysses_two_processes_match_one_process(tmp_path):
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.integration
 @pytest.mark.gpu
 def test_zigzag_ring_on_two_gpus_matches_one_process(tmp_path):
     """Ring backend (ring-flash-attn, bf16): loss to 2e-2, gradients to 5e-2 of one-GPU SDPA."""

@@ -437,6 +437,7 @@ def test_client_hanging_up_stops_its_generation(server, media_root):
 # ---- queueing and shutdown (their own servers) ---------------------------------------------
 
 
+@pytest.mark.integration
 def test_full_queue_and_queue_timeout_give_503_then_sigterm_exits_cleanly(tiny_checkpoint, media_root, tmp_path):
     server = Server(tiny_checkpoint, tmp_path, "--max-queue", "1", "--queue-timeout", "1.5", "--max-tokens-limit", "16384")
     try:
@@ -471,6 +472,7 @@ def test_full_queue_and_queue_timeout_give_503_then_sigterm_exits_cleanly(tiny_c
         server.stop(signal.SIGKILL)
 
 
+@pytest.mark.integration
 def test_sigint_stops_the_server_with_exit_code_0(tiny_checkpoint, tmp_path):
     server = Server(tiny_checkpoint, tmp_path)
     assert server.stop(signal.SIGINT) == 0, server.log()  # exit 0, not killed after stop()'s 15 s

@@ -72,6 +72,7 @@ def test_vllm_dtype_resolves_auto_as_the_native_engine_does(monkeypatch):
         serve_cli.vllm_dtype("int8")
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(torch.cuda.is_available(), reason="auto takes vLLM where a GPU is visible and vLLM imports")
 def test_engine_auto_serves_on_the_native_engine_on_a_cpu_machine(tiny_checkpoint, tmp_path):
     server = Server(tiny_checkpoint, tmp_path, "--engine", "auto")
