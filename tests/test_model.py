@@ -14,7 +14,7 @@ from longva_cli.errors import LongVAError
 from longva_cli.model.checkpoint import load_longva
 from longva_cli.model.files import weight_map
 from longva_cli.model.config import CLIP_L_336, multimodal_config, read_config, vision_settings
-from longva_cli.engine import Generate, MediaSpec, PrefixCache, SamplingSettings, Session, Visual, build, drive, encode, prompt_parts, run
+from longva_cli.engine import Generate, MediaSpec, PrefixCache, SamplingSettings, Session, Visual, VisualCache, build, drive, encode, prompt_parts, run
 from longva_cli.model.prompt import DEFAULT_SYSTEM, Turn, question_prompt, tokenize_segments
 
 EXACT_PROMPT = (
@@ -305,13 +305,14 @@ def test_a_stream_that_ends_inside_a_character_ends_as_the_answer_does(tiny_long
     assert generated.text == "a\ufffd" and "".join(streamed) == generated.text
 
 
-def test_tiny_answers_follow_the_question_the_system_prompt_the_history_and_the_frames(tiny_longva, video_file):
+def test_tiny_answers_follow_the_question_the_system_prompt_the_history_and_the_frames(tiny_longva, video_file, tmp_path):
     """The reuse tests compare a cached answer with a cold one: they notice a runner that answers the
     wrong question, system prompt or conversation only if the tiny model's answer depends on each."""
     greedy = SamplingSettings(max_new_tokens=8, temperature=0)
+    frames_once = VisualCache(tmp_path)  # each frame count is decoded and encoded once, not per question
 
     def answer(question, frames=3, system=DEFAULT_SYSTEM, turns=None):
-        session = Session(tiny_longva, [MediaSpec(video_file, frames)], system=system, turns=turns, keep_history=False)
+        session = Session(tiny_longva, [MediaSpec(video_file, frames)], system=system, turns=turns, keep_history=False, cache=frames_once)
         answered = drive(session.ask(question, greedy))
         assert answered.finish_reason == "length"  # never ends on its own: tests keep a worker busy with it
         return answered.answer
