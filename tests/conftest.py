@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import io
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -58,21 +60,19 @@ def image_file(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def longva_main(monkeypatch, capsys):
-    """Run `longva ARGS...` in this process through the executable's own `main` (an interpreter
-    start costs seconds of imports); returns a CompletedProcess with its exit status, stdout and
-    stderr."""
-    import subprocess
-
+    """Run `longva ARGS...` through the executable's own `main` in this process, as a finished
+    process: a process each would cost seconds of imports (integration tests run the executable)."""
     from longva_cli.cli import main
 
     monkeypatch.setenv("COLUMNS", "200")  # main widens a terminal-less run through the environment
 
-    def run(*args: str) -> subprocess.CompletedProcess:
+    def run(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
         capsys.readouterr()
         monkeypatch.setattr(sys, "argv", ["longva", *map(str, args)])
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
         with pytest.raises(SystemExit) as exited:
             main()
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(sys.argv, exited.value.code or 0, out, err)
+        return subprocess.CompletedProcess(sys.argv, exited.value.code or 0, *capsys.readouterr())
 
     return run

@@ -453,6 +453,7 @@ def _two_process_worker(rank: int, port: int, recipe: AlignRecipe) -> None:
     os._exit(0)
 
 
+@pytest.mark.integration
 def test_two_processes_train_with_zero3_on_gloo(example, tmp_path):
     import torch.multiprocessing as mp
 
@@ -476,6 +477,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.integration
 def test_cli_skips_missing_and_undecodable_media_and_reports_them(example, tmp_path):
     import shutil
 
@@ -500,6 +502,7 @@ def test_cli_skips_missing_and_undecodable_media_and_reports_them(example, tmp_p
     assert skipped == ["gone-1", "broken-1"]
 
 
+@pytest.mark.integration
 def test_trained_tiny_checkpoint_loads_from_any_working_directory(tmp_path, monkeypatch):
     """The README's flow (tiny example and recipe, relative paths), then the checkpoint by its
     absolute path from another folder: config.json must not name the tower relative to the first."""
@@ -521,6 +524,7 @@ def test_trained_tiny_checkpoint_loads_from_any_working_directory(tmp_path, monk
     assert visual.embeds.shape[-1] == longva.model.config.hidden_size
 
 
+@pytest.mark.integration
 def test_cli_refuses_to_train_over_a_run_and_names_impossible_numbers(example, stage1, tmp_path):
     out, _ = stage1
     data = [f"data.path={example / 'conversations.json'}", f"data.image_folder={example / 'images'}",
@@ -535,6 +539,7 @@ def test_cli_refuses_to_train_over_a_run_and_names_impossible_numbers(example, s
         assert done.stderr.strip().splitlines()[-1].startswith(f"error: recipe key {key} must be a finite number")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "lines, overrides, message",
     [

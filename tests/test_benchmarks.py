@@ -99,6 +99,7 @@ def smoke_runs(request, tmp_path_factory) -> dict[str, Future]:
         yield {script: pool.submit(smoke, script, tmp_path_factory.mktemp(script)) for script in EXPECTED if script in selected}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("script", list(EXPECTED))
 def test_smoke_run_passes_its_checks_and_reports_its_figures(script, smoke_runs):
     check_run(script, *smoke_runs[script].result())
@@ -109,18 +110,21 @@ def test_every_benchmark_script_has_a_smoke_test():
     assert scripts == set(EXPECTED)
 
 
+@pytest.mark.integration
 def test_a_broken_invariant_exits_non_zero_and_names_it():
     done = subprocess.run([sys.executable, "-c", "import common; common.ratio(3.0, 0.0, 'naive / ours tokens')"], cwd=BENCHMARKS,
                           capture_output=True, text=True)
     assert (done.returncode, done.stderr.strip()) == (1, "invariant broken: naive / ours tokens is 3.0 / 0.0, not a positive finite ratio")
 
 
+@pytest.mark.integration
 def test_niah_cost_refuses_a_depth_step_niah_refuses_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(BENCHMARKS / "niah_cost.py"), "--depth-step", "0.25"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1] == "niah_cost.py: error: the depth step 0.25 does not divide 1 into tenths; use 0.1, 0.2, 0.5 or 1."
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (CI runs it in .venv-vllm, see .ci/run)")
 def test_serve_load_on_vllm(tmp_path):
     """`serve_load.py --engine both`: vLLM's rows next to the native engine's, with their ratio."""

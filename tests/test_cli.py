@@ -34,6 +34,7 @@ def assert_clean_error(result: subprocess.CompletedProcess, fragment: str) -> No
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
+@pytest.mark.integration
 def test_version_and_help():
     result = longva("--version")
     assert result.returncode == 0 and result.stdout.startswith("longva ")
@@ -41,6 +42,7 @@ def test_version_and_help():
         assert longva(command, "--help").returncode == 0
 
 
+@pytest.mark.integration
 def test_help_pages_show_defaults_and_brackets_as_written():
     niah = longva("niah", "video", "--help", env={"COLUMNS": "200"}).stdout
     assert "Smallest haystack, in frames [default: 200]." in niah
@@ -66,6 +68,7 @@ def test_a_run_without_plotting_names_the_extra_and_only_the_files_it_wrote(tmp_
     assert "heatmap.png" not in err.split("results:", 1)[1]
 
 
+@pytest.mark.integration
 def test_ask_streams_an_answer_about_the_demo_video(tiny_checkpoint):
     result = longva("ask", str(REPO / "assets" / "demo.mp4"), "What is moving?", "--model", str(tiny_checkpoint),
                     "--max-new-tokens", "5", "--temperature", "0")
@@ -74,6 +77,7 @@ def test_ask_streams_an_answer_about_the_demo_video(tiny_checkpoint):
     assert "32 frames" in result.stderr and "4,608 visual" in result.stderr
 
 
+@pytest.mark.integration
 def test_ask_json_reads_the_question_from_stdin(tiny_checkpoint, video_file):
     result = longva("ask", str(video_file), "-", "--json", "--model", str(tiny_checkpoint), "--frames", "5",
                     "--max-new-tokens", "4", stdin="What colour is the car?\n")
@@ -84,6 +88,7 @@ def test_ask_json_reads_the_question_from_stdin(tiny_checkpoint, video_file):
     assert {"encode_s", "prefill_s", "generate_s"} <= set(record["timings"])
 
 
+@pytest.mark.integration
 def test_ask_an_image_by_content_not_extension(tiny_checkpoint, image_file, tmp_path):
     disguised = tmp_path / "picture.mp4"
     disguised.write_bytes(image_file.read_bytes())
@@ -93,6 +98,7 @@ def test_ask_an_image_by_content_not_extension(tiny_checkpoint, image_file, tmp_
     assert record["media_type"] == "image" and record["visual_tokens"] == record["frames"] * 144
 
 
+@pytest.mark.integration
 def test_ask_samples_by_fps(tiny_checkpoint, video_file):
     result = longva("ask", str(video_file), "Q?", "--json", "--fps", "2", "--model", str(tiny_checkpoint), "--max-new-tokens", "1")
     assert result.returncode == 0, result.stderr
@@ -168,12 +174,14 @@ def test_bad_input_gets_one_sentence_and_no_traceback(args, fragment, bad_media,
     assert fragment.format(**names) in " ".join(said.split()), said  # rich may wrap a long path
 
 
+@pytest.mark.integration
 def test_truncated_video_is_reported_not_crashed(bad_media, tiny_checkpoint):
     result = longva("ask", str(bad_media / "truncated.mp4"), "Q?", "--model", str(tiny_checkpoint))
     assert_clean_error(result, "truncated.mp4")
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.integration
 def test_download_lists_short_names():
     result = longva("download", "--list")
     assert result.returncode == 0
@@ -182,15 +190,18 @@ def test_download_lists_short_names():
     assert "lmms-lab/Qwen2-7B-Instrcuct-224K" in result.stdout  # the hub's own spelling
 
 
+@pytest.mark.integration
 def test_download_without_network_says_so(tmp_path):
     result = longva("download", "LongVA-7B", "--local-dir", str(tmp_path / "w"))
     assert_clean_error(result, "hub")
 
 
+@pytest.mark.integration
 def test_download_unknown_name():
     assert_clean_error(longva("download", "not a repo"), "unknown model")
 
 
+@pytest.mark.integration
 def test_download_checks_folders_without_importing_torch(tiny_checkpoint):
     """Resolving names and checking a downloaded folder read files only: `longva download`
     starts in a fraction of a second instead of the seconds torch and transformers take."""
@@ -205,6 +216,7 @@ def test_download_checks_folders_without_importing_torch(tiny_checkpoint):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.integration
 def test_recipes_list_names_every_bundled_recipe_with_its_first_sentence():
     result = longva("recipes", "list", env={"COLUMNS": "200"})
     assert result.returncode == 0 and result.stderr == ""  # a listing is the result: stdout, so `| grep tiny` finds it

@@ -262,19 +262,22 @@ def test_several_questions_share_one_prefill_and_answer_like_separate_runs(tiny_
     questions = ["What happens?", "What colour is the square?", "What happens?"]
     answers = [drive(session.ask(question, GREEDY)) for question in questions]
     assert [answered(a) for a in answers] == [cold_answer(tiny_longva, media, q) for q in questions]
+    assert answers[0].answer != answers[1].answer  # so a runner answering the previous question would fail
     assert answers[0].reused_tokens == 0
     assert all(a.reused_tokens >= 3 * 144 for a in answers[1:])  # the video was prefilled once
 
 
 def test_a_chat_turn_equals_a_one_shot_ask_with_the_same_history(tiny_longva, video_file):
     media = [MediaSpec(video_file, frames=3)]
-    chat = Session(tiny_longva, media)
-    first = drive(chat.ask("What happens?", GREEDY))
-    second = drive(chat.ask("And then?", GREEDY))
-    history = [Turn("user", "<image>\nWhat happens?"), Turn("assistant", first.answer)]
-    assert answered(second) == cold_answer(tiny_longva, media, "And then?", turns=history)
-    assert second.reused_tokens >= first.prompt_tokens  # only the new turn was prefilled
-    assert [t.role for t in chat.turns] == ["user", "assistant", "user", "assistant"]
+    chats = {opening: Session(tiny_longva, media) for opening in ("What happens?", "What colour is the square?")}
+    firsts = {opening: drive(chat.ask(opening, GREEDY)) for opening, chat in chats.items()}
+    seconds = {opening: drive(chat.ask("And then?", GREEDY)) for opening, chat in chats.items()}  # interleaved
+    for opening, chat in chats.items():
+        history = [Turn("user", "<image>\n" + opening), Turn("assistant", firsts[opening].answer)]
+        assert answered(seconds[opening]) == cold_answer(tiny_longva, media, "And then?", turns=history)
+        assert seconds[opening].reused_tokens >= firsts[opening].prompt_tokens  # only the new turn was prefilled
+        assert [t.role for t in chat.turns] == ["user", "assistant", "user", "assistant"]
+    assert len({second.answer for second in seconds.values()}) == 2  # the same question, answered after other turns
 
 
 def test_stopping_a_prefill_midway_leaves_a_cache_that_still_answers_exactly(tiny_longva, video_file):
@@ -300,11 +303,14 @@ def test_the_runner_pool_hands_out_the_cache_with_the_longest_shared_prefix(tiny
     about_image = build(tiny_longva, prompt_parts(question_prompt("Q1"), [image]))
     for sequence in (about_video, about_image):
         drive(run(tiny_longva, pool.acquire(sequence), sequence, Generate(GREEDY)))
-    follow_up = build(tiny_longva, prompt_parts(question_prompt("Another question"), [video]))
-    runner = pool.acquire(follow_up)
-    assert runner.shared_with(follow_up) > 2 * 144
-    answer = drive(run(tiny_longva, runner, follow_up, Generate(GREEDY)))
-    assert answer.token_ids == drive(run(tiny_longva, PrefixCache(lm), follow_up, Generate(GREEDY))).token_ids
+    answers = []
+    for question, visual in (("Another question", video), ("What colour is the square?", image)):
+        follow_up = build(tiny_longva, prompt_parts(question_prompt(question), [visual]))
+        runner = pool.acquire(follow_up)
+        assert runner.shared_with(follow_up) > len(visual)
+        answers.append(drive(run(tiny_longva, runner, follow_up, Generate(GREEDY))).token_ids)
+        assert answers[-1] == drive(run(tiny_longva, PrefixCache(lm), follow_up, Generate(GREEDY))).token_ids
+    assert answers[0] != answers[1]
     small = RunnerPool(lm, budget_bytes=pool.per_token * (len(about_video) + 10))
     small.acquire(about_video)
     drive(run(tiny_longva, small.runners[-1], about_video, Generate(GREEDY)))
@@ -409,6 +415,7 @@ def longva(*args: str, stdin: str | None = None, cache: Path | None = None) -> s
     return subprocess.run([sys.executable, "-m", "longva_cli", *args], input=stdin, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.integration
 def test_ask_answers_several_questions_as_json_lines_and_reuses_the_disk_cache(tiny_checkpoint, video_file, tmp_path):
     (tmp_path / "questions.txt").write_text("What happens?\n\nWhy?\n")
     common = ("--model", str(tiny_checkpoint), "-t", "0", "--max-new-tokens", "4", "--frames", "3")
@@ -417,17 +424,18 @@ def test_ask_answers_several_questions_as_json_lines_and_reuses_the_disk_cache(t
     lines = [json.loads(line) for line in first.stdout.splitlines()]
     assert [line["question"] for line in lines] == ["Who?", "What happens?", "Why?"]
     assert lines[0]["reused_tokens"] == 0 and all(line["reused_tokens"] >= 3 * 144 for line in lines[1:])
+    assert len({line["answer"] for line in lines}) == 3  # each question its own answer, so `again` below tells them apart
     again = longva("ask", str(video_file), "Who?", "--json", *common, cache=tmp_path)
     assert json.loads(again.stdout)["answer"] == lines[0]["answer"]
     plain = longva("ask", str(video_file), "Who?", "Why?", *common, "--no-cache", cache=tmp_path)
     assert plain.stdout.startswith("Q: Who?\nA: ") and "\n\nQ: Why?\nA: " in plain.stdout
 
 
-def test_chat_keeps_the_history_and_saves_it(tiny_checkpoint, video_file, tmp_path):
+def test_chat_keeps_the_history_and_saves_it(tiny_checkpoint, video_file, tmp_path, monkeypatch, longva_main):
     saved = tmp_path / "chat.json"
     script = f"What happens?\nAnd then?\n/save {saved}\n/reset\n/nonsense\nAgain?\n"
-    result = longva("chat", str(video_file), "--model", str(tiny_checkpoint), "-t", "0", "--max-new-tokens", "3", "--json",
-                    stdin=script, cache=tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    result = longva_main("chat", str(video_file), "--model", str(tiny_checkpoint), "-t", "0", "--max-new-tokens", "3", "--json", stdin=script)
     assert result.returncode == 0, result.stderr
     turns = [json.loads(line) for line in result.stdout.splitlines()]
     assert [t["question"] for t in turns] == ["What happens?", "And then?", "Again?"]

@@ -67,6 +67,7 @@ def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 # ---- end to end ----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_local_videomme_folder_end_to_end(videomme_folder, tiny_checkpoint, tmp_path):
     out = tmp_path / "run"
     done = run_cli("eval", "local", "--data", str(videomme_folder), "--model", str(tiny_checkpoint), "--frames", "4",
@@ -275,7 +276,7 @@ def test_degenerate_answers_stop_the_run_or_warn(videomme_folder, tiny_longva, t
 # ---- bad input ----------------------------------------------------------------------------------------
 
 
-def test_bad_inputs_fail_with_one_sentence(tmp_path, videomme_folder):
+def test_bad_inputs_fail_with_one_sentence(tmp_path, videomme_folder, longva_main):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"video": "a.mp4", "question": "q", "options": ["x", "y"], "answer": "A"}\n{not json\n')
     missing_field = tmp_path / "nofield.jsonl"
@@ -293,7 +294,7 @@ def test_bad_inputs_fail_with_one_sentence(tmp_path, videomme_folder):
         (["--data", str(videomme_folder), "--frames", "0"], "--frames must be a whole number at least 1"),
     ]
     for args, message in cases:
-        done = run_cli("eval", "local", *args, "--model", "/nonexistent-model")
+        done = longva_main("eval", "local", *args, "--model", "/nonexistent-model")
         assert done.returncode == 1, (args, done.stderr)
         assert message in done.stderr and done.stderr.startswith("error:") and "Traceback" not in done.stderr
 
@@ -312,10 +313,10 @@ def test_package_metadata_exposes_the_lmms_eval_entry_point():
     assert name in {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
 
 
-def test_eval_tasks_without_lmms_eval_says_how_to_install():
+def test_eval_tasks_without_lmms_eval_says_how_to_install(longva_main):
     if importlib.util.find_spec("lmms_eval") is not None:
         pytest.skip("lmms-eval is installed")
-    done = run_cli("eval", "--tasks", "videomme")
+    done = longva_main("eval", "--tasks", "videomme")
     assert done.returncode == 1 and "pip install" in done.stderr and "torchvision" in done.stderr
     assert "Traceback" not in done.stderr
 

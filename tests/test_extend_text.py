@@ -308,6 +308,7 @@ def _one_process_reference(tokens, cuda: bool = False):
     return torch.cat([loss.detach().reshape(1)] + [p.grad.reshape(-1) for p in model.parameters()]).float().cpu()
 
 
+@pytest.mark.integration
 def test_ulysses_two_processes_match_one_process(tmp_path):
     """Loss and every gradient agree to atol 1e-5, rtol 1e-4 (fp32; DeepSpeed Ulysses over gloo)."""
     import torch
@@ -323,6 +324,7 @@ def test_ulysses_two_processes_match_one_process(tmp_path):
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.integration
 @pytest.mark.gpu
 def test_zigzag_ring_on_two_gpus_matches_one_process(tmp_path):
     """Ring backend (ring-flash-attn, bf16): loss to 2e-2, gradients to 5e-2 of one-GPU SDPA."""
@@ -342,6 +344,7 @@ def test_zigzag_ring_on_two_gpus_matches_one_process(tmp_path):
     assert torch.allclose(got, expected, atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.integration
 def test_torchrun_two_process_run_matches_one_process_run(tmp_path):
     """The whole stack (DeepSpeed ZeRO-3 + Ulysses over gloo): same loss curve to 1e-4."""
     overrides = ["train.max_steps=3", "train.save_every=3", "data.seq_len=64", "parallel.zero_stage=3"]
@@ -410,6 +413,7 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(text_run, tmp_path):
     assert steps == list(range(1, 9))
 
 
+@pytest.mark.integration
 def test_rerun_into_a_finished_run_is_refused_and_changes_nothing(text_run):
     root, recipe, _ = text_run
     run = recipe.train.output_dir
@@ -505,6 +509,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.integration
 def test_cli_trains_the_tiny_recipe_end_to_end(tmp_path):
     done = _cli("--recipe", str(TINY), "train.max_steps=2", "train.save_every=1", "data.seq_len=64", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -513,6 +518,7 @@ def test_cli_trains_the_tiny_recipe_end_to_end(tmp_path):
     assert (tmp_path / "runs/extend-tiny/step_1/config.json").exists()
 
 
+@pytest.mark.integration
 def test_cli_keeps_stdout_for_results_and_builds_deepspeed_ops_in_the_documented_cache(tmp_path, monkeypatch):
     """--output wins over the recipe; DeepSpeed's build lines stay off stdout; without
     TORCH_EXTENSIONS_DIR the comm op is taken from (or built into) <cache>/longva/torch_extensions."""
@@ -557,6 +563,7 @@ def test_first_start_says_it_compiles_the_comm_op(tmp_path, monkeypatch, capsys)
     assert out == ""  # DeepSpeed's "built successfully" and its log lines stay off stdout
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -19,6 +19,7 @@ import record  # noqa: E402
 import scale  # noqa: E402
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(450)
 def test_cpu_dry_run_fills_every_stage(tmp_path):
     out = tmp_path / "out"
@@ -61,6 +62,7 @@ def test_cpu_dry_run_fills_every_stage(tmp_path):
     assert second["reused_tokens"] + second["forwarded_tokens"] == second["sequence_tokens"] - 1
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("arguments, complaint", [
     (["--stages", "train,bogus"], "not 'bogus'"),
     (["--stages", "install"], "not 'install'"),

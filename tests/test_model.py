@@ -14,8 +14,8 @@ from longva_cli.errors import LongVAError
 from longva_cli.model.checkpoint import load_longva
 from longva_cli.model.files import weight_map
 from longva_cli.model.config import CLIP_L_336, multimodal_config, read_config, vision_settings
-from longva_cli.engine import Generate, MediaSpec, PrefixCache, SamplingSettings, Visual, build, drive, encode, prompt_parts, run
-from longva_cli.model.prompt import question_prompt, tokenize_segments
+from longva_cli.engine import Generate, MediaSpec, PrefixCache, SamplingSettings, Session, Visual, VisualCache, build, drive, encode, prompt_parts, run
+from longva_cli.model.prompt import DEFAULT_SYSTEM, Turn, question_prompt, tokenize_segments
 
 EXACT_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n"
@@ -267,6 +267,66 @@ def test_generation_stops_at_im_end(tiny_longva):
     assert stopped == free[: free.index(free[2])]
 
 
+def test_a_stream_that_ends_inside_a_character_ends_as_the_answer_does(tiny_longva):
+    import numpy as np
+
+    from longva_cli.engine import Token, token_sequence
+    from longva_cli.engine.runner import Chunk
+
+    tokenizer = tiny_longva.tokenizer
+    # "a", then byte 0xE2 (byte-level BPE writes it "â"): the first of a three-byte character's bytes
+    script = [tokenizer.convert_tokens_to_ids("a"), tokenizer.convert_tokens_to_ids("â")]
+    vocab = tiny_longva.model.language_model.config.vocab_size
+
+    class Scripted:
+        """A runner whose model says the script's tokens, one a step."""
+
+        def __init__(self):
+            self.said = 0
+            self.language_model = SimpleNamespace(lm_head=lambda hidden: self.next_logits()[None])
+
+        def next_logits(self):
+            self.said += 1
+            return torch.nn.functional.one_hot(torch.tensor(script[self.said - 1]), vocab).float()  # [vocab]
+
+        def shared_with(self, sequence):
+            return 0
+
+        def chunks(self, sequence, stop, need_from):
+            yield Chunk(0, torch.zeros(stop, 4))
+
+        def step(self, token_id):
+            return self.next_logits()
+
+    streamed = []
+    sequence = token_sequence(tiny_longva, np.arange(5))
+    generated = drive(run(tiny_longva, Scripted(), sequence, Generate(SamplingSettings(max_new_tokens=2, temperature=0))),
+                      lambda event: streamed.append(event.text) if isinstance(event, Token) else None)
+    assert generated.text == "a\ufffd" and "".join(streamed) == generated.text
+
+
+def test_tiny_answers_follow_the_question_the_system_prompt_the_history_and_the_frames(tiny_longva, video_file, tmp_path):
+    """The reuse tests compare a cached answer with a cold one: they notice a runner that answers the
+    wrong question, system prompt or conversation only if the tiny model's answer depends on each."""
+    greedy = SamplingSettings(max_new_tokens=8, temperature=0)
+    frames_once = VisualCache(tmp_path)  # each frame count is decoded and encoded once, not per question
+
+    def answer(question, frames=3, system=DEFAULT_SYSTEM, turns=None):
+        session = Session(tiny_longva, [MediaSpec(video_file, frames)], system=system, turns=turns, keep_history=False, cache=frames_once)
+        answered = drive(session.ask(question, greedy))
+        assert answered.finish_reason == "length"  # never ends on its own: tests keep a worker busy with it
+        return answered.answer
+
+    questions = ["What happens?", "What colour is the square?", "Describe the image in detail.", "Where is the red car?", "Who?", "Why?"]
+    answers = [answer(question) for question in questions]
+    assert len(set(answers)) == len(questions), answers
+    assert answer(questions[0], frames=2) != answers[0]
+    systems = [DEFAULT_SYSTEM, "You are a pirate.", None]
+    assert len({answer(questions[0], system=system) for system in systems}) == len(systems)
+    histories = [[Turn("user", "<image>\n" + question), Turn("assistant", reply)] for question, reply in zip(questions[:3], answers)]
+    assert len({answer("And then?", turns=history) for history in histories}) == len(histories)
+
+
 def test_ask_reports_counts_and_streams_the_answer(tiny_longva, video_file):
     pieces = []
     answer = tiny_longva.ask(video_file, "What happens?", frames=4, temperature=0, max_new_tokens=6, on_text=pieces.append)
@@ -356,9 +416,12 @@ def test_questions_about_one_video_reuse_its_prefix_and_answer_the_same(tiny_lon
         generated = drive(run(tiny_longva, runner, sequence, Generate(sampling)))
         return generated.text, len(generated.token_ids)
 
+    answers = []
     for number, question in enumerate(["What happens?", "What colour is the square?", "What happens?"]):
         sequence = build(tiny_longva, prompt_parts(question_prompt(question), [visual]))
         before = prefix.forwarded
-        assert answer(prefix, sequence) == answer(PrefixCache(tiny_longva.model.language_model), sequence)
+        answers.append(answer(prefix, sequence))
+        assert answers[-1] == answer(PrefixCache(tiny_longva.model.language_model), sequence)
         if number:  # only the question and what follows it is computed again
             assert prefix.forwarded - before < len(sequence) - 3 * 144
+    assert answers[0] != answers[1] and answers[0] == answers[2]  # each question got its own answer

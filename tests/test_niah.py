@@ -103,17 +103,14 @@ def test_video_run_writes_the_original_file_formats(video_run, video_settings):
     assert cells[0]["score"] == sum(i["found"] for i in cells[0]["items"]) / len(NEEDLES)
 
 
-def test_heatmap_is_a_17_5_by_8_inch_png(video_run, video_settings, tmp_path):
+def test_heatmap_is_a_17_5_by_8_inch_png(video_run, video_settings, tmp_path, longva_main):
     from PIL import Image
 
     path = video_settings.output / "heatmap.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(path).size == (1750, 800)  # 17.5 x 8 inches at matplotlib's 100 dpi
     redrawn = tmp_path / "again.png"
-    done = subprocess.run(
-        [sys.executable, "-m", "longva_cli", "niah", "plot", str(video_settings.output), "--output", str(redrawn)],
-        check=False, capture_output=True, text=True,
-    )
+    done = longva_main("niah", "plot", str(video_settings.output), "--output", str(redrawn))
     assert done.returncode == 0, done.stderr
     assert Image.open(redrawn).size == (1750, 800)
 
@@ -136,6 +133,8 @@ def test_kv_reuse_scores_equal_a_naive_full_forward_on_every_cell(video_run, vid
     language_model = tiny_longva.model.language_model
     naive_tokens = 0
     for cell in cell_lines(video_settings.output):
+        # each needle gets a prediction of its own, so scores reused from the cell's other needle would show
+        assert len({tuple(item["predicted_ids"]) for item in cell["items"]}) == len(cell["items"]) > 1
         for item in cell["items"]:
             sequence = prompts.sequence(cell["num_frames"], cell["depth"], item["index"], with_answer=True)
             naive = scoring.naive_teacher_forced(language_model, sequence.embed(0, len(sequence)), len(item["answer_ids"]))
@@ -159,10 +158,13 @@ def test_chunked_cache_reuse_equals_naive_for_teacher_forcing_and_greedy(tiny_lo
         answer = prompts.answer_ids(unit.index)
         naive = scoring.naive_teacher_forced(language_model, sequence.embed(0, len(sequence)), len(answer))
         assert scoring.teacher_forced(cache, sequence, answer) == naive
+    answers = set()
     for unit in units[:3]:
         prompt = prompts.sequence(unit.size, unit.depth, unit.index, with_answer=False)
         expected = scoring.greedy(tiny_longva, PrefixCache(language_model), prompt, 6)  # from an empty cache
         assert scoring.greedy(tiny_longva, cache, prompt, 6) == expected
+        answers.add(tuple(expected))
+    assert len(answers) == 3  # three prompts, three answers: a cache answering another prompt would show
 
 
 def test_generate_scoring_run_keeps_the_generated_text(video_run, video_settings, tiny_longva, needle_dir, tmp_path):
@@ -598,6 +600,7 @@ def torchrun_text(settings: TextSettings, output: Path, *extra: str) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.integration
 def test_torchrun_ranks_split_the_cells_and_match_one_process(text_settings, text_run, tmp_path):
     """Two gloo processes on CPU: each takes every other cell; the merged files equal a one-process run."""
     output = tmp_path / "two-ranks"
@@ -608,6 +611,7 @@ def test_torchrun_ranks_split_the_cells_and_match_one_process(text_settings, tex
     assert (output / "all_accuracies.json").read_text() == (text_settings.output / "all_accuracies.json").read_text()
 
 
+@pytest.mark.integration
 def test_sequence_parallel_ranks_score_like_one_process(text_settings, text_run, tmp_path):
     """Two gloo processes split every sequence (DeepSpeed Ulysses): the same predictions as one process."""
     output = tmp_path / "sequence-parallel"

@@ -56,6 +56,7 @@ def clean_env() -> dict[str, str]:
     return {**env, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.integration
 def test_the_wheel_carries_the_recipes_and_runs_one_from_anywhere(installed, tmp_path):
     env = clean_env()
     where = run(installed / "python", "-c", "import longva_cli; print(longva_cli.__file__)", cwd=tmp_path, env=env)
@@ -92,6 +93,7 @@ def fake_hub_cache(root: Path, repo: str) -> Path:
     return root
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_the_readme_ask_and_chat_examples_run_as_written_from_the_wheel(installed, tmp_path):
     """Every `ask` and `chat` example of the README, word for word, in a folder holding the files

@@ -200,6 +200,7 @@ def test_perplexity_is_exp_of_the_token_weighted_mean_and_the_original_mean_too(
     assert record["window_mean_perplexity"] == pytest.approx(math.exp(sum(means) / len(means)), rel=1e-4)
 
 
+@pytest.mark.integration
 def test_sequence_parallel_ranks_give_the_one_process_perplexities(run, models, books, tmp_path):
     """Two gloo processes split every window (DeepSpeed Ulysses over the 2 KV heads)."""
     from longva_cli.parallel import free_port
@@ -468,6 +469,7 @@ def test_the_readme_commands_run_as_written(models, tmp_path, monkeypatch):
     assert Path("runs/ppl/ppl.png").is_file()
 
 
+@pytest.mark.integration
 def test_bad_input_on_the_command_line_is_one_line_without_a_traceback(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "longva_cli", "eval", "ppl", "--model", "m", "--data", str(tmp_path / "nothing")],

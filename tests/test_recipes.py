@@ -18,10 +18,12 @@ from longva_cli.errors import LongVAError
 REPO = Path(__file__).resolve().parent.parent
 
 
-def longva(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "longva_cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+@pytest.fixture
+def longva(longva_main, monkeypatch, tmp_path):
+    """`longva ARGS...` in this process, in an empty folder (the README test below runs the executable)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    return longva_main
 
 
 def readme_block(heading: str) -> list[str]:
@@ -58,14 +60,15 @@ def test_clone_paths_name_the_bundled_recipe_from_anywhere(tmp_path, monkeypatch
         recipes.find_recipe("extend-text/tiny-gpu")
 
 
-def test_show_writes_the_command_key_before_the_settings(tmp_path):
-    done = longva("recipes", "show", "align/tiny-cpu", cwd=tmp_path)
+def test_show_writes_the_command_key_before_the_settings(longva):
+    done = longva("recipes", "show", "align/tiny-cpu")
     assert done.returncode == 0, done.stderr
     settings = [line for line in done.stdout.splitlines() if line.strip() and not line.startswith("#")]
     assert settings[0] == "command: align"
     assert done.stdout.startswith("# ")  # the header comment still comes first
 
 
+@pytest.mark.integration
 def test_readme_recipe_examples_run_as_written(tmp_path):
     """The README's `## Recipes` block, line by line, in an empty folder (show > file, then validate it)."""
     lines = readme_block("## Recipes")
@@ -78,7 +81,7 @@ def test_readme_recipe_examples_run_as_written(tmp_path):
     assert yaml.safe_load(done.stdout)["train"]["max_steps"] == 10
 
 
-def test_validate_takes_the_command_from_the_key_or_from_the_flag(tmp_path):
+def test_validate_takes_the_command_from_the_key_or_from_the_flag(tmp_path, longva):
     text = recipes.find_recipe("extend-text/tiny-cpu").read_text()
     keyless = tmp_path / "keyless.yaml"
     keyless.write_text(text.replace("command: extend-text\n", ""))
@@ -86,7 +89,7 @@ def test_validate_takes_the_command_from_the_key_or_from_the_flag(tmp_path):
         recipes.validate(keyless)
     command, settings = recipes.validate(keyless, ["train.max_steps=3"], command="extend-text")
     assert command == "extend-text" and settings.train.max_steps == 3
-    done = longva("recipes", "validate", str(keyless), "--command", "align", cwd=tmp_path)
+    done = longva("recipes", "validate", str(keyless), "--command", "align")
     assert done.returncode == 1 and "unknown recipe key" in done.stderr and "Traceback" not in done.stderr
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("command: extend-txt\n")
@@ -94,8 +97,8 @@ def test_validate_takes_the_command_from_the_key_or_from_the_flag(tmp_path):
         recipes.validate(wrong)
 
 
-def test_a_training_command_refuses_a_recipe_for_another_command(tmp_path):
-    done = longva("align", "--recipe", "extend-text/tiny-cpu", cwd=tmp_path)
+def test_a_training_command_refuses_a_recipe_for_another_command(longva):
+    done = longva("align", "--recipe", "extend-text/tiny-cpu")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("error: recipe extend-text/tiny-cpu is for `longva extend-text`")

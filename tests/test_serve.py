@@ -190,6 +190,7 @@ def test_a_bad_part_after_a_data_url_leaves_no_file_behind(media_root, tmp_path)
 # ---- the server --------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_health_and_models(server):
     status, health = request(server, "GET", "/health")
     assert status == 200 and health["status"] == "ok"
@@ -199,6 +200,7 @@ def test_health_and_models(server):
     assert status == 401 and refused["error"]["code"] == "invalid_api_key"
 
 
+@pytest.mark.integration
 def test_openai_client_answers_about_a_video_file(client, media_root, tiny_longva):
     def ask(frames: int):
         return client.chat.completions.create(
@@ -219,6 +221,7 @@ def test_openai_client_answers_about_a_video_file(client, media_root, tiny_longv
     assert two.usage.total_tokens == two.usage.prompt_tokens + two.usage.completion_tokens
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature, seed", [(0.0, 0), (0.9, 11)], ids=["greedy", "seeded-sampling"])
 def test_serve_and_ask_give_the_same_answer(client, media_root, tiny_checkpoint, temperature, seed):
     """The same checkpoint, video, question and sampling through `longva ask --json` and the server."""
@@ -241,6 +244,7 @@ def test_serve_and_ask_give_the_same_answer(client, media_root, tiny_checkpoint,
     assert served.choices[0].finish_reason == asked["finish_reason"]
 
 
+@pytest.mark.integration
 def test_streamed_answer_matches_the_whole_answer(client, media_root):
     messages = [user(media_part("image_url", data_url(media_root / "photo.png", "image/png")), text("Describe the image."))]
     whole = client.chat.completions.create(model="longva", messages=messages, max_tokens=12, temperature=0)
@@ -256,6 +260,7 @@ def test_streamed_answer_matches_the_whole_answer(client, media_root):
     assert whole.choices[0].finish_reason == ("length" if whole.usage.completion_tokens == 12 else "stop")
 
 
+@pytest.mark.integration
 def test_video_data_url_is_decoded_and_its_temporary_file_deleted(server, client, media_root):
     answer = client.chat.completions.create(
         model="longva", messages=[user(media_part("video_url", data_url(media_root / "clip.mp4", "video/mp4")), text("What moves?"))],
@@ -266,6 +271,7 @@ def test_video_data_url_is_decoded_and_its_temporary_file_deleted(server, client
     assert leftovers == []
 
 
+@pytest.mark.integration
 def test_multi_turn_conversation_samples_reproducibly_with_a_seed(client, media_root):
     def ask(seed: int):
         return client.chat.completions.create(model="longva", max_completion_tokens=6, seed=seed, temperature=1.0, messages=[
@@ -283,21 +289,32 @@ def test_multi_turn_conversation_samples_reproducibly_with_a_seed(client, media_
     assert first.usage.prompt_tokens > one_turn.usage.prompt_tokens
 
 
+@pytest.mark.integration
 def test_follow_up_requests_prefill_only_their_new_tokens_and_answer_as_cold_ones(client, media_root, tiny_longva):
     video = media_part("video_url", f"file://{media_root}/clip.mp4")
 
     def ask(messages):
         return client.chat.completions.create(model="longva", messages=messages, max_tokens=5, temperature=0, extra_body={"video": {"frames": 3}})
 
-    first = ask([user(video, text("What happens first?"))])
-    other_question = ask([user(video, text("What colour is the square?"))])
-    assert other_question.usage.prompt_tokens_details.cached_tokens >= 3 * 144  # the video's tokens were kept
-    cold = tiny_longva.ask(media_root / "clip.mp4", "What colour is the square?", frames=3, temperature=0, max_new_tokens=5)
-    assert other_question.choices[0].message.content == cold.answer
-    next_turn = ask([user(video, text("What happens first?")), {"role": "assistant", "content": first.choices[0].message.content},
-                     {"role": "user", "content": "And then?"}])
-    # The whole first prompt was kept; cached_tokens counts whole blocks of 16.
-    assert next_turn.usage.prompt_tokens_details.cached_tokens >= (first.usage.prompt_tokens - 1) // 16 * 16
+    from longva_cli.engine import MediaSpec, Session, drive
+
+    def cold(question: str, turns: list[Turn] = ()) -> str:
+        session = Session(tiny_longva, [MediaSpec(media_root / "clip.mp4", frames=3)], turns=list(turns), keep_history=False)
+        return drive(session.ask(question, tiny_longva.sampling_settings(max_new_tokens=5, temperature=0))).answer
+
+    openings = ["What happens first?", "What colour is the square?"]
+    firsts = [ask([user(video, text(opening))]) for opening in openings]
+    assert firsts[1].usage.prompt_tokens_details.cached_tokens >= 3 * 144  # the video's tokens were kept
+    assert [first.choices[0].message.content for first in firsts] == [cold(opening) for opening in openings]
+    assert firsts[0].choices[0].message.content != firsts[1].choices[0].message.content
+    seconds = []
+    for opening, first in zip(openings, firsts):  # the two conversations go on, interleaved with each other
+        said = first.choices[0].message.content
+        next_turn = ask([user(video, text(opening)), {"role": "assistant", "content": said}, {"role": "user", "content": "And then?"}])
+        assert next_turn.usage.prompt_tokens_details.cached_tokens >= (first.usage.prompt_tokens - 1) // 16 * 16  # whole blocks of 16
+        seconds.append(next_turn.choices[0].message.content)
+        assert seconds[-1] == cold("And then?", [Turn("user", "<image>\n" + opening), Turn("assistant", said)])
+    assert seconds[0] != seconds[1]  # one question, two histories: a mixed-up cache would show
 
 
 def corrupt_video_url() -> str:
@@ -352,6 +369,7 @@ def malformed_cases(root: Path):
     ]
 
 
+@pytest.mark.integration
 def test_malformed_requests_get_openai_errors_and_the_server_keeps_serving(server, media_root):
     cases = malformed_cases(media_root)
     assert len(cases) >= 20
@@ -368,6 +386,7 @@ def test_malformed_requests_get_openai_errors_and_the_server_keeps_serving(serve
     assert status == 200, answer
 
 
+@pytest.mark.integration
 def test_errors_name_the_field_and_the_fix(server, media_root):
     status, answer = request(server, "POST", "/v1/chat/completions", {
         "messages": [user(text("a"), media_part("video_url", "file:///etc/hostname"))]}, headers=authorized())
@@ -383,6 +402,7 @@ def test_errors_name_the_field_and_the_fix(server, media_root):
     assert "the data: URL at messages[0].content[0].video_url.url" in answer["error"]["message"], answer
 
 
+@pytest.mark.integration
 def test_fifty_concurrent_requests_all_complete(server, client, media_root):
     image = media_part("image_url", f"file://{media_root}/photo.png")
 
@@ -401,6 +421,7 @@ def test_fifty_concurrent_requests_all_complete(server, client, media_root):
     assert request(server, "GET", "/health")[1]["waiting"] == 0
 
 
+@pytest.mark.integration
 def test_client_hanging_up_stops_its_generation(server, media_root):
     # Greedy on the tiny model never emits its end token: 4096 tokens take seconds.
     body = {"messages": [user(media_part("image_url", f"file://{media_root}/photo.png"), text("Talk."))],
@@ -428,6 +449,7 @@ def test_client_hanging_up_stops_its_generation(server, media_root):
 # ---- queueing and shutdown (their own servers) ---------------------------------------------
 
 
+@pytest.mark.integration
 def test_full_queue_and_queue_timeout_give_503_then_sigterm_exits_cleanly(tiny_checkpoint, media_root, tmp_path):
     server = Server(tiny_checkpoint, tmp_path, "--max-queue", "1", "--queue-timeout", "1.5", "--max-tokens-limit", "16384")
     try:
@@ -462,6 +484,7 @@ def test_full_queue_and_queue_timeout_give_503_then_sigterm_exits_cleanly(tiny_c
         server.stop(signal.SIGKILL)
 
 
+@pytest.mark.integration
 def test_sigint_stops_the_server_with_exit_code_0(tiny_checkpoint, tmp_path):
     server = Server(tiny_checkpoint, tmp_path)
     assert server.stop(signal.SIGINT) == 0, server.log()  # exit 0, not killed after stop()'s 15 s
@@ -474,6 +497,7 @@ def test_file_urls_are_refused_by_default(tmp_path, media_root):
     assert refused.value.status == 403 and "--media-root" in refused.value.message
 
 
+@pytest.mark.integration
 def test_a_port_in_use_fails_before_the_model_loads(tiny_checkpoint):
     with socket.socket() as taken:
         taken.bind((HOST, 0))
@@ -506,6 +530,7 @@ def chromium_paths() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(chromium_paths() is None, reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
 def test_chat_page_uploads_media_and_shows_the_streamed_answer(server, media_root, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")

@@ -26,6 +26,7 @@ def serve_command(checkpoint, *flags: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_engine_vllm_without_vllm_fails_in_one_sentence_naming_the_install(tiny_checkpoint):
     result = serve_command(tiny_checkpoint, "--engine", "vllm")
@@ -33,6 +34,7 @@ def test_engine_vllm_without_vllm_fails_in_one_sentence_naming_the_install(tiny_
     assert result.stderr.strip() == "error: `longva serve --engine vllm` needs vLLM, which is not installed: pip install 'longva[vllm]'."
 
 
+@pytest.mark.integration
 def test_flags_of_the_other_engine_are_refused_before_loading(tiny_checkpoint):
     result = serve_command(tiny_checkpoint, "--engine", "native", "--tensor-parallel", "2", "--max-model-len", "4096")
     assert result.returncode == 1
@@ -70,6 +72,7 @@ def test_vllm_dtype_resolves_auto_as_the_native_engine_does(monkeypatch):
         serve_cli.vllm_dtype("int8")
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(torch.cuda.is_available(), reason="auto takes vLLM where a GPU is visible and vLLM imports")
 def test_engine_auto_serves_on_the_native_engine_on_a_cpu_machine(tiny_checkpoint, tmp_path):
     server = Server(tiny_checkpoint, tmp_path, "--engine", "auto")

@@ -97,6 +97,7 @@ def ask_about(url: str, kind: str = "image_url", question: str = "What is it?", 
 # ---- 1. a symlink swap while the request waits in the queue ----------------------------------
 
 
+@pytest.mark.integration
 def test_a_symlink_swap_while_the_request_waits_reads_the_checked_file(server, roots):
     root, outside = roots
     inside_tokens = request(server, "POST", CHAT, ask_about(data_url(root / "album" / "photo.png", "image/png")))[1]["usage"]["prompt_tokens"]
@@ -172,6 +173,7 @@ def test_the_decoders_read_the_held_file_after_its_path_changes(tmp_path):
 # ---- 2. cross-site requests --------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_cross_site_requests_are_refused_and_allowed_sites_get_cors(server):
     body = json.dumps({"messages": [user(text("hi"))], "max_tokens": 1}).encode()
     here = f"{HOST}:{server.port}"
@@ -228,6 +230,7 @@ def test_host_header_names_the_bound_address(bind, accepted, refused):
 # ---- 4. the prompt's length, counted before any work ---------------------------------------
 
 
+@pytest.mark.integration
 def test_prompt_length_is_counted_exactly_at_the_limit(server, roots):
     root = roots[0]
 
@@ -246,6 +249,7 @@ def test_prompt_length_is_counted_exactly_at_the_limit(server, roots):
     assert f"{PROMPT_LIMIT + 1:,} tokens" in answer["error"]["message"]
 
 
+@pytest.mark.integration
 def test_prompts_over_the_limit_are_refused_while_the_model_is_busy(server, roots):
     root = roots[0]
     square = media_part("image_url", data_url(root / "square.png", "image/png"))
@@ -349,6 +353,7 @@ def png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b"")
 
 
+@pytest.mark.integration
 def test_broken_values_are_400s_naming_the_field(server, roots, tmp_path):
     root = roots[0]
     (root / "bomb.png").write_bytes(png_claiming(30000, 30000))

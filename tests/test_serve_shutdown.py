@@ -31,6 +31,7 @@ def sse_events(raw: bytes) -> list:
     return events
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stream", [True, False], ids=["streaming", "waiting"])
 def test_sigterm_during_a_long_prefill_answers_everyone_and_exits_0(tiny_checkpoint, tmp_path, stream):
     server = Server(tiny_checkpoint, tmp_path)

@@ -157,7 +157,8 @@ class Notice:
 @dataclass
 class Token:
     id: int
-    text: str  # new text this token completes ("" while inside a multi-byte character)
+    text: str  # new text this token completes ("" while inside a multi-byte character; an answer that
+    # ends inside one gets a last event, with the last token's id, that streams the rest as decoded)
 
 
 Event = Union[Prefilling, Token]  # what `run` yields
@@ -241,8 +242,11 @@ def generate(model: Model, runner: "KVRunner", sequence: "Sequence", objective: 
         if step + 1 < sampling.max_new_tokens:
             generated = torch.cat([generated, token.view(1, 1)], dim=1)
             logits = runner.step(token_id)
+    text = model.tokenizer.decode(ids, skip_special_tokens=True)
+    if text != shown:  # the answer ended inside a multi-byte character: the stream ends as the answer does
+        yield Token(ids[-1], text[len(shown) :])
     return Generated(
-        text=model.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+        text=text.strip(),
         token_ids=ids,
         finish_reason=finish_reason,
         prompt_tokens=total,

@@ -125,9 +125,24 @@ def write_tiny_checkpoint(folder: Path, *, seed: int = 0, max_shard_size: str | 
     language, vision, mm = tiny_configs(vision_tower=str(tower_folder), **sizes)
     torch.manual_seed(seed)
     model = build_longva(language, vision, mm)
-    with torch.no_grad():  # make the projector's output large enough to steer the tiny LM
-        for param in model.mm_projector.parameters():
+    with torch.no_grad():
+        # At Qwen2's initial scale (0.02) a tiny LM's attention is nearly uniform: a thousand visual
+        # tokens drown the few of the question, and every question gets the same answer. Stronger
+        # token embeddings and sharper attention make the answer follow the question, the system
+        # prompt and earlier turns, so that a test comparing a reused cache with a cold run notices
+        # the wrong prompt (tests/test_model.py guards this).
+        decoder = model.language_model.model
+        decoder.embed_tokens.weight.normal_(0, 0.5)
+        for layer in decoder.layers:
+            attention = layer.self_attn
+            for projection, std in ((attention.q_proj, 0.5), (attention.k_proj, 0.5), (attention.v_proj, 0.3), (attention.o_proj, 0.3)):
+                projection.weight.normal_(0, std)
+        for param in model.mm_projector.parameters():  # and the frames steer it too
             param.normal_(0, 0.2)
+        # Greedy answers never end on their own, so a test can keep a worker busy for as long as it
+        # needs: the special tokens' logits are 0, below the best of the hundreds of random rows' for any state.
+        tokenizer = build_tiny_tokenizer(language.vocab_size)
+        model.language_model.lm_head.weight[tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)] = 0
     save_longva(model, None, folder, max_shard_size=max_shard_size)
     # Written as the released config.json is: a window size with the window switched off, and
     # no `layer_types` (a field of newer transformers), so loading has to derive them.
@@ -135,7 +150,7 @@ def write_tiny_checkpoint(folder: Path, *, seed: int = 0, max_shard_size: str | 
     config.pop("layer_types", None)
     config.update(sliding_window=131072, use_sliding_window=False, max_window_layers=28)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    save_tiny_tokenizer(build_tiny_tokenizer(language.vocab_size), folder)
+    save_tiny_tokenizer(tokenizer, folder)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [483, 481], "bos_token_id": 481}, indent=2))
     tower_folder.mkdir(exist_ok=True)
     (tower_folder / "config.json").write_text(json.dumps({"model_type": "clip", "vision_config": vision.to_dict()}, indent=2))
