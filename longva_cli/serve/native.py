@@ -37,6 +37,9 @@ class TenantCache:
     def entry(self, key: dict) -> None:
         return None  # nothing on disk: a server keeps its requests' embeddings in memory only
 
+    def file_hash(self, path) -> str:
+        return self.shared.file_hash(path)  # a file's content hash says nothing about who sent it
+
 
 class NativeWorker(Admission):
     """The one thread that touches the model, and the count of requests admitted to wait for it."""
