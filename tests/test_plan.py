@@ -276,18 +276,19 @@ def test_a_run_says_its_plan_and_one_that_cannot_fit_is_refused_naming_the_frame
 # ---- visual tokens in host memory ---------------------------------------------------------------
 
 
-def test_host_held_visual_tokens_give_the_same_greedy_answer(tiny_longva, video_file):
+def test_host_held_visual_tokens_give_the_same_greedy_answer(tiny_longva, video_file, tmp_path):
     """On a CPU host memory is the device, so this pins the path (host allocation, per-chunk
-    copies, tower release) rather than the transfer; the GPU suite measures the memory."""
+    copies, tower release, embeddings read back from the disk cache) rather than the transfer."""
     from longva_cli.engine import MediaSpec, Session, drive
+    from longva_cli.engine.visual_cache import disk_cache
 
     sampling = tiny_longva.sampling_settings(max_new_tokens=12, temperature=0)
     answers = []
-    for on_host in (False, True):
-        session = Session(tiny_longva, [MediaSpec(video_file, 12)], cache=None, prefill_chunk=256, visual_tokens_on_host=on_host)
+    for on_host, cache in ((False, None), (True, None), (True, disk_cache(tmp_path, True)), (True, disk_cache(tmp_path, True))):
+        session = Session(tiny_longva, [MediaSpec(video_file, 12)], cache=cache, prefill_chunk=256, visual_tokens_on_host=on_host)
         answers.append(drive(session.ask("What happens?", sampling)))
         assert session.visuals[0].embeds.device.type == "cpu"
-    assert answers[0].answer == answers[1].answer and answers[0].generated_tokens == answers[1].generated_tokens
+    assert len({(a.answer, a.generated_tokens) for a in answers}) == 1
 
 
 # ---- 4-bit and 8-bit weights through torchao ------------------------------------------------------

@@ -206,6 +206,8 @@ def encode(
         if found is not None:
             embeds, info = found
             embeds = embeds.to(embeddings_home(model, on_host))
+            if on_host and model.model.device.type == "cuda":
+                embeds = embeds.pin_memory()  # each prefill chunk copies from here
             cache.remember(key, found, embeds.numel() * embeds.element_size())
             return Visual(embeds.flatten(0, 1), info["kind"], info["images"], info["frame_ids"], tuple(info["grid"]) if info["grid"] else None, identity)
     source = pixels(spec, model.processing, model.model.mm.image_grid_pinpoints)
