@@ -297,10 +297,14 @@ torchao_installed = pytest.mark.skipif(importlib.util.find_spec("torchao") is No
 
 
 @torchao_installed
-def test_torchao_int8_weights_load_on_cpu_and_answer(tiny_checkpoint, video_file):
+def test_torchao_int8_weights_load_on_cpu_and_answer(tiny_checkpoint, video_file, monkeypatch):
     """torchao's int8 weight-only layers run on CPU: the decoder's linear layers are converted,
     the output layer is kept, and a greedy answer comes out."""
     from torchao.quantization import Int8Tensor
+
+    # DeepSpeed's ZeRO-3 tests, earlier in the same process, can leave torch.nn.functional.linear
+    # replaced by their autograd wrapper, which torchao's tensors do not implement: use torch's own.
+    monkeypatch.setattr(torch.nn.functional, "linear", torch._C._nn.linear)
 
     from longva_cli.engine import MediaSpec, Session, drive, load
 
