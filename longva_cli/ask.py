@@ -87,6 +87,8 @@ class AskSettings:
     attn: str = "auto"
     device_map: str | None = None
     quantize: str | None = None
+    quantize_backend: str = "torchao"
+    memory_budget: str | None = None  # None: the device's free memory
     revision: str | None = None
     prefill_chunk: int = 4096
     cache_dir: Path | None = None
@@ -107,6 +109,20 @@ class AskSettings:
             ("--max-new-tokens", self.max_new_tokens, whole),
             ("--prefill-chunk", self.prefill_chunk, whole),
         )
+        if self.memory_budget is not None:
+            from longva_cli.engine.plan import parse_size
+
+            parse_size(self.memory_budget)
+
+    def memory_plan(self, media: Path | None, only_planning: bool = False):
+        """The run's memory plan (engine/plan.py), from the checkpoint's config files alone."""
+        from longva_cli.engine.plan import plan_for
+
+        return plan_for(
+            self.model, media, frames=self.frames, fps=self.fps, max_new_tokens=self.max_new_tokens, prefill_chunk=self.prefill_chunk,
+            device=self.device, dtype=self.dtype, quantize=self.quantize, budget=self.memory_budget, revision=self.revision,
+            only_planning=only_planning,
+        )
 
     def open(self, media: Path | None, keep_history: bool):
         """Load the model; a `Session` about `media` and the sampling settings of its answers."""
@@ -115,14 +131,21 @@ class AskSettings:
         from longva_cli.model.prompt import DEFAULT_SYSTEM
 
         cache = disk_cache(self.cache_dir, self.use_cache)  # a bad $LONGVA_CACHE_MAX_GB fails before the model loads
+        quantize, on_host = self.quantize, False
+        if self.device_map is None:  # a model split over GPUs has no one device to plan for
+            plan = self.memory_plan(media)
+            if plan.chosen is None:
+                raise LongVAError(plan.refusal())
+            stderr.print(f"[dim]{plan.stderr_line()}[/dim]")
+            quantize, on_host = plan.chosen.settings.quantize, plan.chosen.settings.visual_tokens == "host"
         longva = load_model(
             self.model, device=self.device, dtype=self.dtype, attn=self.attn, device_map=self.device_map,
-            quantize=self.quantize, revision=self.revision,
+            quantize=quantize, quantize_backend=self.quantize_backend, revision=self.revision,
         )
         session = Session(
             longva, [MediaSpec(media, self.frames, self.fps)] if media is not None else [],
             system=DEFAULT_SYSTEM if self.system is None else self.system, cache=cache,
-            prefill_chunk=self.prefill_chunk, keep_history=keep_history,
+            prefill_chunk=self.prefill_chunk, keep_history=keep_history, visual_tokens_on_host=on_host,
         )
         sampling = longva.sampling_settings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         sampling.seed = self.seed
@@ -202,6 +225,9 @@ def command(
     attn: options.Attention = "auto",
     device_map: options.DeviceMap = None,
     quantize: options.Quantize = None,
+    quantize_backend: options.QuantizeBackend = "torchao",
+    memory_budget: options.MemoryBudget = None,
+    plan: bool = typer.Option(False, "--plan", help="Print the memory plan (config files only, no weights) and exit."),
     revision: options.Revision = None,
     prefill_chunk: options.PrefillChunk = 4096,
     cache_dir: options.CacheDir = None,
@@ -220,11 +246,20 @@ def command(
       longva ask movie.mp4 --questions questions.txt --json > answers.jsonl
       longva ask photo.jpg "Describe the image in detail." --temperature 0
       echo "What colour is the car?" | longva ask clip.mp4 - --json | jq .answer
+      longva ask movie.mp4 q --frames 3000 --device cuda --memory-budget 24GiB --plan
     """
     questions = read_questions(question or [], questions_file)
     settings = checked_settings(
         media, model=model, frames=frames, fps=fps, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, seed=seed, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize,
-        revision=revision, prefill_chunk=prefill_chunk, cache_dir=cache_dir, use_cache=not no_cache,
+        quantize_backend=quantize_backend, memory_budget=memory_budget, revision=revision, prefill_chunk=prefill_chunk,
+        cache_dir=cache_dir, use_cache=not no_cache,
     )
+    if plan:
+        from rich.console import Console
+
+        from longva_cli.engine.plan import plan_table
+
+        Console().print(plan_table(settings.memory_plan(media, only_planning=True)))
+        return
     ask(media, questions, settings, stream=not json_output, on_answer=(lambda answer: typer.echo(answer.to_json())) if json_output else None)

@@ -129,6 +129,8 @@ def command(
     attn: options.Attention = "auto",
     device_map: options.DeviceMap = None,
     quantize: options.Quantize = None,
+    quantize_backend: options.QuantizeBackend = "torchao",
+    memory_budget: options.MemoryBudget = None,
     revision: options.Revision = None,
     prefill_chunk: options.PrefillChunk = 4096,
     cache_dir: options.CacheDir = None,
@@ -148,6 +150,7 @@ def command(
     settings = checked_settings(
         media, model=model, frames=frames, fps=fps, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, seed=seed, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize,
-        revision=revision, prefill_chunk=prefill_chunk, cache_dir=cache_dir, use_cache=not no_cache,
+        quantize_backend=quantize_backend, memory_budget=memory_budget, revision=revision, prefill_chunk=prefill_chunk,
+        cache_dir=cache_dir, use_cache=not no_cache,
     )
     chat(media, settings, json_output=json_output)

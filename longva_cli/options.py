@@ -18,7 +18,20 @@ Attention = Annotated[
                  "such as cudnn/gemm (README, 'Long videos')."),
 ]
 DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="'auto' splits the model across all visible GPUs.")]
-Quantize = Annotated[Optional[str], typer.Option("--quantize", help="4bit or 8bit (bitsandbytes, CUDA only).")]
+Quantize = Annotated[
+    Optional[str], typer.Option("--quantize", help="4bit or 8bit language-model weights (torchao; 4bit needs CUDA).")
+]
+QuantizeBackend = Annotated[
+    str, typer.Option("--quantize-backend", help="torchao (default) or bitsandbytes (CUDA only) for --quantize.")
+]
+MemoryBudget = Annotated[
+    Optional[str],
+    typer.Option(
+        "--memory-budget",
+        help="Device memory the run may use, e.g. 24GiB, 24GB or 24000MiB [default: the device's free memory]; "
+        "the cheapest settings that fit are chosen before loading.",
+    ),
+]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit) of the model.")]
 PrefillChunk = Annotated[
     Optional[int], typer.Option("--prefill-chunk", help="Tokens per prefill step (smaller uses less memory).")

@@ -446,7 +446,7 @@ def test_chat_keeps_the_history_and_saves_it(tiny_checkpoint, video_file, tmp_pa
     assert "unknown command /nonsense" in result.stderr
 
 
-def test_an_empty_answer_is_said_on_stderr(tiny_longva, video_file, monkeypatch, capsys):
+def test_an_empty_answer_is_said_on_stderr(tiny_longva, tiny_checkpoint, video_file, monkeypatch, capsys):
     from longva_cli import ask
 
     visual = drive(encode(tiny_longva, MediaSpec(video_file, frames=2)))
@@ -454,7 +454,8 @@ def test_an_empty_answer_is_said_on_stderr(tiny_longva, video_file, monkeypatch,
     first_token = drive(run(tiny_longva, PrefixCache(tiny_longva.model.language_model), sequence, Generate(GREEDY))).token_ids[0]
     monkeypatch.setattr(ask, "load_model", lambda *a, **k: tiny_longva)
     monkeypatch.setattr(tiny_longva, "stop_ids", {*tiny_longva.stop_ids, first_token})
-    answers = ask.ask(video_file, ["Q?"], ask.AskSettings(frames=2, temperature=0, max_new_tokens=4, use_cache=False))
+    settings = ask.AskSettings(model=str(tiny_checkpoint), device="cpu", frames=2, temperature=0, max_new_tokens=4, use_cache=False)
+    answers = ask.ask(video_file, ["Q?"], settings)  # (the memory plan reads the checkpoint's config)
     assert answers[0].answer == ""
     assert "ended its answer at once" in capsys.readouterr().err
 

@@ -87,10 +87,20 @@ def test_flash_attention_matches_sdpa(tiny_checkpoint):
     torch.testing.assert_close(last_logits(flash.model.language_model, embeds, 256), reference, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("torchao", marks=pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed")),
+        pytest.param("bitsandbytes", marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")),
+    ],
+)
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
-def test_quantized_loading_answers(tiny_checkpoint, image_file, bits):
-    model = LongVA.from_pretrained(str(tiny_checkpoint), device="cuda", quantize=bits)
+def test_quantized_loading_answers(tmp_path, image_file, bits, backend):
+    from longva_cli.model.tiny import write_tiny_checkpoint
+
+    # hidden 512: torchao's int4 takes its groups of 128 along each layer's input width
+    checkpoint = write_tiny_checkpoint(tmp_path / "wide", hidden_size=512, max_shard_size="50MB")
+    model = LongVA.from_pretrained(str(checkpoint), device="cuda", dtype="bfloat16", quantize=bits, quantize_backend=backend)
     answer = model.ask(image_file, "Describe the image.", temperature=0, max_new_tokens=3)
     assert answer.visual_tokens == answer.frames * 144
 

@@ -15,6 +15,8 @@
 #   av                 PyAV with its own FFmpeg: video decoding (decord has no Python 3.12 wheel)
 #   deepspeed          extend-text and align. PyPI has only an sdist: built here with DS_BUILD_OPS=0
 #                      into a pure-Python wheel; any op it needs is JIT-built on the node
+#   torchao            `--quantize 4bit|8bit` (int4 weight-only through PyTorch's own tinygemm
+#                      kernels): 3.2 MB, where bitsandbytes' wheel is 41 MB
 #   pydantic, pydantic-core, annotated-types, typing-inspection, hjson
 #                      what DeepSpeed imports beyond the above; pydantic 2.11 because it accepts
 #                      the older typing-extensions a node image may carry (2.14 wants >= 4.16)
@@ -43,7 +45,7 @@ python=${PYTHON:-python}
 limit_bytes=$((64 * 1024 * 1024))
 
 # One version of each: two of a package in the folder stop the whole offline install.
-BINARY=(av==18.1.0 pydantic==2.11.7 pydantic-core==2.33.2 annotated-types==0.7.0 typing-inspection==0.4.1 hjson==3.1.0)
+BINARY=(av==18.1.0 torchao==0.18.0 pydantic==2.11.7 pydantic-core==2.33.2 annotated-types==0.7.0 typing-inspection==0.4.1 hjson==3.1.0)
 DEEPSPEED=deepspeed==0.19.8
 
 "$python" -c "import torch" 2>/dev/null || {

@@ -138,12 +138,23 @@ def media_pixels(spec: MediaSpec, processing: "ImageProcessing", pinpoints) -> t
 # ---- tokens ------------------------------------------------------------------------------------
 
 
+def embeddings_home(model: "LongVA", on_host: bool) -> torch.device:
+    """Where a media item's visual embeddings are kept: the model's device, or host memory."""
+    return torch.device("cpu") if on_host else model.model.device
+
+
 @torch.inference_mode()
-def encode_batches(model: "LongVA", batches, count: int, pad_to_square: bool = False) -> Generator[Encoding, None, torch.Tensor]:
+def encode_batches(
+    model: "LongVA", batches, count: int, pad_to_square: bool = False, on_host: bool = False
+) -> Generator[Encoding, None, torch.Tensor]:
     """[b, h, w, 3] uint8 frame batches or preprocessed [b, 3, 336, 336] pixel batches (`count`
-    rows in all) -> [count, 144, d]; one batch of pixels in memory at a time."""
+    rows in all) -> [count, 144, d]; one batch of pixels in memory at a time. With `on_host`
+    the result is kept in host memory, pinned beside a GPU so each prefill chunk copies fast."""
     tokens = model.model.tokens_per_image
-    out = torch.empty((count, tokens, model.model.config.hidden_size), dtype=model.model.dtype, device=model.model.device)
+    pin = on_host and model.model.device.type == "cuda"
+    out = torch.empty(
+        (count, tokens, model.model.config.hidden_size), dtype=model.model.dtype, device=embeddings_home(model, on_host), pin_memory=pin
+    )
     filled = 0
     for batch in batches:
         if not isinstance(batch, torch.Tensor) or batch.dtype == torch.uint8:
@@ -154,14 +165,16 @@ def encode_batches(model: "LongVA", batches, count: int, pad_to_square: bool = F
     return out
 
 
-def check_memory(model: "LongVA", images: int) -> None:
-    """Refuse a frame count whose visual tokens and KV cache exceed the device's whole memory,
-    before anything is allocated (`memory.check_fits` warns about what may not fit right now)."""
+def check_memory(model: "LongVA", images: int, on_host: bool = False) -> None:
+    """Refuse a frame count whose visual tokens (unless kept on the host) and KV cache exceed the
+    device's whole memory, before anything is allocated (`memory.check_fits` warns about what may
+    not fit right now; `plan.plan_for` plans the whole run before loading)."""
     from longva_cli.engine.memory import kv_bytes_per_token, total_memory
 
     tokens = images * model.model.tokens_per_image
     element = torch.tensor([], dtype=model.model.dtype).element_size()
-    need = tokens * (model.model.config.hidden_size * element + kv_bytes_per_token(model.model.config, model.model.dtype))
+    embeddings = 0 if on_host else model.model.config.hidden_size * element
+    need = tokens * (embeddings + kv_bytes_per_token(model.model.config, model.model.dtype))
     have = total_memory(model.model.device)
     if need > have:
         raise LongVAError(
@@ -180,33 +193,39 @@ def cache_key(model: "LongVA", spec: MediaSpec, content: str) -> dict:
     }
 
 
-def encode(model: "LongVA", spec: MediaSpec, cache: VisualCache | None = None) -> Generator[Encoding | Notice, None, Visual]:
-    """The visual tokens of one media item, from `cache` when it has them."""
+def encode(
+    model: "LongVA", spec: MediaSpec, cache: VisualCache | None = None, on_host: bool = False
+) -> Generator[Encoding | Notice, None, Visual]:
+    """The visual tokens of one media item, from `cache` when it has them; with `on_host` they
+    are kept in host memory and reach the device one prefill chunk at a time (`sequence.build`)."""
     if spec.frames is not None and spec.fps is None:
-        check_memory(model, spec.frames)
+        check_memory(model, spec.frames, on_host)
     usable = cache is not None and model.fingerprint is not None
     content = content_of(spec.source, cache if usable else None)
     key = cache_key(model, spec, content)
     identity = identity_of(json.dumps(key, sort_keys=True))
     if usable:
         try:
-            found = cache.remembered(key) or from_disk(cache, key, model)
+            found = cache.remembered(key) or from_disk(cache, key, model, embeddings_home(model, on_host))
         except DamagedEntry as err:
             yield Notice(str(err) + ".")
             found = None
         if found is not None:
             embeds, info = found
+            embeds = embeds.to(embeddings_home(model, on_host))
+            if on_host and model.model.device.type == "cuda":
+                embeds = embeds.pin_memory()  # each prefill chunk copies from here
             cache.remember(key, found, embeds.numel() * embeds.element_size())
             return Visual(embeds.flatten(0, 1), info["kind"], info["images"], info["frame_ids"], tuple(info["grid"]) if info["grid"] else None, identity)
     source = pixels(spec, model.processing, model.model.mm.image_grid_pinpoints)
     if source.kind == "video" and spec.fps is not None:
-        check_memory(model, source.count)
+        check_memory(model, source.count, on_host)
         if source.rate_frames > source.count:
             yield Notice(
                 f"--fps {spec.fps:g} would take {source.rate_frames:,} frames; took {source.count:,} (--frames) spread over "
                 f"the whole video (0-{source.seconds:.1f} s)."
             )
-    embeds = yield from encode_batches(model, source.batches, source.count)  # [n, 144, d]
+    embeds = yield from encode_batches(model, source.batches, source.count, on_host=on_host)  # [n, 144, d]
     info = {"kind": source.kind, "images": source.count, "frame_ids": source.frame_ids, "grid": source.grid}
     if usable:
         cache.remember(key, (embeds, info), embeds.numel() * embeds.element_size())
@@ -247,7 +266,7 @@ def from_disk(cache: VisualCache, key: dict, model: "LongVA") -> tuple[torch.Ten
         return None
     if not isinstance(info, dict) or not isinstance(info.get("images"), int) or info.get("kind") not in ("video", "image"):
         return None
-    embeds = entry.load(info["images"], model.model.device)
+    embeds = entry.load(info["images"], device)
     if embeds is None:
         return None
     return embeds.to(model.model.dtype), info

@@ -73,23 +73,52 @@ def resolve_attention(attn: str, device: torch.device) -> str:
     return attn
 
 
-def quantization_config(quantize: str | None, dtype: torch.dtype, device: torch.device):
-    """bitsandbytes settings for the language model; the tower and projector stay in `dtype`."""
+QUANTIZE_BACKENDS = ("torchao", "bitsandbytes")
+
+
+def quantization_config(quantize: str | None, dtype: torch.dtype, device: torch.device, backend: str = "torchao"):
+    """Settings that quantise the language model's linear layers (torchao or bitsandbytes); the
+    embeddings, the output layer, the tower and the projector stay in `dtype`."""
     if quantize is None:
         return None
     if quantize not in ("4bit", "8bit"):
         raise LongVAError(f"--quantize {quantize!r} is not known; use 4bit or 8bit.")
+    if backend == "torchao":
+        return torchao_config(quantize, dtype, device)
+    if backend != "bitsandbytes":
+        raise LongVAError(f"--quantize-backend {backend!r} is not known; use {' or '.join(QUANTIZE_BACKENDS)}.")
     if device.type != "cuda":
-        raise LongVAError("4-bit and 8-bit loading need a CUDA GPU (bitsandbytes); drop --quantize on CPU.")
+        raise LongVAError("bitsandbytes needs a CUDA GPU; on CPU use --quantize 8bit with --quantize-backend torchao, or drop --quantize.")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise LongVAError("--quantize needs bitsandbytes: `pip install bitsandbytes`.") from None
+        raise LongVAError("--quantize-backend bitsandbytes needs bitsandbytes: `pip install bitsandbytes`.") from None
     from transformers import BitsAndBytesConfig
 
     if quantize == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def torchao_config(quantize: str, dtype: torch.dtype, device: torch.device):
+    """torchao weight-only quantisation: int4 in groups of 128 through the tinygemm kernels that
+    ship inside PyTorch's CUDA build (no other kernel library), or int8 per output channel,
+    which runs on CPU too."""
+    if quantize == "4bit" and device.type != "cuda":
+        raise LongVAError("torchao's 4-bit weights run on CUDA only (its int4 kernels are GPU kernels); on CPU use --quantize 8bit or drop --quantize.")
+    if quantize == "4bit" and dtype != torch.bfloat16:
+        raise LongVAError(f"torchao's 4-bit weights compute in bfloat16; drop --dtype {str(dtype).removeprefix('torch.')} or use --quantize 8bit.")
+    try:
+        import torchao.quantization as ao
+    except ImportError:
+        raise LongVAError("--quantize needs torchao: `pip install 'longva[quantize]'` (or --quantize-backend bitsandbytes on CUDA).") from None
+    from transformers import TorchAoConfig
+
+    if quantize == "4bit":
+        scheme = ao.Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    else:
+        scheme = ao.Int8WeightOnlyConfig()
+    return TorchAoConfig(scheme, modules_to_not_convert=["lm_head"])
 
 
 def target_device(device: str, device_map: str | None) -> torch.device:
@@ -139,6 +168,7 @@ def load(
     attn: str = "auto",
     device_map: str | None = None,
     quantize: str | None = None,
+    quantize_backend: str = "torchao",
     revision: str | None = None,
     download: bool = True,
 ):
@@ -152,7 +182,7 @@ def load(
     target = target_device(device, device_map)
     torch_dtype = resolve_dtype(dtype, target)
     attention = resolve_attention(attn, target)
-    quantization = quantization_config(quantize, torch_dtype, target)
+    quantization = quantization_config(quantize, torch_dtype, target, quantize_backend)
     folder = locate_model(str(name), revision=revision, allow_download=download, kind=kind)
     if kind == "longva":
         model = load_longva_model(folder, str(name), torch_dtype, attention, target, device_map, quantization, started)

@@ -53,6 +53,17 @@ class Answer:
         return json.dumps(asdict(self), ensure_ascii=False)
 
 
+def release_vision_tower(model: "LongVA") -> None:
+    """Move the vision tower and projector to host memory (later media are encoded there, slower)."""
+    import torch
+
+    network = model.model
+    if network.device.type == "cuda":
+        network.vision_tower.to("cpu")
+        network.mm_projector.to("cpu")
+        torch.cuda.empty_cache()
+
+
 class Session:
     """Questions about the same media with one model, sharing its encoding and KV cache."""
 
@@ -66,6 +77,7 @@ class Session:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         keep_history: bool = True,
         turns: list[Turn] | None = None,
+        visual_tokens_on_host: bool = False,
     ) -> None:
         self.model = model
         self.media = list(media)
@@ -74,6 +86,9 @@ class Session:
         self.keep_history = keep_history
         self.turns: list[Turn] = list(turns or [])
         self.visuals: list[Visual] | None = None
+        # Host-held visual tokens reach the device a prefill chunk at a time, and the vision
+        # tower leaves the device once they are encoded (issue 24: long videos on small GPUs).
+        self.visual_tokens_on_host = visual_tokens_on_host
         self.runner = PrefixCache(model.model.language_model, prefill_chunk)
 
     def encode(self) -> Generator[object, None, list[Visual]]:
@@ -81,8 +96,10 @@ class Session:
         if self.visuals is None:
             visuals = []
             for spec in self.media:
-                visuals.append((yield from encode(self.model, spec, self.cache)))
+                visuals.append((yield from encode(self.model, spec, self.cache, on_host=self.visual_tokens_on_host)))
             self.visuals = visuals
+            if self.visual_tokens_on_host:
+                release_vision_tower(self.model)
         return self.visuals
 
     def prompt(self, question: str) -> tuple[list[Turn], str]:

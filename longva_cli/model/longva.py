@@ -61,6 +61,7 @@ class LongVA:
         attn_implementation: str = "auto",
         device_map: str | None = None,
         quantize: str | None = None,
+        quantize_backend: str = "torchao",
         revision: str | None = None,
         download: bool = True,
     ) -> "LongVA":
@@ -69,7 +70,7 @@ class LongVA:
 
         return load(
             model, kind="longva", device=device, dtype=dtype, attn=attn_implementation, device_map=device_map,
-            quantize=quantize, revision=revision, download=download,
+            quantize=quantize, quantize_backend=quantize_backend, revision=revision, download=download,
         )
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
