@@ -292,6 +292,9 @@ def test_a_stream_that_ends_inside_a_character_ends_as_the_answer_does(tiny_long
         def shared_with(self, sequence):
             return 0
 
+        def reserve(self, positions):
+            pass  # holds no cache
+
         def chunks(self, sequence, stop, need_from):
             yield Chunk(0, torch.zeros(stop, 4))
 

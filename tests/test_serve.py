@@ -83,7 +83,10 @@ def request(server: Server, method: str, path: str, body: bytes | dict | None = 
     connection = http.client.HTTPConnection(HOST, server.port, timeout=timeout)
     try:
         data = json.dumps(body).encode() if isinstance(body, dict) else body
-        connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered (413) and closed before the whole body was sent: read that answer
         response = connection.getresponse()
         raw = response.read()
     finally:

@@ -181,9 +181,10 @@ def device_peaks(device: torch.device, dtype: torch.dtype, tiny: bool) -> dict:
     copy_s = best_seconds(lambda: target.copy_(source))
     return {
         "matmul": f"{size}^3 {str(dtype).removeprefix('torch.')}",
-        "matmul_tflops": round(2 * size**3 / matmul_s / 1e12, 1),
+        # significant figures, not decimals: a loaded CPU in the dry run measures well under 0.05
+        "matmul_tflops": float(f"{2 * size**3 / matmul_s / 1e12:.4g}"),
         "copy_gib": copy_bytes / 2**30,
-        "copy_gbps": round(2 * copy_bytes / copy_s / 1e9, 1),
+        "copy_gbps": float(f"{2 * copy_bytes / copy_s / 1e9:.4g}"),
     }
 
 

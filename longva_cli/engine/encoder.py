@@ -255,7 +255,7 @@ def store_on_disk(cache: VisualCache, key: dict, embeds: torch.Tensor, info: dic
     return None
 
 
-def from_disk(cache: VisualCache, key: dict, model: "LongVA") -> tuple[torch.Tensor, dict] | None:
+def from_disk(cache: VisualCache, key: dict, model: "LongVA", device: torch.device) -> tuple[torch.Tensor, dict] | None:
     """The stored encoding of `key`, or None; DamagedEntry when a stored block fails its checksum."""
     entry = cache.entry(key)
     if entry is None or not (entry.folder / INFO_FILE).is_file():
