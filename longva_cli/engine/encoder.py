@@ -155,10 +155,11 @@ def check_memory(model: "LongVA", images: int) -> None:
     """Refuse a frame count whose visual tokens and KV cache exceed the device's whole memory,
     before anything is allocated (`memory.check_fits` warns about what may not fit right now)."""
     from longva_cli.engine.memory import kv_bytes_per_token, total_memory
+    from longva_cli.model.kv_cache import kv_storage_of
 
     tokens = images * model.model.tokens_per_image
     element = torch.tensor([], dtype=model.model.dtype).element_size()
-    need = tokens * (model.model.config.hidden_size * element + kv_bytes_per_token(model.model.config, model.model.dtype))
+    need = tokens * (model.model.config.hidden_size * element + kv_bytes_per_token(model.model.config, kv_storage_of(model.model.language_model)))
     have = total_memory(model.model.device)
     if need > have:
         raise LongVAError(
