@@ -60,6 +60,7 @@ class AskSettings:
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "auto"
+    kv_cache: str = "auto"
     device_map: str | None = None
     quantize: str | None = None
     revision: str | None = None
@@ -91,7 +92,7 @@ class AskSettings:
 
         longva = load_model(
             self.model, device=self.device, dtype=self.dtype, attn=self.attn, device_map=self.device_map,
-            quantize=self.quantize, revision=self.revision,
+            quantize=self.quantize, revision=self.revision, kv_cache=self.kv_cache,
         )
         session = Session(
             longva, [MediaSpec(media, self.frames, self.fps)] if media is not None else [],
@@ -174,6 +175,7 @@ def command(
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     attn: options.Attention = "auto",
+    kv_cache: options.KVCache = "auto",
     device_map: options.DeviceMap = None,
     quantize: options.Quantize = None,
     revision: options.Revision = None,
@@ -199,6 +201,6 @@ def command(
     settings = checked_settings(
         media, model=model, frames=frames, fps=fps, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, seed=seed, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize,
-        revision=revision, prefill_chunk=prefill_chunk, cache_dir=cache_dir, use_cache=not no_cache,
+        revision=revision, prefill_chunk=prefill_chunk, cache_dir=cache_dir, use_cache=not no_cache, kv_cache=kv_cache,
     )
     ask(media, questions, settings, stream=not json_output, on_answer=(lambda answer: typer.echo(answer.to_json())) if json_output else None)

@@ -278,6 +278,7 @@ def evaluate_local(
     device: str = "auto",
     dtype: str = "auto",
     attn: str = "auto",
+    kv_cache: str = "auto",
     revision: str | None = None,
     prefill_chunk: int = 4096,
     cache=None,
@@ -329,7 +330,7 @@ def evaluate_local(
     if todo:
         from longva_cli.engine import PrefixCache
 
-        longva, model_path = load_model(model, device=device, dtype=dtype, attn=attn, revision=revision)
+        longva, model_path = load_model(model, device=device, dtype=dtype, attn=attn, revision=revision, kv_cache=kv_cache)
         run = run_info(
             model=str(model_name),
             model_path=model_path,
@@ -371,13 +372,13 @@ def evaluate_local(
     return finish(store, samples, records, run, guard, stopped=False)
 
 
-def load_model(model, *, device: str, dtype: str, attn: str, revision: str | None):
+def load_model(model, *, device: str, dtype: str, attn: str, revision: str | None, kv_cache: str = "auto"):
     """A LongVA and the folder it came from (None when it was handed in ready)."""
     if not isinstance(model, str):
         return model, None
     from longva_cli.engine import load
 
-    longva = load(model, device=device, dtype=dtype, attn=attn, revision=revision)
+    longva = load(model, device=device, dtype=dtype, attn=attn, revision=revision, kv_cache=kv_cache)
     return longva, longva.folder
 
 

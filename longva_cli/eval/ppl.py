@@ -77,6 +77,7 @@ class PplSettings:
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "auto"
+    kv_cache: str = "auto"
     device_map: str | None = None
     sequence_parallel: int = 1
     prefill_chunk: int = 4096
@@ -433,6 +434,8 @@ def check_settings(settings: PplSettings) -> list[int]:
         raise LongVAError(f"--sequence-parallel must be at least 1, got {settings.sequence_parallel}.")
     if settings.sequence_parallel > 1 and settings.device_map is not None:
         raise LongVAError("--device-map auto and --sequence-parallel are two ways to spread one sequence; choose one.")
+    if settings.sequence_parallel > 1 and settings.kv_cache != "auto":
+        raise LongVAError("--kv-cache is for runs that keep a KV cache; --sequence-parallel runs each sequence whole without one, so drop one of them.")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != settings.sequence_parallel:
         # every rank scores every window together; ranks working apart would only repeat each other
@@ -560,7 +563,7 @@ def load_for_scoring(entry: PreparedModel, settings: PplSettings, ranks) -> tupl
 
     model = load(
         str(entry.folder), kind="causal-lm", device=ranks.device(settings.device), dtype=settings.dtype, attn=settings.attn,
-        device_map=settings.device_map,
+        device_map=settings.device_map, kv_cache=settings.kv_cache,
     )
     if settings.sequence_parallel > 1:
         from longva_cli.engine.sequence_parallel import sequence_parallel_runner
@@ -571,6 +574,8 @@ def load_for_scoring(entry: PreparedModel, settings: PplSettings, ranks) -> tupl
 
 def measure_length(model, runner, entry: PreparedModel, length: int, settings: PplSettings, progress: "Progress | None") -> dict:
     """One (model, L): its ppl.jsonl record."""
+    from longva_cli.model.kv_cache import kv_storage_of
+
     stride = settings.stride or length
     task = None
     total = positions_to_run(entry.documents.tokens, length, stride, len(entry.start_ids))
@@ -606,6 +611,7 @@ def measure_length(model, runner, entry: PreparedModel, length: int, settings: P
         "tokens_per_s": round(forwarded / seconds, 1) if seconds > 0 else None,
         "dtype": str(model.language_model.dtype).removeprefix("torch."),
         "attention": model.language_model.config._attn_implementation,
+        "kv_cache": str(kv_storage_of(model.language_model)).removeprefix("torch."),
     }
 
 

@@ -95,6 +95,7 @@ def video_command(
     ),
     dtype: options.Dtype = None,
     attn: options.Attention = None,
+    kv_cache: options.KVCache = None,
     prefill_chunk: options.PrefillChunk = None,
     recipe: str | None = typer.Option(None, "--recipe", "-r", help="Settings from a recipe: a YAML file or a bundled name (`longva recipes list`); flags override it."),
     resume: bool = typer.Option(False, "--resume", help="A switch: continue the run in --output with the settings stored there (rerunning the same command continues it too)."),
@@ -125,7 +126,7 @@ def video_command(
         "haystack": haystack, "model": model, "needles": needles, "output": output, "min_frames": min_frames, "max_frames": max_frames,
         "frame_step": frame_step, "depth_step": depth_step, "scoring": scoring, "max_new_tokens": max_new_tokens, "cache_dir": cache_dir,
         "device": device, "device_map": device_map, "sequence_parallel": sequence_parallel, "dtype": dtype, "attn": attn,
-        "prefill_chunk": prefill_chunk,
+        "kv_cache": kv_cache, "prefill_chunk": prefill_chunk,
     }
     report(run_video(settings_for("video", recipe, resume, flags), overwrite=overwrite))
 
@@ -151,6 +152,7 @@ def text_command(
     ),
     dtype: options.Dtype = None,
     attn: options.Attention = None,
+    kv_cache: options.KVCache = None,
     prefill_chunk: options.PrefillChunk = None,
     recipe: str | None = typer.Option(None, "--recipe", "-r", help="Settings from a recipe: a YAML file or a bundled name (`longva recipes list`); flags override it."),
     resume: bool = typer.Option(False, "--resume", help="A switch: continue the run in --output with the settings stored there (rerunning the same command continues it too)."),
@@ -173,7 +175,7 @@ def text_command(
         "model": model, "haystack": haystack, "output": output, "min_tokens": min_tokens, "max_tokens": max_tokens, "token_step": token_step,
         "depth_step": depth_step, "samples": samples, "distractors": distractors, "seed": seed, "scoring": scoring,
         "max_new_tokens": max_new_tokens, "device": device, "device_map": device_map, "sequence_parallel": sequence_parallel,
-        "dtype": dtype, "attn": attn, "prefill_chunk": prefill_chunk,
+        "dtype": dtype, "attn": attn, "kv_cache": kv_cache, "prefill_chunk": prefill_chunk,
     }
     report(run_text(settings_for("text", recipe, resume, flags), overwrite=overwrite))
 

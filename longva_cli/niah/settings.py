@@ -39,6 +39,7 @@ class VideoSettings:
     sequence_parallel: int = 1  # >1: each sequence split over this many torchrun ranks (Ulysses)
     dtype: str = "auto"
     attn: str = "auto"
+    kv_cache: str = "auto"  # auto (the model's dtype), bf16 or fp8: it moves scores a little, so it is part of the identity
     prefill_chunk: int = 4096
 
 
@@ -61,6 +62,7 @@ class TextSettings:
     sequence_parallel: int = 1
     dtype: str = "auto"
     attn: str = "auto"
+    kv_cache: str = "auto"  # auto (the model's dtype), bf16 or fp8: it moves scores a little, so it is part of the identity
     prefill_chunk: int = 4096
 
 
@@ -146,6 +148,8 @@ def _check_common(settings: VideoSettings | TextSettings) -> None:
         raise LongVAError("--sequence-parallel scores teacher-forced only; drop --scoring generate or the sequence parallelism.")
     if settings.sequence_parallel > 1 and settings.device_map is not None:
         raise LongVAError("--sequence-parallel and --device-map exclude each other: each rank of a group holds the whole model.")
+    if settings.sequence_parallel > 1 and settings.kv_cache != "auto":
+        raise LongVAError("--kv-cache is for runs that keep a KV cache; --sequence-parallel runs each sequence whole without one, so drop one of them.")
 
 
 def size_label(size: int) -> str:
