@@ -102,7 +102,7 @@ install() {
     fi
     # longva itself from this checkout, so the suite always tests the code beside it; built from a
     # copy because setuptools' build/ folder in the checkout can hold modules deleted since
-    mkdir -p "$site.src" && cp -r "$repo/pyproject.toml" "$repo/README.md" "$repo/longva_cli" "$site.src/" || return 1
+    mkdir -p "$site.src" && cp -r "$repo/pyproject.toml" "$repo/README.md" "$repo/longva_cli" "$repo/recipes" "$site.src/" || return 1
     "$python" -m pip install --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target "$site" "$site.src" || return 1
     "$python" -c "import av, deepspeed, longva_cli; print('imports: av', av.__version__, 'deepspeed', deepspeed.__version__)" || return 1
     record environment "$results" --mode "$mode"
