@@ -155,12 +155,16 @@ def test_prefix_cache_reserves_the_sequence_and_what_the_caller_will_add():
     assert runner.cache.layers[0].keys.data_ptr() == buffers and runner.cache.capacity == 86
 
 
-def test_a_pool_fork_keeps_both_conversations_answering_as_fresh_caches():
+@pytest.mark.parametrize("kv_cache", ["auto", "fp8"])
+def test_a_pool_fork_keeps_both_conversations_answering_as_fresh_caches(kv_cache):
     model = qwen2()
+    use_kv_cache(model, kv_cache)  # what `--kv-cache` does to a loaded model: every runner and the pool follow it
     embeds = torch.randn(120, 64)
     video = Sequence(keys=torch.arange(100).numpy(), embed=lambda start, stop: embeds[start:stop])
     other = Sequence(keys=torch.cat([torch.arange(80), torch.arange(500, 520)]).numpy(), embed=lambda start, stop: embeds[start:stop])
     pool = RunnerPool(model, budget_bytes=1 << 30, chunk=32)
+    storage = {"auto": torch.float32, "fp8": FLOAT8}[kv_cache]
+    assert pool.per_token == kv_bytes_per_token(model.config, storage)
 
     @torch.inference_mode()
     def answer(runner, sequence):
@@ -171,6 +175,7 @@ def test_a_pool_fork_keeps_both_conversations_answering_as_fresh_caches():
     first_answer = answer(first, video)
     second = pool.acquire(other)  # shares 80 of the first's 103 positions: a fork
     assert second is not first and len(first) == 103
+    assert first.cache.layers[0].keys.dtype == second.cache.layers[0].keys.dtype == storage
     assert answer(second, other) == answer(PrefixCache(model, 32), other)
     first.truncate(100)
     assert answer(first, video) == first_answer
@@ -228,30 +233,6 @@ def test_fp8_crops_and_forks_continue_as_a_cold_fp8_run():
         ids, logits = greedy(model, cache, prompt[25:], 15, 6)
         assert ids == cold_ids
         torch.testing.assert_close(logits, cold_logits, rtol=0, atol=1e-5)  # the same stored prefix: float rounding only
-
-
-def test_a_model_set_to_fp8_gives_its_runners_and_pool_fp8_caches_that_reuse_prefixes():
-    model = qwen2()
-    use_kv_cache(model, "fp8")
-    embeds = torch.randn(120, 64)
-    video = Sequence(keys=torch.arange(100).numpy(), embed=lambda start, stop: embeds[start:stop])
-    other = Sequence(keys=torch.cat([torch.arange(80), torch.arange(500, 520)]).numpy(), embed=lambda start, stop: embeds[start:stop])
-    pool = RunnerPool(model, budget_bytes=1 << 30, chunk=32)
-    assert pool.per_token == kv_bytes_per_token(model.config, FLOAT8) < kv_bytes_per_token(model.config, torch.float32) / 2
-
-    @torch.inference_mode()
-    def answer(runner, sequence):
-        hidden = list(runner.chunks(sequence, len(sequence), len(sequence) - 1))[-1].hidden[-1:]
-        return [int(runner.step(token).argmax()) for token in (model.lm_head(hidden)[0].argmax(), 3, 4)]
-
-    first = pool.acquire(video)
-    first_answer = answer(first, video)
-    assert isinstance(first.cache.layers[0], Float8KVLayer)
-    second = pool.acquire(other)  # a fork of the first's 80 shared positions
-    assert isinstance(second.cache.layers[0], Float8KVLayer)
-    assert answer(second, other) == answer(PrefixCache(model, 32), other)
-    first.truncate(100)
-    assert answer(first, video) == first_answer
 
 
 def test_a_bad_kv_cache_name_is_one_sentence_before_anything_loads(tiny_checkpoint, video_file, monkeypatch, capsys):

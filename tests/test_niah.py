@@ -200,6 +200,8 @@ def test_an_fp8_kv_cache_scores_every_cell_as_the_float32_run_and_is_part_of_the
         run_video(replace(fp8, kv_cache="auto"))
     with pytest.raises(LongVAError, match="--kv-cache is for runs that keep a KV cache"):
         check_video(replace(fp8, sequence_parallel=2))
+    with pytest.raises(LongVAError, match="--kv-cache 'fp4' is not known"):  # before the run folder is written
+        check_video(replace(fp8, kv_cache="fp4"))
 
 
 def test_generate_scoring_compares_normalised_text():

@@ -365,6 +365,7 @@ def test_context_lengths_double_or_step_as_the_original():
         (dict(text_field="body", data="JSONL"), "has no 'body' field"),
         (dict(data="EMPTY"), "holds no documents"),
         (dict(kv_cache="fp8", sequence_parallel=2), "--kv-cache is for runs that keep a KV cache; --sequence-parallel runs each"),
+        (dict(kv_cache="fp4"), "--kv-cache 'fp4' is not known; use auto, bf16, fp8."),
     ],
 )
 def test_bad_input_is_one_sentence_before_any_model_loads(models, books, tmp_path, monkeypatch, changes, fragment):

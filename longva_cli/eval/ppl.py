@@ -434,8 +434,9 @@ def check_settings(settings: PplSettings) -> list[int]:
         raise LongVAError(f"--sequence-parallel must be at least 1, got {settings.sequence_parallel}.")
     if settings.sequence_parallel > 1 and settings.device_map is not None:
         raise LongVAError("--device-map auto and --sequence-parallel are two ways to spread one sequence; choose one.")
-    if settings.sequence_parallel > 1 and settings.kv_cache != "auto":
-        raise LongVAError("--kv-cache is for runs that keep a KV cache; --sequence-parallel runs each sequence whole without one, so drop one of them.")
+    from longva_cli.model.kv_cache import check_kv_cache
+
+    check_kv_cache(settings.kv_cache, settings.sequence_parallel)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != settings.sequence_parallel:
         # every rank scores every window together; ranks working apart would only repeat each other

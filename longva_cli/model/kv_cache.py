@@ -61,6 +61,14 @@ def kv_storage(kv_cache: str) -> torch.dtype | None:
     return KV_CACHES[kv_cache]
 
 
+def check_kv_cache(kv_cache: str, sequence_parallel: int = 1) -> None:
+    """One sentence when `--kv-cache` is not a known name, or names a storage for a run that keeps no
+    KV cache (each sequence split over ranks); for settings checked before anything is written."""
+    kv_storage(kv_cache)
+    if sequence_parallel > 1 and kv_cache != "auto":
+        raise LongVAError("--kv-cache is for runs that keep a KV cache; --sequence-parallel runs each sequence whole without one, so drop one of them.")
+
+
 def use_kv_cache(language_model: torch.nn.Module, kv_cache: str) -> None:
     """Make every runner of `language_model` keep its keys and values as `kv_cache` names (kept on the model)."""
     language_model.longva_kv_storage = kv_storage(kv_cache) or language_model.dtype

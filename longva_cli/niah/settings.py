@@ -148,8 +148,9 @@ def _check_common(settings: VideoSettings | TextSettings) -> None:
         raise LongVAError("--sequence-parallel scores teacher-forced only; drop --scoring generate or the sequence parallelism.")
     if settings.sequence_parallel > 1 and settings.device_map is not None:
         raise LongVAError("--sequence-parallel and --device-map exclude each other: each rank of a group holds the whole model.")
-    if settings.sequence_parallel > 1 and settings.kv_cache != "auto":
-        raise LongVAError("--kv-cache is for runs that keep a KV cache; --sequence-parallel runs each sequence whole without one, so drop one of them.")
+    from longva_cli.model.kv_cache import check_kv_cache
+
+    check_kv_cache(settings.kv_cache, settings.sequence_parallel)
 
 
 def size_label(size: int) -> str:
