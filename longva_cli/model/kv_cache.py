@@ -34,9 +34,14 @@ the bytes of bf16 (head dim 128: 132 bytes a vector instead of 256). Per positio
 position's stored form then depends on its own keys alone: chunk sizes, prefix reuse, `fork`
 and `crop` give exactly the cold run's cache, and a scale never has to be revised when later
 tokens come (per-channel scales are fixed by the tokens seen first, and clip the outliers that
-come later; `benchmarks/kv_fp8_quality.py` measures both). `read` dequantizes one layer's keys
+come later; `benchmarks/kv_fp8_quality.py` measures both). Integer KV formats quantize keys per
+channel because of their outlier channels; an e4m3 element has its own exponent, so an outlier
+channel does not cost the rest of its vector precision. `read` dequantizes one layer's keys
 and values into the compute dtype inside that layer's attention call, so the transient is one
 layer's keys and values, freed before the next layer runs.
+
+A memory plan reads `KV_CACHES` for the storages it may choose and
+`engine.memory.kv_bytes_per_token(config, storage_dtype)` for what each costs (scales included).
 """
 
 from __future__ import annotations
