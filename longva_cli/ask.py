@@ -85,6 +85,7 @@ class AskSettings:
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "auto"
+    kv_cache: str = "auto"
     device_map: str | None = None
     quantize: str | None = None
     quantize_backend: str = "torchao"
@@ -120,8 +121,8 @@ class AskSettings:
 
         return plan_for(
             self.model, media, frames=self.frames, fps=self.fps, max_new_tokens=self.max_new_tokens, prefill_chunk=self.prefill_chunk,
-            device=self.device, dtype=self.dtype, quantize=self.quantize, budget=self.memory_budget, revision=self.revision,
-            only_planning=only_planning,
+            device=self.device, dtype=self.dtype, quantize=self.quantize, kv_cache=self.kv_cache, budget=self.memory_budget,
+            revision=self.revision, only_planning=only_planning,
         )
 
     def open(self, media: Path | None, keep_history: bool):
@@ -131,16 +132,18 @@ class AskSettings:
         from longva_cli.model.prompt import DEFAULT_SYSTEM
 
         cache = disk_cache(self.cache_dir, self.use_cache)  # a bad $LONGVA_CACHE_MAX_GB fails before the model loads
-        quantize, on_host = self.quantize, False
+        quantize, on_host, kv_cache = self.quantize, False, self.kv_cache
         if self.device_map is None:  # a model split over GPUs has no one device to plan for
             plan = self.memory_plan(media)
             if plan.chosen is None:
                 raise LongVAError(plan.refusal())
             stderr.print(f"[dim]{plan.stderr_line()}[/dim]")
-            quantize, on_host = plan.chosen.settings.quantize, plan.chosen.settings.visual_tokens == "host"
+            chosen = plan.chosen.settings
+            quantize, on_host = chosen.quantize, chosen.visual_tokens == "host"
+            kv_cache = "fp8" if chosen.kv_cache == "fp8" else kv_cache
         longva = load_model(
             self.model, device=self.device, dtype=self.dtype, attn=self.attn, device_map=self.device_map,
-            quantize=quantize, quantize_backend=self.quantize_backend, revision=self.revision,
+            quantize=quantize, quantize_backend=self.quantize_backend, revision=self.revision, kv_cache=kv_cache,
         )
         session = Session(
             longva, [MediaSpec(media, self.frames, self.fps)] if media is not None else [],
@@ -223,6 +226,7 @@ def command(
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     attn: options.Attention = "auto",
+    kv_cache: options.KVCache = "auto",
     device_map: options.DeviceMap = None,
     quantize: options.Quantize = None,
     quantize_backend: options.QuantizeBackend = "torchao",
@@ -253,7 +257,7 @@ def command(
         media, model=model, frames=frames, fps=fps, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, seed=seed, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize,
         quantize_backend=quantize_backend, memory_budget=memory_budget, revision=revision, prefill_chunk=prefill_chunk,
-        cache_dir=cache_dir, use_cache=not no_cache,
+        cache_dir=cache_dir, use_cache=not no_cache, kv_cache=kv_cache,
     )
     if plan:
         from rich.console import Console

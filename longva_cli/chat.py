@@ -127,6 +127,7 @@ def command(
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     attn: options.Attention = "auto",
+    kv_cache: options.KVCache = "auto",
     device_map: options.DeviceMap = None,
     quantize: options.Quantize = None,
     quantize_backend: options.QuantizeBackend = "torchao",
@@ -151,6 +152,6 @@ def command(
         media, model=model, frames=frames, fps=fps, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, seed=seed, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize,
         quantize_backend=quantize_backend, memory_budget=memory_budget, revision=revision, prefill_chunk=prefill_chunk,
-        cache_dir=cache_dir, use_cache=not no_cache,
+        cache_dir=cache_dir, use_cache=not no_cache, kv_cache=kv_cache,
     )
     chat(media, settings, json_output=json_output)

@@ -17,6 +17,11 @@ Attention = Annotated[
                  "flash_attention_2, or kernels by name: cudnn, flash, efficient, flex, cpu-flash, math, or PREFILL/DECODE "
                  "such as cudnn/gemm (README, 'Long videos')."),
 ]
+KVCache = Annotated[
+    Optional[str],
+    typer.Option("--kv-cache", help="How keys and values are stored: auto (the model's dtype), bf16, or fp8 (float8 e4m3 with a scale "
+                 "per token and KV head: about half the memory of bf16; README, 'Long videos')."),
+]
 DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="'auto' splits the model across all visible GPUs.")]
 Quantize = Annotated[
     Optional[str], typer.Option("--quantize", help="4bit or 8bit language-model weights (torchao; 4bit needs CUDA).")

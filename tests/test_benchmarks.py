@@ -50,6 +50,9 @@ EXPECTED = {
                    "## serve load"),
     "decode_scaling": ([rf"\| {context} \| [\d.]+ \| [\d.]+ \| {RATIO} \| [\d.]+ \| [\d.]+ \|" for context in ("256", "2,048")],
                        "## decode scaling"),
+    "kv_fp8_quality": ([rf"\| fp8 token x head \| [\d,]+ \(0\.\d+x\) \| \d+ of \d+ \| \d+ of \d+ \([\d.]+%\) \| [\d.]+ \| [\d.]+ \|",
+                        r"\| float32 \| [\d,]+ \(2\.000x\) \| (\d+) of \1 \| (\d+) of \2 \(100\.0%\) \| 0\.0000 \| 0\.00000 \|"],
+                       "## kv fp8 quality"),
     "preprocess_throughput": ([rf"\s+{size}\s+[\d.]+\s+[\d.]+\s+{RATIO}\s+0\.00e\+00" for size in ("640x360", "1920x1080")], None),
 }
 

@@ -60,6 +60,10 @@ def test_cpu_dry_run_fills_every_stage(tmp_path):
     # the second depth shares the system prompt and the frames before the first needle
     assert second["reused_tokens"] > 0.8 * second["sequence_tokens"]
     assert second["reused_tokens"] + second["forwarded_tokens"] == second["sequence_tokens"] - 1
+    # fp8 KV against the model's dtype in teacher-forced V-NIAH: figures for every answer position, a cache under half the size
+    fp8 = stages["scale"]["kv_fp8"]
+    assert fp8["frames"] == 8 and fp8["answer_positions"] >= 3 and 0 <= fp8["argmax_agreement"] <= fp8["answer_positions"]
+    assert fp8["kv_bytes"]["float8_e4m3fn"] < fp8["kv_bytes"]["float32"] / 2 and fp8["max_abs_logit_diff"] > 0
 
 
 @pytest.mark.integration
@@ -129,3 +133,4 @@ def test_vniah_cells_that_cannot_finish_in_time_are_skipped_not_cut_off():
     scale.niah_cells(longva, 4, [0.5, 1.0], torch.device("cpu"), lambda: 5.0, 1.0, cells.__setitem__, peaks)  # 1 FLOP/s
     assert set(cells) == {"depth_50pct", "depth_100pct"}
     assert all("skipped" in figures and "seconds" not in figures for figures in cells.values())
+    assert "skipped" in scale.kv_fp8_agreement(longva, 4, 0.9, torch.device("cpu"), lambda: 5.0, 1.0)

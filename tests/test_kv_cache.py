@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from longva_cli.model import attention
 from longva_cli.model.attention import use_mask_free_attention
 from longva_cli.model.compat import cache_kwargs
 from longva_cli.model.kernel_choice import KernelChoice
-from longva_cli.model.kv_cache import KVCache
+from longva_cli.engine.memory import kv_bytes_per_token
+from longva_cli.model.kv_cache import FLOAT8, Float8KVLayer, KVCache, use_kv_cache
 
 # FlexAttention runs eagerly on the CPU (compiled, it takes tens of seconds): it says so once
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -153,12 +155,16 @@ def test_prefix_cache_reserves_the_sequence_and_what_the_caller_will_add():
     assert runner.cache.layers[0].keys.data_ptr() == buffers and runner.cache.capacity == 86
 
 
-def test_a_pool_fork_keeps_both_conversations_answering_as_fresh_caches():
+@pytest.mark.parametrize("kv_cache", ["auto", "fp8"])
+def test_a_pool_fork_keeps_both_conversations_answering_as_fresh_caches(kv_cache):
     model = qwen2()
+    use_kv_cache(model, kv_cache)  # what `--kv-cache` does to a loaded model: every runner and the pool follow it
     embeds = torch.randn(120, 64)
     video = Sequence(keys=torch.arange(100).numpy(), embed=lambda start, stop: embeds[start:stop])
     other = Sequence(keys=torch.cat([torch.arange(80), torch.arange(500, 520)]).numpy(), embed=lambda start, stop: embeds[start:stop])
     pool = RunnerPool(model, budget_bytes=1 << 30, chunk=32)
+    storage = {"auto": torch.float32, "fp8": FLOAT8}[kv_cache]
+    assert pool.per_token == kv_bytes_per_token(model.config, storage)
 
     @torch.inference_mode()
     def answer(runner, sequence):
@@ -169,6 +175,72 @@ def test_a_pool_fork_keeps_both_conversations_answering_as_fresh_caches():
     first_answer = answer(first, video)
     second = pool.acquire(other)  # shares 80 of the first's 103 positions: a fork
     assert second is not first and len(first) == 103
+    assert first.cache.layers[0].keys.dtype == second.cache.layers[0].keys.dtype == storage
     assert answer(second, other) == answer(PrefixCache(model, 32), other)
     first.truncate(100)
     assert answer(first, video) == first_answer
+
+
+# ---- fp8 storage (`--kv-cache fp8`) -------------------------------------------------------------
+# float8 e4m3 keeps 3 mantissa bits: these tiny models' logits (magnitude ~0.5) move by at most
+# 0.0033 with it (measured on the three cases below); the bound leaves three times that.
+FP8_LOGIT_BOUND = 0.01
+
+
+@pytest.mark.parametrize("kv_heads,chunk,reserve", [(8, 16, 0), (2, 7, 40), (1, 64, 1000)])
+def test_an_fp8_cache_decodes_the_greedy_tokens_of_the_float32_cache(kv_heads, chunk, reserve):
+    model = qwen2(kv_heads)
+    prompt = torch.randint(0, 97, (50,), generator=torch.Generator().manual_seed(1))
+    expected_ids, expected_logits = greedy(model, DynamicCache(config=model.config), prompt, chunk, 12)
+    cache = KVCache.for_model(model.config, storage_dtype=FLOAT8)
+    cache.reserve(reserve)
+    ids, logits = greedy(model, cache, prompt, chunk, 12)
+    assert ids == expected_ids
+    gap = float((logits - expected_logits).abs().max())
+    assert 0 < gap < FP8_LOGIT_BOUND  # not zero: the keys and values really went through float8
+    assert isinstance(cache.layers[0], Float8KVLayer) and cache.layers[0].keys.dtype == FLOAT8
+
+
+def test_fp8_storage_takes_what_the_memory_plan_counts_about_half_of_bf16():
+    # head size 128, as LongVA's: the float32 scale per vector adds 4 bytes to 128
+    config = Qwen2Config(vocab_size=97, hidden_size=256, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    held = {}
+    for dtype in (torch.bfloat16, FLOAT8):
+        cache = KVCache.for_model(config, storage_dtype=dtype)
+        cache.reserve(64)
+        greedy(model, cache, torch.arange(40), 40, 0)
+        assert cache.held_bytes() == 64 * kv_bytes_per_token(config, dtype)
+        held[dtype] = cache.held_bytes()
+    assert held[FLOAT8] / held[torch.bfloat16] == (128 + 4) / 256
+    layer = cache.layers[0]
+    assert layer.keys.shape == (1, 1, 64, 128) and layer.key_scales.shape == (1, 1, 64, 1) and layer.key_scales.dtype == torch.float32
+
+
+def test_fp8_crops_and_forks_continue_as_a_cold_fp8_run():
+    model = qwen2()
+    prompt = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(4))
+    cold_ids, cold_logits = greedy(model, KVCache.for_model(model.config, FLOAT8), prompt, 40, 6)
+    original = KVCache.for_model(model.config, FLOAT8)
+    greedy(model, original, prompt, 40, 0)
+    twin = original.fork(25, capacity=60)
+    for name in ("keys", "values", "key_scales", "value_scales"):  # the stored form is copied, not requantized
+        assert torch.equal(getattr(twin.layers[1], name)[:, :, :25].float(), getattr(original.layers[1], name)[:, :, :25].float())
+    original.crop(-15)
+    for cache in (twin, original):
+        ids, logits = greedy(model, cache, prompt[25:], 15, 6)
+        assert ids == cold_ids
+        torch.testing.assert_close(logits, cold_logits, rtol=0, atol=1e-5)  # the same stored prefix: float rounding only
+
+
+def test_a_bad_kv_cache_name_is_one_sentence_before_anything_loads(tiny_checkpoint, video_file, monkeypatch, capsys):
+    from longva_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["longva", "ask", str(video_file), "Q?", "--model", str(tiny_checkpoint), "--kv-cache", "fp4"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    err = capsys.readouterr().err
+    assert exited.value.code != 0 and "Traceback" not in err and "Loaded" not in err
+    assert " ".join(err.split()).endswith("--kv-cache 'fp4' is not known; use auto, bf16, fp8.")

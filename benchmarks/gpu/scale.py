@@ -1,6 +1,6 @@
 """Scale stage: a LongVA-7B-shaped model answers about a 3000-frame video on one GPU.
 
-    python benchmarks/gpu/scale.py --results OUT/gpu-results.json --work DIR [--attn auto] [--frames 1000 3000]   # GPU
+    python benchmarks/gpu/scale.py --results OUT/gpu-results.json --work DIR [--attn auto] [--frames 1000 3000] [--fp8-frames 500]   # GPU
     python benchmarks/gpu/scale.py --results OUT/gpu-results.json --work DIR --tiny     # CPU dry run
 
 The model has LongVA-7B's exact shapes (Qwen2-7B: 28 layers, hidden 3584, 28 heads / 4 KV
@@ -11,8 +11,13 @@ one. The tokenizer is the built-in tiny one (484 tokens): its ids are valid rows
 the answer text is empty while the token count and timings are real.
 
 Figures go to `stages.scale` of the results file after each step (the card's peaks, video,
-components, each ask, the attention kernels chosen, each V-NIAH cell), so a stage cut off at
-its time limit still reports what it measured.
+components, each ask, the attention kernels chosen, each V-NIAH cell, the fp8 KV comparison),
+so a stage cut off at its time limit still reports what it measured.
+
+`kv_fp8`: teacher-forced V-NIAH (three needles with answers of several tokens, depth 0.9) with
+the KV cache in bf16 and in fp8 (`--kv-cache fp8`): argmax agreement at every answer position,
+the largest logit difference, and the bytes of each cache. At 500 frames by default (two passes
+of about 72K tokens fit the stage's budget); `--fp8-frames 3000` compares at 3000 frames.
 
 Against the card, not a constant: at the start a bf16 8192^3 matmul and a 4 GiB device-to-device
 copy are timed (`peaks`). Prefill reports its TFLOP/s as a share of that matmul peak; decode
@@ -341,6 +346,71 @@ def niah_cells(longva, frames: int, depths: list[float], device: torch.device, s
         )
 
 
+# Needles with answers of several tokens, so the fp8 comparison has more than one position per needle.
+FP8_NEEDLES = [
+    ("\nWhat is written on the note?", "The note says B."),
+    ("\nWhat colour is the balloon?", "The balloon is yellow."),
+    ("\nHow many milligrams are in each tablet?", "Each tablet holds 200 mg."),
+]
+
+
+def kv_fp8_agreement(longva, frames: int, depth: float, device: torch.device, seconds_left, rate: float) -> dict:
+    """Teacher-forced V-NIAH at `frames` frames with the KV cache in the model's dtype, then in fp8
+    (`--kv-cache fp8`): whether the argmax agrees at every answer position, the logit difference
+    there, and the bytes each cache held. Three needles at one depth through one `PrefixCache` per
+    storage (the second and third reuse the first's prefix). Skipped, not cut off, when both passes
+    would not finish in `seconds_left()` at `rate` FLOP/s."""
+    from PIL import Image
+
+    from longva_cli.engine import PrefixCache
+    from longva_cli.engine.runner import common_prefix
+    from longva_cli.model.kv_cache import kv_storage_of, use_kv_cache
+    from longva_cli.niah.video import Needle, VideoNeedlePrompts
+
+    model = longva.model
+    shape = (frames, model.tokens_per_image, model.config.hidden_size)
+    generator = torch.Generator(device=device).manual_seed(0)
+    haystack = torch.randn(shape, device=device, dtype=model.dtype, generator=generator)
+    needles = [Needle(Image.new("RGB", (336, 336)), question, answer) for question, answer in FP8_NEEDLES]
+    needle_embeds = torch.randn((len(needles), *shape[1:]), device=device, dtype=model.dtype, generator=generator)
+    prompts = VideoNeedlePrompts(longva, haystack, needles, needle_embeds)
+    sequences = [prompts.sequence(frames, depth, index, with_answer=True) for index in range(len(needles))]
+    answers = [prompts.answer_ids(index) for index in range(len(needles))]
+    reuse = [0] + [common_prefix(sequences[0].keys, sequence.keys) for sequence in sequences[1:]]
+    flops = 2 * sum(prefill_flops(model.config, len(sequence) - 1 - past, past=past, logit_rows=len(answer))
+                    for sequence, answer, past in zip(sequences, answers, reuse))
+    if 1.1 * flops / rate > seconds_left():
+        return {"frames": frames, "skipped": f"needs about {flops / rate:.0f} s, {seconds_left():.0f} s of the stage's budget left"}
+
+    @torch.inference_mode()
+    def answer_logits(runner, sequence, count: int) -> torch.Tensor:  # [count, vocab] at the positions predicting the answer
+        stop = len(sequence) - 1
+        rows = [chunk.hidden[max(stop - count - chunk.start, 0):] for chunk in runner.chunks(sequence, stop, stop - count)]
+        return model.language_model.lm_head(torch.cat(rows)[-count:]).float()
+
+    started = time.perf_counter()
+    logits, held = {}, {}
+    for kind in ("auto", "fp8"):
+        use_kv_cache(model.language_model, kind)
+        runner = PrefixCache(model.language_model, 4096)
+        name = str(kv_storage_of(model.language_model)).removeprefix("torch.")
+        logits[name] = torch.cat([answer_logits(runner, sequence, len(answer)) for sequence, answer in zip(sequences, answers)])
+        held[name] = runner.cache.held_bytes()
+        del runner
+        gc.collect()
+    use_kv_cache(model.language_model, "auto")
+    (reference_name, reference), (fp8_name, fp8) = logits.items()
+    gap = (fp8 - reference).abs()
+    agree = int((fp8.argmax(-1) == reference.argmax(-1)).sum())
+    return {
+        "frames": frames, "depth": depth, "needles": len(needles), "sequence_tokens": len(sequences[0]), "answer_positions": len(gap),
+        "argmax_agreement": agree, "all_argmax_agree": agree == len(gap),
+        "max_abs_logit_diff": round(float(gap.max()), 5), "mean_abs_logit_diff": round(float(gap.mean()), 6),
+        "reference_logit_span": round(float((reference.max(-1).values - reference.min(-1).values).max()), 3),
+        "kv_bytes": held, "kv_bytes_ratio": round(held[fp8_name] / held[reference_name], 4), "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
 def kernels_used(attn: str) -> dict:
     """The attention kernels the asks ran: what --attn named, cuDNN's version, and each shape class's
     measured choice with its timings and the candidates set aside (for `auto` on CUDA)."""
@@ -359,6 +429,7 @@ def main() -> None:
                         "the last is reported as `ask` and gets the V-NIAH cells")
     parser.add_argument("--attn", default="auto", help="attention kernels, as `longva ask --attn` takes them (default: auto, measured)")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.9, 1.0])
+    parser.add_argument("--fp8-frames", type=int, help="frames of the fp8 KV cache comparison (default 500: it fits the stage's budget; 8 with --tiny)")
     parser.add_argument("--component-frames", type=int, default=512, help="frames of the phase-by-phase encoding pass")
     parser.add_argument("--deadline", type=float, help="when the stage's time is up (Unix time, from run.sh): V-NIAH cells that cannot finish by then are skipped")
     args = parser.parse_args()
@@ -405,6 +476,7 @@ def main() -> None:
 
     rate = asked["prefill"]["tflops_achieved"] * 1e12 if "prefill" in asked else float("inf")
     niah_cells(longva, counts[-1], args.depths, device, seconds_left, rate, lambda name, figures: report(f"niah.{name}", figures), peaks)
+    report("kv_fp8", kv_fp8_agreement(longva, args.fp8_frames or (8 if args.tiny else 500), args.depths[0], device, seconds_left, rate))
 
 
 if __name__ == "__main__":

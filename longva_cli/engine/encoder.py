@@ -170,11 +170,12 @@ def check_memory(model: "LongVA", images: int, on_host: bool = False) -> None:
     device's whole memory, before anything is allocated (`memory.check_fits` warns about what may
     not fit right now; `plan.plan_for` plans the whole run before loading)."""
     from longva_cli.engine.memory import kv_bytes_per_token, total_memory
+    from longva_cli.model.kv_cache import kv_storage_of
 
     tokens = images * model.model.tokens_per_image
     element = torch.tensor([], dtype=model.model.dtype).element_size()
     embeddings = 0 if on_host else model.model.config.hidden_size * element
-    need = tokens * (embeddings + kv_bytes_per_token(model.model.config, model.model.dtype))
+    need = tokens * (embeddings + kv_bytes_per_token(model.model.config, kv_storage_of(model.model.language_model)))
     have = total_memory(model.model.device)
     if need > have:
         raise LongVAError(

@@ -171,18 +171,22 @@ def load(
     quantize_backend: str = "torchao",
     revision: str | None = None,
     download: bool = True,
+    kv_cache: str = "auto",
 ):
     """A `LongVA` (kind "longva") or a `TextModel` (kind "causal-lm": any causal LM folder or hub
-    id, and LongVA checkpoints too, whose language model is then used alone)."""
+    id, and LongVA checkpoints too, whose language model is then used alone); its runners keep
+    keys and values as `kv_cache` names (auto: the model's dtype, bf16, fp8; model/kv_cache.py)."""
     from longva_cli.hub import locate_model
     from longva_cli.model.attention import use_mask_free_attention
     from longva_cli.model.kernel_choice import KernelChoice
+    from longva_cli.model.kv_cache import kv_storage, use_kv_cache
 
     started = time.perf_counter()
     target = target_device(device, device_map)
     torch_dtype = resolve_dtype(dtype, target)
     attention = resolve_attention(attn, target)
     quantization = quantization_config(quantize, torch_dtype, target, quantize_backend)
+    kv_storage(kv_cache)  # a bad name fails before anything loads
     folder = locate_model(str(name), revision=revision, allow_download=download, kind=kind)
     if kind == "longva":
         model = load_longva_model(folder, str(name), torch_dtype, attention, target, device_map, quantization, started)
@@ -196,6 +200,7 @@ def load(
     # prefill keeps 4096-token chunks at any length, with the kernels --attn names or `auto`
     # measures (model/attention.py, model/kernel_choice.py).
     use_mask_free_attention(language_model, KernelChoice.parse(attn if attention == "sdpa" else "auto"))
+    use_kv_cache(language_model, kv_cache)
     return model
 
 

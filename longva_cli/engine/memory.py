@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from longva_cli.model.kv_cache import kv_storage_of
+
 
 def available_memory(device: torch.device) -> int:
     """Bytes free for new tensors on `device`."""
@@ -28,9 +30,12 @@ def total_memory(device: torch.device) -> int:
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """KV cache bytes per position: 2 (keys, values) x layers x KV heads x head dim x element size."""
+    """KV cache bytes per position stored in `dtype`: 2 (keys, values) x layers x KV heads x (head dim x
+    element size, plus a scale per vector for float8; `model/kv_cache.py`)."""
+    from longva_cli.model.kv_cache import bytes_per_vector
+
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * bytes_per_vector(head_dim, dtype)
 
 
 def kv_cache_bytes(config, tokens: int, dtype: torch.dtype) -> int:
@@ -41,7 +46,7 @@ def kv_cache_bytes(config, tokens: int, dtype: torch.dtype) -> int:
 def check_fits(language_model, tokens: int) -> str | None:
     """A warning when the KV cache for `tokens` positions will not fit the free memory."""
     device = language_model.get_input_embeddings().weight.device
-    need = kv_cache_bytes(language_model.config, tokens, language_model.dtype)
+    need = kv_cache_bytes(language_model.config, tokens, kv_storage_of(language_model))
     free = available_memory(device)
     if need > 0.9 * free:
         return (

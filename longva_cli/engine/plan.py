@@ -16,8 +16,11 @@ A run's peak on the device is the larger of its two phases:
 Parameter counts come from building the model on PyTorch's meta device (shapes, no storage), so
 they are exact for any config. Activations are counted tensor by tensor as the decoder makes
 them: the largest moment of a chunk is either the MLP (gate, up and their product, [chunk,
-intermediate] each) or the attention, where the growing KV cache concatenates one layer's old
-and new keys (then values): transformers' DynamicCache copies them on every append.
+intermediate] each) or the attention (the chunk's queries, keys and values and their rotated
+copies, plus one layer's cached keys, then values, held a second time). The KV cache is reserved
+whole and written in place (model/kv_cache.py), but attention reads it through a view that a
+kernel may copy to contiguous memory: measured on CPU (tests/test_plan.py), and counted on every
+device so the plan errs high until a GPU has measured it.
 
 Settings are tried in the order of what they cost the answer: the model's own dtype first, then
 an fp8 KV cache, then visual tokens in host memory (moved to the device chunk by chunk, the
@@ -36,12 +39,9 @@ from longva_cli.errors import LongVAError
 
 GIB = 2**30
 
-# KV-cache storages the running engine can execute besides the model's own dtype. The fp8 cache
-# (issue 24, model/kv_cache.py) adds "fp8" here; until it does, the planner never offers it.
-KV_CACHE_LOW_PRECISION: tuple[str, ...] = ()
-# transformers' DynamicCache concatenates on every append, so one layer's keys (then values)
-# exist twice for a moment; a preallocated cache writes in place and sets this to False.
-KV_APPEND_COPIES_A_LAYER = True
+# KV-cache storages the running engine can execute besides the model's own dtype: fp8 is
+# model/kv_cache.py's Float8KVLayer (`--kv-cache fp8`).
+KV_CACHE_LOW_PRECISION: tuple[str, ...] = ("fp8",)
 
 FP8_SCALE_BYTES = 4  # one float32 scale per token and KV head, for keys and for values
 # Quantised linear weights, bytes per weight: int8 with a float32 scale per output row is
@@ -201,8 +201,7 @@ def prefill_activation_bytes(shape: ModelShape, work: Workload, kv_cache: str) -
     carried = 3 * c * d * e  # the chunk's embeddings, the residual stream and its normed copy
     mlp = 3 * c * inner * e  # gate activation, up projection and their product
     attention = c * (2 * q_width + 4 * kv_width) * e  # q, k, v and their rotated copies
-    if KV_APPEND_COPIES_A_LAYER:
-        attention += kv_bytes(shape, work.tokens(shape), kv_cache, e) // (2 * config.num_hidden_layers)
+    attention += kv_bytes(shape, work.tokens(shape), kv_cache, e) // (2 * config.num_hidden_layers)  # a copy of the cache's view
     return carried + max(mlp, attention)
 
 
@@ -249,16 +248,19 @@ def estimate(shape: ModelShape, settings: Settings, work: Workload) -> Estimate:
     return Estimate(settings, parts, encoding, prefill, host)
 
 
-def ladder(dtype_label: str, device_type: str, quantize: str | None = None, low_precision_kv=None) -> list[Settings]:
+def ladder(
+    dtype_label: str, device_type: str, quantize: str | None = None, low_precision_kv=None, kv_cache: str = "auto"
+) -> list[Settings]:
     """The settings to try, cheapest in quality first; each step keeps the savings before it.
 
-    `quantize` fixes the weights (the user asked for it); 4-bit is offered only on CUDA, where
-    its kernels run; host visual tokens only off the CPU (on a CPU they are host memory already).
+    `quantize` and a `kv_cache` other than auto fix the weights and the KV storage (the user
+    asked for them); 4-bit is offered only on CUDA, where its kernels run; host visual tokens
+    only off the CPU (on a CPU they are host memory already).
     """
     kv_options = KV_CACHE_LOW_PRECISION if low_precision_kv is None else low_precision_kv
     weights = quantize or dtype_label
-    steps = [Settings(weights, dtype_label)]
-    if "fp8" in kv_options:
+    steps = [Settings(weights, dtype_label if kv_cache == "auto" else kv_cache)]
+    if kv_cache == "auto" and "fp8" in kv_options:
         steps.append(replace(steps[-1], kv_cache="fp8"))
     if device_type == "cuda":
         steps.append(replace(steps[-1], visual_tokens="host", vision_tower="released"))
@@ -310,9 +312,9 @@ class Plan:
 
 def plan_run(
     shape: ModelShape, work: Workload, budget: int, device_type: str, dtype_label: str, quantize: str | None = None,
-    low_precision_kv=None,
+    low_precision_kv=None, kv_cache: str = "auto",
 ) -> Plan:
-    steps = ladder(dtype_label, device_type, quantize, low_precision_kv)
+    steps = ladder(dtype_label, device_type, quantize, low_precision_kv, kv_cache)
     plan = Plan(work, budget, device_type, [estimate(shape, s, work) for s in steps])
     plan.largest = {s: largest_frames(shape, s, work, budget) for s in steps}
     return plan
@@ -382,6 +384,7 @@ def planned_device(device: str):
 def plan_for(
     model: str, media: Path | None, *, frames: int | None, fps: float | None, max_new_tokens: int, prefill_chunk: int,
     device: str, dtype: str, quantize: str | None, budget: str | None, revision: str | None = None, only_planning: bool = False,
+    kv_cache: str = "auto",
 ) -> Plan:
     """The plan of an `ask` or `chat` run, from the checkpoint's config files and the media's header.
 
@@ -409,7 +412,7 @@ def plan_for(
         images, text_tokens=TEXT_ALLOWANCE, new_tokens=max_new_tokens, chunk=prefill_chunk,
         element=torch.tensor([], dtype=torch_dtype).element_size(), device_type=target.type,
     )
-    return plan_run(shape, work, budget_bytes, target.type, DTYPE_LABELS[str(torch_dtype)], quantize)
+    return plan_run(shape, work, budget_bytes, target.type, DTYPE_LABELS[str(torch_dtype)], quantize, kv_cache=kv_cache)
 
 
 # The rows of README's "Long videos" table: what runs today, then with the fp8 KV cache.

@@ -29,7 +29,7 @@ from longva_cli.engine.memory import kv_bytes_per_token
 from longva_cli.engine.sequence import Sequence
 from longva_cli.model.attention import prefill_chunk
 from longva_cli.model.compat import cache_kwargs
-from longva_cli.model.kv_cache import KVCache
+from longva_cli.model.kv_cache import KVCache, kv_storage_of
 
 DEFAULT_PREFILL_CHUNK = 4096
 
@@ -81,14 +81,15 @@ class PrefixCache:
     """A KV cache that keeps the prefix the next sequence shares with the last one.
 
     The keys and values live in a `KVCache` (model/kv_cache.py): preallocated, written in place,
-    never copied per token. `chunks` makes room for the sequence it runs; `reserve` for what a
-    caller will add after it (the tokens it may generate), so decoding never reallocates.
+    never copied per token, in the storage dtype `--kv-cache` set on the model (`use_kv_cache`).
+    `chunks` makes room for the sequence it runs; `reserve` for what a caller will add after it
+    (the tokens it may generate), so decoding never reallocates.
     """
 
     def __init__(self, language_model, chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
         self.language_model = language_model
         self.chunk = chunk
-        self.cache = KVCache.for_model(language_model.config)
+        self.cache = KVCache.for_model(language_model.config, kv_storage_of(language_model))
         self.keys = np.empty(0, dtype=np.int64)  # keys of the positions held in the cache
         self.forwarded = 0
 
@@ -151,7 +152,7 @@ class RunnerPool:
         self.language_model = language_model
         self.budget_bytes = budget_bytes
         self.chunk = chunk
-        self.per_token = kv_bytes_per_token(language_model.config, language_model.dtype)
+        self.per_token = kv_bytes_per_token(language_model.config, kv_storage_of(language_model))
         self.runners: list[PrefixCache] = []  # least recently used first
         self.scopes: dict[PrefixCache, Hashable] = {}  # the scope each runner was acquired in
 

@@ -107,6 +107,7 @@ def local_command(
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     attn: options.Attention = "auto",
+    kv_cache: options.KVCache = "auto",
     revision: options.Revision = None,
     prefill_chunk: options.PrefillChunk = 4096,
     cache_dir: options.CacheDir = None,
@@ -150,7 +151,7 @@ def local_command(
             max_new_tokens=max_new_tokens, limit=limit, device=device, dtype=dtype, attn=attn, revision=revision,
             prefill_chunk=prefill_chunk, cache=disk_cache(cache_dir, not no_cache), overwrite=overwrite,
             stop_on_degenerate=stop_on_degenerate, degenerate_threshold=degenerate_threshold,
-            degenerate_min_samples=degenerate_min_samples,
+            degenerate_min_samples=degenerate_min_samples, kv_cache=kv_cache,
             on_warning=lambda message: stderr.print(f"[bold red]warning:[/bold red] {message}"),
             progress=progress(unit="questions"),
         )
@@ -223,6 +224,7 @@ def ppl_command(
     sequence_parallel: int = typer.Option(1, "--sequence-parallel", help="Split each window over this many torchrun ranks (DeepSpeed Ulysses)."),
     dtype: options.Dtype = "auto",
     attn: options.Attention = "auto",
+    kv_cache: options.KVCache = "auto",
     prefill_chunk: options.PrefillChunk = 4096,
     revision: options.Revision = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results in --output (made with other data, stride or selection) and start over."),
@@ -257,7 +259,7 @@ def ppl_command(
         models=list(model or []), data=data, output=output, min_tokens=min_tokens, max_tokens=max_tokens, token_step=token_step,
         stride=stride, text_field=text_field, split=split, samples=samples, min_doc_tokens=min_doc_tokens, cache_dir=cache_dir,
         device=device, dtype=dtype, attn=attn, device_map=device_map, sequence_parallel=sequence_parallel, prefill_chunk=prefill_chunk,
-        revision=revision,
+        revision=revision, kv_cache=kv_cache,
     )
     def kept() -> str:
         records = run_folder(settings) / RESULTS

@@ -281,6 +281,7 @@ def evaluate_local(
     device: str = "auto",
     dtype: str = "auto",
     attn: str = "auto",
+    kv_cache: str = "auto",
     revision: str | None = None,
     prefill_chunk: int = 4096,
     cache=None,
@@ -330,7 +331,7 @@ def evaluate_local(
     if todo:
         from longva_cli.engine import PrefixCache
 
-        longva, model_path = load_model(model, device=device, dtype=dtype, attn=attn, revision=revision)
+        longva, model_path = load_model(model, device=device, dtype=dtype, attn=attn, revision=revision, kv_cache=kv_cache)
         run = run_info(
             model=str(model_name),
             model_path=model_path,
@@ -377,13 +378,13 @@ def run_folder(data: Path, frames: int, output: Path | None) -> Path:
     return Path(output) if output else Path("runs") / "eval-local" / f"{Path(data).expanduser().stem}-{frames}f"
 
 
-def load_model(model, *, device: str, dtype: str, attn: str, revision: str | None):
+def load_model(model, *, device: str, dtype: str, attn: str, revision: str | None, kv_cache: str = "auto"):
     """A LongVA and the folder it came from (None when it was handed in ready)."""
     if not isinstance(model, str):
         return model, None
     from longva_cli.engine import load
 
-    longva = load(model, device=device, dtype=dtype, attn=attn, revision=revision)
+    longva = load(model, device=device, dtype=dtype, attn=attn, revision=revision, kv_cache=kv_cache)
     return longva, longva.folder
 
 

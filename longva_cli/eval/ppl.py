@@ -78,6 +78,7 @@ class PplSettings:
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "auto"
+    kv_cache: str = "auto"
     device_map: str | None = None
     sequence_parallel: int = 1
     prefill_chunk: int = 4096
@@ -475,6 +476,9 @@ def check_settings(settings: PplSettings) -> list[int]:
         raise LongVAError(f"--sequence-parallel must be at least 1, got {settings.sequence_parallel}.")
     if settings.sequence_parallel > 1 and settings.device_map is not None:
         raise LongVAError("--device-map auto and --sequence-parallel are two ways to spread one sequence; choose one.")
+    from longva_cli.model.kv_cache import check_kv_cache
+
+    check_kv_cache(settings.kv_cache, settings.sequence_parallel)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != settings.sequence_parallel:
         # every rank scores every window together; ranks working apart would only repeat each other
@@ -602,7 +606,7 @@ def load_for_scoring(entry: PreparedModel, settings: PplSettings, ranks) -> tupl
 
     model = load(
         str(entry.folder), kind="causal-lm", device=ranks.device(settings.device), dtype=settings.dtype, attn=settings.attn,
-        device_map=settings.device_map,
+        device_map=settings.device_map, kv_cache=settings.kv_cache,
     )
     if settings.sequence_parallel > 1:
         from longva_cli.engine.sequence_parallel import sequence_parallel_runner
@@ -613,6 +617,8 @@ def load_for_scoring(entry: PreparedModel, settings: PplSettings, ranks) -> tupl
 
 def measure_length(model, runner, entry: PreparedModel, length: int, settings: PplSettings, progress: "Progress | None") -> dict:
     """One (model, L): its ppl.jsonl record."""
+    from longva_cli.model.kv_cache import kv_storage_of
+
     stride = settings.stride or length
     task = None
     total = positions_to_run(entry.documents.tokens, length, stride, len(entry.start_ids))
@@ -648,6 +654,7 @@ def measure_length(model, runner, entry: PreparedModel, length: int, settings: P
         "tokens_per_s": round(forwarded / seconds, 1) if seconds > 0 else None,
         "dtype": str(model.language_model.dtype).removeprefix("torch."),
         "attention": model.language_model.config._attn_implementation,
+        "kv_cache": str(kv_storage_of(model.language_model)).removeprefix("torch."),
     }
 
 

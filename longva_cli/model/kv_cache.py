@@ -24,8 +24,24 @@ caller still copies each position O(1) times on average.
 
 Storage dtype: one cache type for every storage dtype. A layer's storage is defined by two
 methods, `write` (positions [start, stop) in place) and `read` ([0, stop) in the dtype attention
-computes in); a storage dtype other than the model's (float8 with per-block scales, later)
-overrides those two and nothing else. Today the storage dtype is the model's unless given.
+computes in), and by the buffers it keeps per position (`buffers`); the room, crop and fork logic
+is the same for all. `--kv-cache` (`KV_CACHES`) names the storage: `auto` (the model's dtype),
+`bf16`, or `fp8`.
+
+fp8 (`Float8KVLayer`): keys and values in float8 e4m3 with one float32 scale per position and
+KV head (the largest magnitude of that head's vector maps to e4m3's largest, 448), about half
+the bytes of bf16 (head dim 128: 132 bytes a vector instead of 256). Per position, because a
+position's stored form then depends on its own keys alone: chunk sizes, prefix reuse, `fork`
+and `crop` give exactly the cold run's cache, and a scale never has to be revised when later
+tokens come (per-channel scales are fixed by the tokens seen first, and clip the outliers that
+come later; `benchmarks/kv_fp8_quality.py` measures both). Integer KV formats quantize keys per
+channel because of their outlier channels; an e4m3 element has its own exponent, so an outlier
+channel does not cost the rest of its vector precision. `read` dequantizes one layer's keys
+and values into the compute dtype inside that layer's attention call, so the transient is one
+layer's keys and values, freed before the next layer runs.
+
+A memory plan reads `KV_CACHES` for the storages it may choose and
+`engine.memory.kv_bytes_per_token(config, storage_dtype)` for what each costs (scales included).
 """
 
 from __future__ import annotations
@@ -33,7 +49,46 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from longva_cli.errors import LongVAError
+
 GROWTH = 1.5  # a write past the reserved room grows it by this factor
+FLOAT8 = torch.float8_e4m3fn
+FLOAT8_MAX = torch.finfo(FLOAT8).max  # 448: a scaled vector's largest magnitude lands here
+SCALE_DTYPE = torch.float32  # one scale per position and KV head, for keys and for values
+# `--kv-cache` names and the storage dtype each means; "auto" is the model's own dtype.
+KV_CACHES = {"auto": None, "bf16": torch.bfloat16, "fp8": FLOAT8}
+
+
+def kv_storage(kv_cache: str) -> torch.dtype | None:
+    """The storage dtype `--kv-cache` names (None: the model's dtype), or one sentence on a bad name."""
+    if kv_cache not in KV_CACHES:
+        raise LongVAError(f"--kv-cache {kv_cache!r} is not known; use {', '.join(KV_CACHES)}.")
+    return KV_CACHES[kv_cache]
+
+
+def check_kv_cache(kv_cache: str, sequence_parallel: int = 1) -> None:
+    """One sentence when `--kv-cache` is not a known name, or names a storage for a run that keeps no
+    KV cache (each sequence split over ranks); for settings checked before anything is written."""
+    kv_storage(kv_cache)
+    if sequence_parallel > 1 and kv_cache != "auto":
+        raise LongVAError("--kv-cache is for runs that keep a KV cache; --sequence-parallel runs each sequence whole without one, so drop one of them.")
+
+
+def use_kv_cache(language_model: torch.nn.Module, kv_cache: str) -> None:
+    """Make every runner of `language_model` keep its keys and values as `kv_cache` names (kept on the model)."""
+    language_model.longva_kv_storage = kv_storage(kv_cache) or language_model.dtype
+
+
+def kv_storage_of(language_model: torch.nn.Module) -> torch.dtype:
+    """The storage dtype runners of `language_model` use: what `use_kv_cache` set, else the model's dtype."""
+    return getattr(language_model, "longva_kv_storage", None) or language_model.dtype
+
+
+def bytes_per_vector(head_dim: int, storage_dtype: torch.dtype) -> int:
+    """Bytes one position of one KV head takes, for its keys (or its values), scale included."""
+    element = torch.tensor([], dtype=storage_dtype).element_size()
+    scale = torch.tensor([], dtype=SCALE_DTYPE).element_size() if storage_dtype == FLOAT8 else 0
+    return head_dim * element + scale
 
 
 class KVLayer(CacheLayerMixin):
@@ -53,7 +108,12 @@ class KVLayer(CacheLayerMixin):
         self.length = 0
         self.reserved = 0  # room asked for before the first write told the shape
 
-    # ---- the two methods a storage format defines ----------------------------------------------------
+    # ---- what a storage format defines ----------------------------------------------------------------
+
+    def buffers(self) -> dict[str, tuple[torch.dtype, int]]:
+        """The tensors kept per position: name -> (dtype, last dimension)."""
+        head_dim = self.shape[2]
+        return {"keys": (self.storage_dtype, head_dim), "values": (self.storage_dtype, head_dim)}
 
     def write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store keys/values [batch, kv_heads, n, head_dim] at positions [start, start + n)."""
@@ -74,7 +134,8 @@ class KVLayer(CacheLayerMixin):
         self.device, self.dtype = key_states.device, key_states.dtype
         self.storage_dtype = self.storage_dtype or key_states.dtype
         self.shape = key_states.shape[:2] + key_states.shape[3:]  # (batch, kv_heads, head_dim)
-        self.keys, self.values = self._allocate(0), self._allocate(0)
+        for name, (dtype, width) in self.buffers().items():
+            setattr(self, name, self._allocate(0, dtype, width))
         self.is_initialized = True
         if self.reserved:
             self._resize(self.reserved)
@@ -122,18 +183,23 @@ class KVLayer(CacheLayerMixin):
         elif positions > self.capacity:
             self._resize(positions)
 
-    def _allocate(self, capacity: int) -> torch.Tensor:
-        """An empty buffer [batch, kv_heads, capacity, head_dim] in the device's layout (see the module doc)."""
-        batch, heads, head_dim = self.shape
+    @property
+    def nbytes(self) -> int:
+        """Memory the buffers take (the reserved room, not only the positions held)."""
+        return sum(getattr(self, name).nbytes for name in self.buffers()) if self.is_initialized else 0
+
+    def _allocate(self, capacity: int, dtype: torch.dtype, width: int) -> torch.Tensor:
+        """An empty buffer [batch, kv_heads, capacity, width] in the device's layout (see the module doc)."""
+        batch, heads, _ = self.shape
         if self.device.type == "cuda":
-            return torch.empty(batch, capacity, heads, head_dim, dtype=self.storage_dtype, device=self.device).transpose(1, 2)
-        return torch.empty(batch, heads, capacity, head_dim, dtype=self.storage_dtype, device=self.device)
+            return torch.empty(batch, capacity, heads, width, dtype=dtype, device=self.device).transpose(1, 2)
+        return torch.empty(batch, heads, capacity, width, dtype=dtype, device=self.device)
 
     def _resize(self, capacity: int) -> None:
         """New buffers of `capacity` positions holding the current ones; keys are copied before the
         values are allocated, so the transient is one layer's keys or values."""
-        for name in ("keys", "values"):
-            new = self._allocate(capacity)
+        for name, (dtype, width) in self.buffers().items():
+            new = self._allocate(capacity, dtype, width)
             new[:, :, : self.length].copy_(getattr(self, name)[:, :, : self.length])
             setattr(self, name, new)
 
@@ -144,12 +210,37 @@ class KVLayer(CacheLayerMixin):
         if self.is_initialized and length:
             # the stored form is copied as it is (no round trip through the compute dtype)
             twin.device, twin.dtype, twin.shape = self.device, self.dtype, self.shape
-            twin.keys, twin.values = twin._allocate(twin.reserved), twin._allocate(twin.reserved)
-            twin.keys[:, :, :length].copy_(self.keys[:, :, :length])
-            twin.values[:, :, :length].copy_(self.values[:, :, :length])
+            for name, (dtype, width) in self.buffers().items():
+                setattr(twin, name, twin._allocate(twin.reserved, dtype, width))
+                getattr(twin, name)[:, :, :length].copy_(getattr(self, name)[:, :, :length])
             twin.is_initialized = True
             twin.length = length
         return twin
+
+
+class Float8KVLayer(KVLayer):
+    """Keys and values in float8 e4m3, each position and KV head with its own float32 scale (see the module doc)."""
+
+    def buffers(self) -> dict[str, tuple[torch.dtype, int]]:
+        return {**super().buffers(), "key_scales": (SCALE_DTYPE, 1), "value_scales": (SCALE_DTYPE, 1)}
+
+    def scales_of(self, states: torch.Tensor) -> torch.Tensor:
+        """Scales [batch, kv_heads, n, 1] of float32 states [batch, kv_heads, n, head_dim]: each vector's
+        largest magnitude lands on e4m3's largest."""
+        return states.abs().amax(dim=-1, keepdim=True).div_(FLOAT8_MAX).clamp_min_(torch.finfo(SCALE_DTYPE).tiny)
+
+    def write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        stop = start + keys.shape[-2]
+        for states, stored, scales in ((keys, self.keys, self.key_scales), (values, self.values, self.value_scales)):
+            wide = states.float()  # this chunk of this layer only (the caller's own tensor when it is float32)
+            scale = self.scales_of(wide)
+            scales[:, :, start:stop].copy_(scale)
+            stored[:, :, start:stop].copy_((wide / scale).clamp_(-FLOAT8_MAX, FLOAT8_MAX))  # rounded to e4m3 by the copy
+
+    def read(self, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self.keys[:, :, :stop].to(self.dtype).mul_(self.key_scales[:, :, :stop])
+        values = self.values[:, :, :stop].to(self.dtype).mul_(self.value_scales[:, :, :stop])
+        return keys, values
 
 
 class KVCache(Cache):
@@ -160,8 +251,10 @@ class KVCache(Cache):
 
     @classmethod
     def for_model(cls, config, storage_dtype: torch.dtype | None = None) -> "KVCache":
-        """An empty cache for a decoder with `config` (its layers allocate on the first write)."""
-        return cls([KVLayer(storage_dtype) for _ in range(config.num_hidden_layers)])
+        """An empty cache for a decoder with `config` (its layers allocate on the first write); keys and
+        values stored in `storage_dtype` (None: the model's dtype; float8: `Float8KVLayer`)."""
+        layer = Float8KVLayer if storage_dtype == FLOAT8 else KVLayer
+        return cls([layer(storage_dtype) for _ in range(config.num_hidden_layers)])
 
     @property
     def capacity(self) -> int:
@@ -174,7 +267,7 @@ class KVCache(Cache):
 
     def held_bytes(self) -> int:
         """Memory the buffers take (the reserved room, not only the positions held)."""
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+        return sum(layer.nbytes for layer in self.layers)
 
     def fork(self, length: int, capacity: int = 0) -> "KVCache":
         """A new cache holding a copy of the first `length` positions, with room for `capacity`."""

@@ -64,13 +64,15 @@ class LongVA:
         quantize_backend: str = "torchao",
         revision: str | None = None,
         download: bool = True,
+        kv_cache: str = "auto",
     ) -> "LongVA":
-        """Load a checkpoint folder or hub id (from the local cache, downloading it if missing)."""
+        """Load a checkpoint folder or hub id (from the local cache, downloading it if missing);
+        `kv_cache` is how the KV cache is stored: auto (the model's dtype), bf16 or fp8."""
         from longva_cli.engine.loader import load
 
         return load(
             model, kind="longva", device=device, dtype=dtype, attn=attn_implementation, device_map=device_map,
-            quantize=quantize, quantize_backend=quantize_backend, revision=revision, download=download,
+            quantize=quantize, quantize_backend=quantize_backend, revision=revision, download=download, kv_cache=kv_cache,
         )
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

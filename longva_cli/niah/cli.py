@@ -60,6 +60,7 @@ Device = options.default_shown(options.Device, VideoSettings.device)
 Dtype = options.default_shown(options.Dtype, VideoSettings.dtype)
 Attention = options.default_shown(options.Attention, VideoSettings.attn)
 PrefillChunk = options.default_shown(options.PrefillChunk, VideoSettings.prefill_chunk)
+KVCache = options.default_shown(options.KVCache, VideoSettings.kv_cache)
 
 
 def settings_for(mode: str, recipe: str | None, resume: str | None, flags: dict):
@@ -166,6 +167,7 @@ def video_command(
     sequence_parallel: SequenceParallel = None,
     dtype: Dtype = None,
     attn: Attention = None,
+    kv_cache: KVCache = None,
     prefill_chunk: PrefillChunk = None,
     recipe: Recipe = None,
     resume: Resume = None,
@@ -195,7 +197,7 @@ def video_command(
         "haystack": haystack, "model": model, "needles": needles, "output": output, "min_frames": min_frames, "max_frames": max_frames,
         "frame_step": frame_step, "depth_step": depth_step, "scoring": scoring, "max_new_tokens": max_new_tokens, "cache_dir": cache_dir,
         "device": device, "device_map": device_map, "sequence_parallel": sequence_parallel, "dtype": dtype, "attn": attn,
-        "prefill_chunk": prefill_chunk,
+        "kv_cache": kv_cache, "prefill_chunk": prefill_chunk,
     }
     run_grid("video", settings_for("video", recipe, resume, flags), overwrite, json_output)
 
@@ -219,6 +221,7 @@ def text_command(
     sequence_parallel: SequenceParallel = None,
     dtype: Dtype = None,
     attn: Attention = None,
+    kv_cache: KVCache = None,
     prefill_chunk: PrefillChunk = None,
     recipe: Recipe = None,
     resume: Resume = None,
@@ -240,7 +243,7 @@ def text_command(
         "model": model, "haystack": haystack, "output": output, "min_tokens": min_tokens, "max_tokens": max_tokens, "token_step": token_step,
         "depth_step": depth_step, "samples": samples, "distractors": distractors, "seed": seed, "scoring": scoring,
         "max_new_tokens": max_new_tokens, "device": device, "device_map": device_map, "sequence_parallel": sequence_parallel,
-        "dtype": dtype, "attn": attn, "prefill_chunk": prefill_chunk,
+        "dtype": dtype, "attn": attn, "kv_cache": kv_cache, "prefill_chunk": prefill_chunk,
     }
     run_grid("text", settings_for("text", recipe, resume, flags), overwrite, json_output)
 

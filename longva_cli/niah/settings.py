@@ -40,6 +40,7 @@ class VideoSettings:
     sequence_parallel: int = 1  # >1: each sequence split over this many torchrun ranks (Ulysses)
     dtype: str = "auto"
     attn: str = "auto"
+    kv_cache: str = "auto"  # auto (the model's dtype), bf16 or fp8: it moves scores a little, so it is part of the identity
     prefill_chunk: int = 4096
 
 
@@ -62,6 +63,7 @@ class TextSettings:
     sequence_parallel: int = 1
     dtype: str = "auto"
     attn: str = "auto"
+    kv_cache: str = "auto"  # auto (the model's dtype), bf16 or fp8: it moves scores a little, so it is part of the identity
     prefill_chunk: int = 4096
 
 
@@ -164,6 +166,9 @@ def _check_common(settings: VideoSettings | TextSettings) -> None:
         raise LongVAError("--sequence-parallel scores teacher-forced only; drop --scoring generate or the sequence parallelism.")
     if settings.sequence_parallel > 1 and settings.device_map is not None:
         raise LongVAError("--sequence-parallel and --device-map exclude each other: each rank of a group holds the whole model.")
+    from longva_cli.model.kv_cache import check_kv_cache
+
+    check_kv_cache(settings.kv_cache, settings.sequence_parallel)
 
 
 def size_label(size: int) -> str:

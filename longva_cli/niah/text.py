@@ -173,7 +173,7 @@ def run_text(settings, *, overwrite: bool = False):
     check_device_map(ranks, settings.device_map)
     model = load(
         settings.model, kind="causal-lm", device=ranks.device(settings.device), dtype=settings.dtype, attn=settings.attn,
-        device_map=settings.device_map,
+        device_map=settings.device_map, kv_cache=settings.kv_cache,
     )
     tokenizer = model.tokenizer
     numbers, distractor_numbers = run_numbers(settings.seed, settings.samples, settings.distractors)

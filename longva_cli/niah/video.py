@@ -298,7 +298,10 @@ def run_video(settings, *, overwrite: bool = False):
         prepare_folder(settings.output, "video", to_dict(settings), run_identity, overwrite)
     ranks.barrier()  # no rank reads the folder before rank 0 has checked (or cleared) it
     check_device_map(ranks, settings.device_map)
-    longva = load(settings.model, device=ranks.device(settings.device), device_map=settings.device_map, dtype=settings.dtype, attn=settings.attn)
+    longva = load(
+        settings.model, device=ranks.device(settings.device), device_map=settings.device_map, dtype=settings.dtype, attn=settings.attn,
+        kv_cache=settings.kv_cache,
+    )
     entry = haystack_entry(cache, longva, path)
     if ranks.is_main and entry.stored() < max(sizes):  # one rank embeds, the others wait and read the cache
         with progress(unit="frames") as bar:

@@ -578,6 +578,7 @@ def serve(
     revision: str | None = None,
     vllm: VLLMSettings | None = None,
     log_level: str = "info",
+    kv_cache: str = "auto",
 ) -> None:
     """Load `model` on `engine` ("native" or "vllm") and serve it on `settings.host` until SIGINT/SIGTERM."""
     if engine == "vllm":
@@ -590,5 +591,5 @@ def serve(
     from longva_cli.console import load_model
     from longva_cli.serve.native import NativeWorker
 
-    longva = load_model(model, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize, revision=revision)
+    longva = load_model(model, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize, revision=revision, kv_cache=kv_cache)
     run_server(lambda: NativeWorker(longva, settings), settings, port, log_level)

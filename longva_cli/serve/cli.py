@@ -148,6 +148,7 @@ def command(
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     attn: options.Attention = "auto",
+    kv_cache: options.KVCache = "auto",
     device_map: options.DeviceMap = None,
     quantize: options.Quantize = None,
     revision: options.Revision = None,
@@ -199,7 +200,8 @@ def command(
     check_engine_flags(
         chosen,
         native_only={"--device": device not in (None, "auto"), "--attn": attn not in (None, "auto"), "--device-map": device_map is not None,
-                     "--quantize": quantize is not None, "--prefill-chunk": prefill_chunk != 4096, "--cache-gb": cache_gb != 8.0},
+                     "--quantize": quantize is not None, "--prefill-chunk": prefill_chunk != 4096, "--cache-gb": cache_gb != 8.0,
+                     "--kv-cache": kv_cache not in (None, "auto")},
         vllm_only={"--tensor-parallel": tensor_parallel != 1, "--max-model-len": max_model_len is not None,
                    "--gpu-memory-utilization": gpu_memory_utilization is not None, "--vllm-args": bool(vllm_args.strip())},
     )
@@ -245,4 +247,4 @@ def command(
         vllm = VLLMSettings(dtype=vllm_dtype(dtype or "auto"), tensor_parallel=tensor_parallel, max_model_len=max_model_len,
                             gpu_memory_utilization=gpu_memory_utilization, extra_args=vllm_args)
     serve(model, settings, engine=chosen, port=port, device=device, dtype=dtype, attn=attn, device_map=device_map,
-          quantize=quantize, revision=revision, vllm=vllm, log_level=log_level)
+          quantize=quantize, revision=revision, vllm=vllm, log_level=log_level, kv_cache=kv_cache)
