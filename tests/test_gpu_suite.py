@@ -31,8 +31,8 @@ def test_cpu_dry_run_fills_every_stage(tmp_path):
     assert done.returncode == 0, (done.stdout[-3000:], logs)
     results = json.loads((out / "gpu-results.json").read_text())
     stages = results["stages"]
-    assert {name: stages[name]["status"] for name in ("install", "pytest", "train", "scale", "suite")} == dict.fromkeys(
-        ("install", "pytest", "train", "scale", "suite"), "ok"
+    assert {name: stages[name]["status"] for name in ("install", "pytest", "train", "scale", "fit24", "suite")} == dict.fromkeys(
+        ("install", "pytest", "train", "scale", "fit24", "suite"), "ok"
     )
     assert results["environment"]["mode"] == "cpu-dry-run" and results["environment"]["packages"]["longva"]
 
@@ -64,6 +64,19 @@ def test_cpu_dry_run_fills_every_stage(tmp_path):
     fp8 = stages["scale"]["kv_fp8"]
     assert fp8["frames"] == 8 and fp8["answer_positions"] >= 3 and 0 <= fp8["argmax_agreement"] <= fp8["answer_positions"]
     assert fp8["kv_bytes"]["float8_e4m3fn"] < fp8["kv_bytes"]["float32"] / 2 and fp8["max_abs_logit_diff"] > 0
+
+    # fit24: planned at the tightest budget that fits, then answered through the engine path `ask --memory-budget` takes
+    fit24 = stages["fit24"]
+    plan = fit24["plan"]
+    assert (plan["frames"], plan["weights"], plan["kv_cache"], plan["visual_tokens"]) == (16, "fp32", "fp32", "device")
+    assert plan["predicted_peak_bytes"] == plan["budget_bytes"] > 0 and plan["parts_gib"]["KV cache"] > 0
+    assert plan["line"].startswith("Memory plan for 16 frames on cpu: fp32 weights, fp32 KV cache")
+    asked = fit24["ask"]
+    assert asked["frames"] == 16 and asked["prompt_tokens"] > 16 * 144 and asked["generated_tokens"] == 32
+    assert asked["time_to_first_token_s"] >= asked["timings"]["encode_s"] and asked["decode_tokens_per_s"] > 0
+    assert fit24["memory_cap"] == {"cap": "none (CPU)"} and fit24["load"]["seconds"] > 0
+    cell = fit24["niah"]
+    assert cell["cell"] == "depth_90pct" and cell["forwarded_tokens"] == cell["sequence_tokens"] - 1 and len(cell["predicted_ids"]) >= 1
 
 
 @pytest.mark.integration

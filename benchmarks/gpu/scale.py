@@ -207,8 +207,7 @@ def decode_limit(language_model, context: int, peaks: dict) -> float:
     from longva_cli.engine.memory import kv_bytes_per_token
 
     weights = sum(p.numel() * p.element_size() for p in language_model.parameters())
-    per_token = weights + context * kv_bytes_per_token(language_model.config, language_model.dtype)
-    return peaks["copy_gbps"] * 1e9 / per_token
+    return peaks["copy_gbps"] * 1e9 / (weights + context * kv_bytes_per_token(language_model.config, language_model.dtype))
 
 
 def components(longva, video: Path, frames: int, device: torch.device) -> dict:
@@ -243,15 +242,29 @@ def components(longva, video: Path, frames: int, device: torch.device) -> dict:
 def ask(longva, video: Path, frames: int, device: torch.device, peaks: dict) -> dict:
     """One `LongVA.ask` at `frames` frames: phases, time to first token, decode speed, peak memory."""
     reset_peak(device)
+
+    def answer(on_event):
+        return longva.ask(str(video), QUESTION, frames=frames, temperature=0, max_new_tokens=32, on_event=on_event)
+
+    return timed_answer(longva, answer, device, peaks, lambda context: decode_limit(longva.model.language_model, context, peaks))
+
+
+def timed_answer(longva, answer, device: torch.device, peaks: dict, decode_limit_at) -> dict:
+    """Run `answer(on_event)` (an ask that hands its engine events to `on_event` and returns the
+    `Answer`): its phases, time to first token, decode speed against `decode_limit_at(context)`
+    tokens/s, and the peak memory since the caller's `reset_peak`."""
     marks: dict = {"tokens": 0}
     notices: list[str] = []
 
     def on_event(event) -> None:  # token events come after the token's argmax, so the GPU is in sync
-        if type(event).__name__ == "Token":
+        kind = type(event).__name__
+        if kind == "Token":
             now = time.perf_counter()
             marks.setdefault("first", now)
             marks["last"] = now
             marks["tokens"] += 1
+        elif kind == "Notice":
+            notices.append(event.message)
 
     chunks: list[int] = []  # prefill calls of the decoder, as the runner made them
 
@@ -262,18 +275,16 @@ def ask(longva, video: Path, frames: int, device: torch.device, peaks: dict) -> 
     hook = longva.model.language_model.model.register_forward_pre_hook(on_decoder_call, with_kwargs=True)
     started = time.perf_counter()
     try:
-        answer = longva.ask(
-            str(video), QUESTION, frames=frames, temperature=0, max_new_tokens=32, on_event=on_event, on_warning=notices.append
-        )
+        answered = answer(on_event)
         sync(device)
     finally:
         hook.remove()
     total = time.perf_counter() - started
     figures = {
-        "frames": answer.frames,
-        "prompt_tokens": answer.prompt_tokens,
-        "generated_tokens": answer.generated_tokens,
-        "timings": answer.timings,
+        "frames": answered.frames,
+        "prompt_tokens": answered.prompt_tokens,
+        "generated_tokens": answered.generated_tokens,
+        "timings": answered.timings,
         "wall_s": round(total, 2),
         "prefill_chunks": {"calls": len(chunks), "largest": max(chunks, default=0), "last": chunks[-1] if chunks else 0},
         "notices": notices,
@@ -283,22 +294,26 @@ def ask(longva, video: Path, frames: int, device: torch.device, peaks: dict) -> 
         first_token_s = marks["first"] - started
         # from the end of encoding to the first token (prompt assembly, prefill, first argmax), in
         # sync with the GPU: the engine's own prefill_s stops the clock before queued kernels finish
-        prefill_s = first_token_s - answer.timings["encode_s"]
+        prefill_s = first_token_s - answered.timings["encode_s"]
         figures.update(time_to_first_token_s=round(first_token_s, 2), prefill_to_first_token_s=round(prefill_s, 2))
-        figures["prefill"] = throughput(prefill_flops(longva.model.config, answer.prompt_tokens), prefill_s, peaks)
+        figures["prefill"] = throughput(prefill_flops(longva.model.config, answered.prompt_tokens), prefill_s, peaks)
         if marks["tokens"] > 1:
             rate = (marks["tokens"] - 1) / (marks["last"] - marks["first"])
-            limit = decode_limit(longva.model.language_model, answer.prompt_tokens, peaks)
+            limit = decode_limit_at(answered.prompt_tokens)
             figures["decode_tokens_per_s"] = round(rate, 2)
-            figures["decode_context_tokens"] = answer.prompt_tokens
+            figures["decode_context_tokens"] = answered.prompt_tokens
             figures["decode_bandwidth_limit_tokens_per_s"] = round(limit, 2)
             figures["decode_fraction_of_bandwidth_limit"] = round(rate / limit, 3)
     return figures
 
 
-def niah_cells(longva, frames: int, depths: list[float], device: torch.device, seconds_left, rate: float, on_cell, peaks: dict) -> None:
+def niah_cells(
+    longva, frames: int, depths: list[float], device: torch.device, seconds_left, rate: float, on_cell, peaks: dict, haystack_on_host: bool = False
+) -> None:
     """Teacher-forced V-NIAH cells at `frames` frames through one `PrefixCache`, in the grid's
-    order: the second depth reuses the KV cache of the first up to the first needle.
+    order: the second depth reuses the KV cache of the first up to the first needle. With
+    `haystack_on_host` the haystack stays in (pinned) host memory and reaches the device a
+    prefill chunk at a time, as `ask` holds visual tokens when the memory plan says so.
 
     The haystack and needle are random embeddings of the real shape ([frames, 144, d]): the
     vision tower's cost is measured by `ask`, and the prefill work does not depend on values.
@@ -314,7 +329,9 @@ def niah_cells(longva, frames: int, depths: list[float], device: torch.device, s
     model = longva.model
     tokens = model.tokens_per_image
     shape = (frames, tokens, model.config.hidden_size)
-    haystack = torch.randn(shape, device=device, dtype=model.dtype)
+    haystack = torch.randn(shape, device=device, dtype=model.dtype)  # drawn on the device, where it is fastest
+    if haystack_on_host and device.type == "cuda":
+        haystack = torch.empty(shape, dtype=model.dtype, pin_memory=True).copy_(haystack)
     needle = Needle(Image.new("RGB", (336, 336)), "\nWhat is written on the note?", "B")
     prompts = VideoNeedlePrompts(longva, haystack, [needle], torch.randn((1, *shape[1:]), device=device, dtype=model.dtype))
     cache = PrefixCache(model.language_model, 4096)
