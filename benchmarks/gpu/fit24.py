@@ -114,6 +114,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from longva_cli.ask import AskSettings
     from longva_cli.engine import drive
+    from longva_cli.engine.plan import ModelShape, kv_bytes, weight_bytes
 
     frames = args.frames or (16 if args.tiny else 3000)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,8 +146,6 @@ def main() -> None:
     session, sampling = settings.open(video, keep_history=False)  # plans again, prints the plan's line, loads
     longva = session.model
     report("load", {"seconds": round(time.perf_counter() - started, 2), **scale.peak_memory(device)})
-
-    from longva_cli.engine.plan import ModelShape, kv_bytes, weight_bytes
 
     shape, chosen = ModelShape.from_folder(folder), plan.chosen.settings
     element = longva.model.dtype.itemsize
