@@ -111,6 +111,7 @@ class AskSettings:
     def open(self, media: Path | None, keep_history: bool):
         """Load the model; a `Session` about `media` and the sampling settings of its answers."""
         from longva_cli.engine import MediaSpec, Session
+        from longva_cli.engine.objectives import SamplingSettings
         from longva_cli.engine.visual_cache import disk_cache
         from longva_cli.model.prompt import DEFAULT_SYSTEM
 
@@ -124,7 +125,7 @@ class AskSettings:
             system=DEFAULT_SYSTEM if self.system is None else self.system, cache=cache,
             prefill_chunk=self.prefill_chunk, keep_history=keep_history,
         )
-        sampling = longva.sampling_settings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        sampling = SamplingSettings.defaults(longva.generation_config, max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         sampling.seed = self.seed
         return session, sampling
 

@@ -320,7 +320,7 @@ def test_stage2_loss_falls_and_every_part_trains(example, stage2):
 
 
 def test_saved_checkpoint_reloads_with_the_same_logits(example, stage2):
-    from longva_cli.model.longva import LongVA
+    from longva_cli import LongVA
 
     root, _, summary = stage2
     loaded = LongVA.from_pretrained(str(root / "run" / "step_6"), device="cpu")
@@ -503,7 +503,7 @@ def test_cli_skips_missing_and_undecodable_media_and_reports_them(example, tmp_p
 def test_trained_tiny_checkpoint_loads_from_any_working_directory(tmp_path, monkeypatch):
     """The README's flow (tiny example and recipe, relative paths), then the checkpoint by its
     absolute path from another folder: config.json must not name the tower relative to the first."""
-    from longva_cli.model.longva import LongVA
+    from longva_cli import LongVA
 
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir()

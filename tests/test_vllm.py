@@ -69,7 +69,7 @@ def media(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def native(checkpoint):
-    from longva_cli.model.longva import LongVA
+    from longva_cli import LongVA
 
     return LongVA.from_pretrained(str(checkpoint), device="cpu")
 

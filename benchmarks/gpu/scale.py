@@ -82,7 +82,7 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype, attn: str = "aut
     from longva_cli.model.checkpoint import build_longva
     from longva_cli.model.kernel_choice import KernelChoice
     from longva_cli.model.config import vision_settings
-    from longva_cli.model.longva import LongVA
+    from longva_cli import LongVA
     from longva_cli.model.tiny import build_tiny_tokenizer
 
     language, vision, mm = configs(tiny)

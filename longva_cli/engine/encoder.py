@@ -30,7 +30,7 @@ from longva_cli.model.processing import preprocess, unires_crops
 
 if TYPE_CHECKING:
     from longva_cli.model.config import ImageProcessing
-    from longva_cli.model.longva import LongVA
+    from longva_cli.model.longva import LoadedLongVA
 
 DEFAULT_FRAMES = 32
 VISION_BATCH = 16  # frames decoded, preprocessed and encoded together: bounds memory at any length
@@ -139,7 +139,7 @@ def media_pixels(spec: MediaSpec, processing: "ImageProcessing", pinpoints) -> t
 
 
 @torch.inference_mode()
-def encode_batches(model: "LongVA", batches, count: int, pad_to_square: bool = False) -> Generator[Encoding, None, torch.Tensor]:
+def encode_batches(model: "LoadedLongVA", batches, count: int, pad_to_square: bool = False) -> Generator[Encoding, None, torch.Tensor]:
     """[b, h, w, 3] uint8 frame batches or preprocessed [b, 3, 336, 336] pixel batches (`count`
     rows in all) -> [count, 144, d]; one batch of pixels in memory at a time."""
     tokens = model.model.tokens_per_image
@@ -154,7 +154,7 @@ def encode_batches(model: "LongVA", batches, count: int, pad_to_square: bool = F
     return out
 
 
-def check_memory(model: "LongVA", images: int) -> None:
+def check_memory(model: "LoadedLongVA", images: int) -> None:
     """Refuse a frame count whose visual tokens and KV cache exceed the device's whole memory,
     before anything is allocated (`memory.check_fits` warns about what may not fit right now)."""
     from longva_cli.engine.memory import kv_bytes_per_token, total_memory
@@ -170,7 +170,7 @@ def check_memory(model: "LongVA", images: int) -> None:
         )
 
 
-def cache_key(model: "LongVA", spec: MediaSpec, content: str) -> dict:
+def cache_key(model: "LoadedLongVA", spec: MediaSpec, content: str) -> dict:
     return {
         "content": content,
         "model": model.fingerprint,
@@ -180,7 +180,7 @@ def cache_key(model: "LongVA", spec: MediaSpec, content: str) -> dict:
     }
 
 
-def encode(model: "LongVA", spec: MediaSpec, cache: VisualCache | None = None) -> Generator[Encoding | Notice, None, Visual]:
+def encode(model: "LoadedLongVA", spec: MediaSpec, cache: VisualCache | None = None) -> Generator[Encoding | Notice, None, Visual]:
     """The visual tokens of one media item, from `cache` when it has them."""
     if spec.frames is not None and spec.fps is None:
         check_memory(model, spec.frames)
@@ -236,7 +236,7 @@ def store_on_disk(cache: VisualCache, key: dict, embeds: torch.Tensor, info: dic
     return None
 
 
-def from_disk(cache: VisualCache, key: dict, model: "LongVA") -> tuple[torch.Tensor, dict] | None:
+def from_disk(cache: VisualCache, key: dict, model: "LoadedLongVA") -> tuple[torch.Tensor, dict] | None:
     """The stored encoding of `key`, or None; DamagedEntry when a stored block fails its checksum."""
     entry = cache.entry(key)
     if entry is None or not (entry.folder / INFO_FILE).is_file():

@@ -142,7 +142,7 @@ def load(
     revision: str | None = None,
     download: bool = True,
 ):
-    """A `LongVA` (kind "longva") or a `TextModel` (kind "causal-lm": any causal LM folder or hub
+    """A `LoadedLongVA` (kind "longva") or a `TextModel` (kind "causal-lm": any causal LM folder or hub
     id, and LongVA checkpoints too, whose language model is then used alone)."""
     from longva_cli.hub import locate_model
     from longva_cli.model.attention import use_mask_free_attention
@@ -172,14 +172,14 @@ def load(
 def load_longva_model(folder: Path, name: str, dtype, attention, target, device_map, quantization, started: float):
     from longva_cli.model.checkpoint import load_longva, load_tokenizer
     from longva_cli.model.config import read_generation_config, vision_settings
-    from longva_cli.model.longva import LongVA
+    from longva_cli.model.longva import LoadedLongVA
 
     network = load_longva(
         folder, dtype=dtype, attn_implementation=attention, device=target, device_map=device_map, quantization_config=quantization
     )
     tokenizer = load_tokenizer(folder)
     _, processing = vision_settings(network.mm)
-    return LongVA(
+    return LoadedLongVA(
         network, tokenizer, processing, name, read_generation_config(folder), time.perf_counter() - started, folder=folder, fingerprint=fingerprint(folder)
     )
 

@@ -49,7 +49,7 @@ GREEDY_BELOW = 1e-5
 
 
 class Model(Protocol):
-    """What running needs of a model: `LongVA` and `TextModel` both have it."""
+    """What running needs of a model: `LoadedLongVA` and `TextModel` both have it."""
 
     tokenizer: "PreTrainedTokenizerBase"
     stop_ids: set[int]

@@ -28,7 +28,7 @@ from longva_cli.model.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, Turn, cha
 
 if TYPE_CHECKING:
     from longva_cli.engine.visual_cache import VisualCache
-    from longva_cli.model.longva import LongVA
+    from longva_cli.model.longva import LoadedLongVA
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Session:
 
     def __init__(
         self,
-        model: "LongVA",
+        model: "LoadedLongVA",
         media: list[MediaSpec] = (),
         *,
         system: str | None = DEFAULT_SYSTEM,

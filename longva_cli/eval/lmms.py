@@ -38,6 +38,7 @@ from longva_cli.engine import (
     Generate,
     MediaSpec,
     PrefixCache,
+    SamplingSettings,
     TeacherForce,
     VisualCache,
     build,
@@ -182,7 +183,8 @@ class LongVALmms(lmms):
         if gen_kwargs.get("do_sample") is False:
             temperature = 0.0
         top_p = gen_kwargs.get("top_p")
-        return self.longva.sampling_settings(
+        return SamplingSettings.defaults(
+            self.longva.generation_config,
             max_new_tokens=int(gen_kwargs.get("max_new_tokens", 1024)),
             temperature=temperature,
             top_p=None if top_p is None or float(top_p) >= 1.0 else float(top_p),

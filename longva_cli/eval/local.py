@@ -328,7 +328,7 @@ def evaluate_local(
     run = store.stored().get("run")
     warned = False
     if todo:
-        from longva_cli.engine import PrefixCache
+        from longva_cli.engine import PrefixCache, SamplingSettings
 
         longva, model_path = load_model(model, device=device, dtype=dtype, attn=attn, revision=revision)
         run = run_info(
@@ -341,7 +341,7 @@ def evaluate_local(
             annotations=[str(p) for p in source] if isinstance(source, list) else str(source),
         )
         store.note(run=run)
-        sampling = longva.sampling_settings(max_new_tokens=max_new_tokens, temperature=0.0)
+        sampling = SamplingSettings.defaults(longva.generation_config, max_new_tokens=max_new_tokens, temperature=0.0)
         with progress or contextlib.nullcontext():  # the bar shows only while questions are answered
             task = progress.add_task("Answering", total=len(todo)) if progress else None
             for video, group in group_by_video(todo):

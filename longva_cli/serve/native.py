@@ -107,6 +107,7 @@ class NativeWorker(Admission):
         request is cancelled."""
         from longva_cli.engine import Generate, MediaSpec, Token, build, drive, encode, prompt_parts, run
         from longva_cli.engine.memory import check_fits
+        from longva_cli.engine.objectives import SamplingSettings
         from longva_cli.model.prompt import chat_prompt
 
         job, longva = generation.job, self.longva
@@ -125,7 +126,7 @@ class NativeWorker(Admission):
         if warning:
             log.warning(warning)
         generation.emit("ready")
-        sampling = longva.sampling_settings(max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k)
+        sampling = SamplingSettings.defaults(longva.generation_config, max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k)
         sampling.seed = job.seed
 
         def stream(event) -> None:
