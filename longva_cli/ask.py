@@ -15,7 +15,8 @@ import typer
 
 from longva_cli import options
 from longva_cli.checks import INT64_MAX, INT64_MIN, check_flags
-from longva_cli.console import EventDisplay, load_model, stderr
+from longva_cli.console import stderr
+from longva_cli.display import EventDisplay, load_model
 from longva_cli.errors import LongVAError
 from longva_cli.hub import DEFAULT_MODEL
 

@@ -14,7 +14,8 @@ import typer
 
 from longva_cli import options
 from longva_cli.ask import EMPTY_ANSWER, MAX_QUESTION_CHARS, AskSettings, check_question, checked_settings
-from longva_cli.console import EventDisplay, escape, stderr
+from longva_cli.console import escape, stderr
+from longva_cli.display import EventDisplay
 from longva_cli.errors import LongVAError
 from longva_cli.hub import DEFAULT_MODEL
 

@@ -587,7 +587,7 @@ def serve(
 
         run_server(lambda: vllm_worker.start(model, settings, vllm or VLLMSettings(), revision), settings, port, log_level)
         return
-    from longva_cli.console import load_model
+    from longva_cli.display import load_model
     from longva_cli.serve.native import NativeWorker
 
     longva = load_model(model, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize, revision=revision)
