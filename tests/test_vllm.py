@@ -303,7 +303,7 @@ def test_vllm_serve_answers_the_openai_client_with_the_native_tokens(checkpoint,
 def test_on_a_cpu_vllm_reserves_a_share_of_the_memory_that_is_free(checkpoint, monkeypatch):
     import psutil
 
-    from longva_cli.serve.app import ServeSettings, VLLMSettings
+    from longva_cli.serve.settings import ServeSettings, VLLMSettings
     from longva_cli.serve.vllm_worker import engine_args
 
     # A busy machine: 10 of its 24 GiB free. vLLM's own default (0.92 of all 24) would not start.
@@ -320,7 +320,7 @@ def test_on_a_cpu_vllm_reserves_a_share_of_the_memory_that_is_free(checkpoint, m
 
 def test_max_model_len_beyond_the_trained_positions_is_allowed_with_a_warning(checkpoint, model_config, monkeypatch):
     from longva_cli.model.config import read_config
-    from longva_cli.serve.app import ServeSettings, VLLMSettings
+    from longva_cli.serve.settings import ServeSettings, VLLMSettings
     from longva_cli.serve.vllm_worker import allow_long_context, engine_args
 
     monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0")  # restored (unset) after the test

@@ -219,8 +219,9 @@ def command(
     if not is_loopback(host) and not api_key:
         stderr.print(f"[yellow]warning:[/yellow] listening on {host} without --api-key: anyone who can reach this port can use the model.")
 
-    from longva_cli.serve.app import ServeSettings, VLLMSettings, serve
+    from longva_cli.serve.app import serve
     from longva_cli.serve.openai_format import RequestLimits
+    from longva_cli.serve.settings import ServeSettings, VLLMSettings
 
     settings = ServeSettings(
         served_model_name=served_model_name,
