@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from longva_cli.model.prompt import IMAGE_PLACEHOLDER, chat_prompt
-from longva_cli.serve.openai_format import APIError, ChatJob, MediaItem
-from longva_cli.serve.worker import media_errors
+from longva_cli.serve.openai_format import APIError, ChatJob, MediaItem, media_errors
 
 TEXT_PIECE_CHARS = 1 << 20  # longer texts are tokenized in pieces, stopping once over the limit
 

@@ -14,7 +14,8 @@ import logging
 import queue
 import threading
 
-from longva_cli.serve.worker import Admission, Generation, check_prompt_length, error_event, media_errors
+from longva_cli.serve.openai_format import media_errors
+from longva_cli.serve.worker import Admission, Generation, check_prompt_length, error_event
 
 log = logging.getLogger("longva.serve")
 

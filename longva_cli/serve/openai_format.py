@@ -26,6 +26,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -191,6 +193,21 @@ class ChatJob:
 def release(media: list[MediaItem]) -> None:
     for item in media:
         item.release()
+
+
+@contextmanager
+def media_errors(item: MediaItem) -> Iterator[None]:
+    """A media item the core cannot read becomes a 400 naming the request's field and the
+    client's own name for the file (never a temporary file's or a descriptor's)."""
+    from PIL import Image
+
+    try:
+        yield
+    except (LongVAError, Image.DecompressionBombError) as err:
+        message = str(err).replace(str(item.path), item.label)
+        if isinstance(err, Image.DecompressionBombError):
+            message = f"{item.label} is an image too large to decode (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels); send a smaller image."
+        raise APIError(400, message, param=item.param, code="invalid_media") from None
 
 
 def validation_error(err: ValidationError) -> APIError:
