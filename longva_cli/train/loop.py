@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from longva_cli.errors import LongVAError
+from longva_cli.train.metrics import METRICS, METRICS_FIELDS, MetricsLog
 
 if TYPE_CHECKING:
     import torch
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
     from longva_cli.parallel import ParallelState
     from longva_cli.train.settings import LoggingSettings, TrainSettings
 
-METRICS = "metrics.jsonl"
-METRICS_FIELDS = ("step",)  # what a metrics.jsonl line needs to count
 # What a training run writes into its output folder (and --overwrite removes): checkpoints and
 # their pointer, metrics, loggers' folders, align's skipped-sample list and DPO reference cache.
 RUN_FILES = ("latest", ".latest.tmp", METRICS, "skipped.jsonl", "reference_logps.json", "tensorboard", "wandb")
@@ -194,7 +193,6 @@ def run(
     from longva_cli.console import progress, stderr
     from longva_cli.train import checkpoint
     from longva_cli.train import engine as engines
-    from longva_cli.train.metrics import MetricsLog
 
     output_dir = Path(train.output_dir)
     step = 0
