@@ -255,13 +255,13 @@ def _train(recipe: ExtendTextRecipe, resume, state: ParallelState) -> dict[str, 
     from longva_cli.console import stderr
     from longva_cli.recipes import to_dict
     from longva_cli.train import checkpoint, data
-    from longva_cli.train import engine as engines
+    from longva_cli.train import deepspeed_setup
     from longva_cli.train.loss import CausalLMLoss
 
     train, par, opt = recipe.train, recipe.parallel, recipe.optimizer
     L = recipe.data.seq_len
     precision = resolve_precision(train.precision, torch.cuda.is_available())
-    ds_config = engines.deepspeed_config(
+    ds_config = deepspeed_setup.deepspeed_config(
         micro_batch_size=train.micro_batch_size,
         grad_accum=train.grad_accum,
         world_size=state.world_size,
@@ -289,7 +289,7 @@ def _train(recipe: ExtendTextRecipe, resume, state: ParallelState) -> dict[str, 
         is_main=state.local_rank == 0,  # one packer per node, so node-local cache folders work too
         barrier=state.barrier,
     )
-    engine, scheduler = engines.initialize(
+    engine, scheduler = deepspeed_setup.initialize(
         CausalLMLoss(model, train.loss_chunk),
         lr=opt.lr,
         betas=tuple(opt.betas),

@@ -155,11 +155,11 @@ def processes(sp_degree: int = 1, backend: str = "ulysses") -> Iterator[Parallel
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed's first import
     from longva_cli import parallel
-    from longva_cli.train import engine as engines
+    from longva_cli.train import deepspeed_setup
 
     # stdout carries results: whatever DeepSpeed prints during the run goes to stderr
     with contextlib.redirect_stdout(parallel.DeepSpeedChatter(sys.stderr)):
-        engines.quiet_libraries()
+        deepspeed_setup.quiet_libraries()
         state = parallel.init_distributed(sp_degree, backend)
         try:
             yield state
@@ -192,7 +192,7 @@ def run(
 
     from longva_cli.console import progress, stderr
     from longva_cli.train import checkpoint
-    from longva_cli.train import engine as engines
+    from longva_cli.train import deepspeed_setup
 
     output_dir = Path(train.output_dir)
     step = 0
@@ -248,7 +248,7 @@ def run(
                 client = {"step": step, **task.client_state()}
                 saved = checkpoint.save(
                     engine, output_dir, step, client_state=client, save_model=save_model,
-                    state_dict=lambda: engines.full_state_dict(engine),
+                    state_dict=lambda: deepspeed_setup.full_state_dict(engine),
                     trainer_state={**client, "loss": losses[-1], "recipe": recipe},
                     needed_bytes=needed_bytes, is_main=state.is_main,
                 )
