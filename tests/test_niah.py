@@ -214,7 +214,7 @@ def test_needle_goes_in_at_int_depth_times_frames(tiny_longva, needle_dir, frame
 
 
 def test_haystack_frames_are_1fps_padded_to_square_and_cached(tiny_longva, haystack, tmp_path):
-    from longva_cli.model import media
+    from longva_cli import media
 
     counts = []
     entry = CacheEntry(tmp_path, {"haystack": "test"})

@@ -197,7 +197,7 @@ def test_chat_template_renders_the_native_prompt():
 def test_video_urls_are_decoded_as_ask_decodes_them(media):
     import numpy as np
 
-    from longva_cli.model.media import uniform_frame_ids
+    from longva_cli.media import uniform_frame_ids
     from longva_cli.vllm.video import LongVAVideoLoader, load_video
 
     frames, metadata = LongVAVideoLoader.load_bytes(media["video"].read_bytes(), num_frames=40)

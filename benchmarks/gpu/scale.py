@@ -208,7 +208,7 @@ def decode_limit(language_model, context: int, peaks: dict) -> float:
 def components(longva, video: Path, frames: int, device: torch.device) -> dict:
     """Decode, preprocess and vision-encode `frames` frames, each phase timed on its own, in
     batches of 16 as `ask` takes them (this pass also warms the kernels up for `ask`)."""
-    from longva_cli.model import media as media_io
+    from longva_cli import media as media_io
     from longva_cli.model.processing import preprocess
 
     opened = media_io.open_video(video)

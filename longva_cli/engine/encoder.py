@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
+from longva_cli import media as media_io
 from longva_cli.engine.objectives import Notice
 from longva_cli.engine.sequence import Visual, identity_of
 from longva_cli.engine.visual_cache import DamagedEntry, VisualCache, content_hash
 from longva_cli.errors import LongVAError
-from longva_cli.model import media as media_io
 from longva_cli.model.processing import preprocess, unires_crops
 
 if TYPE_CHECKING:

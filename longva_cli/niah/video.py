@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from longva_cli import media as media_io
 from longva_cli.engine.visual_cache import CacheEntry, VisualCache
 from longva_cli.errors import LongVAError
-from longva_cli.model import media as media_io
 from longva_cli.niah.grid import Unit
 
 if TYPE_CHECKING:  # torch loads only once a run starts: bad input fails fast

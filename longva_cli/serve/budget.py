@@ -140,7 +140,7 @@ def image_size(item: MediaItem) -> tuple[int, int] | None:
     """
     from PIL import Image
 
-    from longva_cli.model.media import MAX_IMAGE_PIXELS
+    from longva_cli.media import MAX_IMAGE_PIXELS
 
     try:
         with Image.open(item.path) as image:
@@ -166,7 +166,7 @@ def video_frames(item: MediaItem, frames: int | None, fps: float | None) -> int:
     The container's header is read with every frame skipped, as `longva ask` reads it: a small
     file claiming huge frames is refused here (400 naming the part), before any pixel exists.
     """
-    from longva_cli.model import media
+    from longva_cli import media
 
     with media_errors(item):
         header = media.probe_video(item.path)

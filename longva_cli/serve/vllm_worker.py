@@ -298,7 +298,7 @@ class VLLMWorker(Admission):
     def _prompt(self, generation: Generation) -> dict | None:
         """vLLM's prompt: the text with one placeholder per media item, and the decoded media.
         On a thread: decoding a video takes a while. None when the request was cancelled."""
-        from longva_cli.model import media as media_io
+        from longva_cli import media as media_io
         from longva_cli.model.prompt import IMAGE_PLACEHOLDER, chat_prompt, tokenize_segments
         from longva_cli.vllm.processor import VIDEO_PLACEHOLDER
         from longva_cli.vllm.video import load_video

@@ -15,8 +15,8 @@ import numpy as np
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm.multimodal.video import VideoLoader
 
+from longva_cli import media as media_io
 from longva_cli.errors import LongVAError
-from longva_cli.model import media as media_io
 
 BACKEND = "longva"  # the name `--media-io-kwargs '{"video": {"video_backend": ...}}'` takes
 DEFAULT_FRAMES = 32  # `longva ask`'s default, and vLLM's
