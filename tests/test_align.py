@@ -456,7 +456,7 @@ def _two_process_worker(rank: int, port: int, recipe: AlignRecipe) -> None:
 def test_two_processes_train_with_zero3_on_gloo(example, tmp_path):
     import torch.multiprocessing as mp
 
-    from longva_cli.parallel import free_port
+    from longva_cli.parallel.ranks import free_port
 
     recipe = tiny(example, tmp_path / "run", "train.max_steps=1", "train.micro_batch_size=1", "parallel.zero_stage=3")
     mp.spawn(_two_process_worker, args=(free_port(), recipe), nprocs=2, join=True)

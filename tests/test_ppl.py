@@ -202,7 +202,7 @@ def test_perplexity_is_exp_of_the_token_weighted_mean_and_the_original_mean_too(
 
 def test_sequence_parallel_ranks_give_the_one_process_perplexities(run, models, books, tmp_path):
     """Two gloo processes split every window (DeepSpeed Ulysses over the 2 KV heads)."""
-    from longva_cli.parallel import free_port
+    from longva_cli.parallel.ranks import free_port
 
     output = tmp_path / "sequence-parallel"
     done = subprocess.run(

@@ -28,7 +28,7 @@ pytest.importorskip("vllm", reason="needs vLLM: see README, Serving at scale (CI
 from media import write_image, write_video  # noqa: E402
 
 from longva_cli.model.prompt import DEFAULT_SYSTEM, question_prompt, tokenize_segments  # noqa: E402
-from longva_cli.parallel import free_port  # noqa: E402
+from longva_cli.parallel.ranks import free_port  # noqa: E402
 
 HERE = Path(__file__).parent
 QUESTION = "What happens in the video?"

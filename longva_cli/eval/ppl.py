@@ -590,7 +590,7 @@ def join_ranks(sequence_parallel: int):
     """This process's place among torchrun's ranks (a world of one without torchrun)."""
     from datetime import timedelta
 
-    from longva_cli.parallel import join
+    from longva_cli.parallel.ranks import join
 
     # long timeout: the main rank may tokenize a large data set alone while the others wait
     return join(sequence_parallel, timeout=timedelta(days=1), setting="--sequence-parallel")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from longva_cli.errors import LongVAError
 from longva_cli.niah.results import ITEMS, RESULTS, SIZE_KEYS, append_line, line_fields, read_lines
-from longva_cli.parallel import ParallelState
+from longva_cli.parallel.ranks import ParallelState
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def join_ranks(sequence_parallel: int = 1) -> ParallelState:
     sequences together; cells are spread over the groups and the first rank of each writes.
     The barriers wait long: rank 0 may spend an hour embedding the haystack alone.
     """
-    from longva_cli.parallel import join
+    from longva_cli.parallel.ranks import join
 
     return join(sequence_parallel, timeout=timedelta(days=7), setting="--sequence-parallel")
 

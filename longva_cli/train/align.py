@@ -41,7 +41,7 @@ from longva_cli.train.settings import (
 )
 
 if TYPE_CHECKING:
-    from longva_cli.parallel import ParallelState
+    from longva_cli.parallel.ranks import ParallelState
 
 PARTS = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model")
 PROJECTOR_FILES = ("mm_projector.bin", "mm_projector.safetensors")

@@ -3,8 +3,8 @@
 LongVA's first stage: raise RoPE's base (rope_theta) and keep pretraining the language model
 on long sequences, so it attends over 224K tokens before it ever sees a video. Settings come
 from a YAML recipe (bundled: `extend-text/*`), validated against `ExtendTextRecipe`; the work is
-done by DeepSpeed ZeRO with sequence parallelism (`longva_cli.parallel`) in the shared loop
-(`loop`).
+done by DeepSpeed ZeRO with sequence parallelism (`longva_cli.parallel.sequence_attention`) in
+the shared loop (`loop`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from longva_cli.train.settings import (
 )
 
 if TYPE_CHECKING:
-    from longva_cli.parallel import ParallelState
+    from longva_cli.parallel.ranks import ParallelState
 
 # ---------------------------------------------------------------- recipe schema
 
@@ -187,7 +187,7 @@ def extend_text(recipe: ExtendTextRecipe, resume: str | Path | None = None, over
     in train.output_dir; without either, a folder holding a run is refused. Works the same as
     one process or under torchrun/deepspeed with any number of processes.
     """
-    from longva_cli.parallel import launched
+    from longva_cli.parallel.ranks import launched
 
     check(recipe)
     require_extra("train", ("deepspeed",), "`longva extend-text`")
@@ -251,8 +251,8 @@ class TextTask:
 def _train(recipe: ExtendTextRecipe, resume, state: ParallelState) -> dict[str, Any]:
     import torch
 
-    from longva_cli import parallel
     from longva_cli.console import stderr
+    from longva_cli.parallel import sequence_attention
     from longva_cli.recipes import to_dict
     from longva_cli.train import checkpoint, data
     from longva_cli.train import deepspeed_setup
@@ -272,8 +272,8 @@ def _train(recipe: ExtendTextRecipe, resume, state: ParallelState) -> dict[str, 
         offload_optimizer=par.offload_optimizer,
     )
     model = build_model(recipe, ds_config, torch_dtype(precision))
-    parallel.check_layout(L, state.sp_degree, par.backend, model.config.num_key_value_heads)
-    parallel.enable(model, state)
+    sequence_attention.check_layout(L, state.sp_degree, par.backend, model.config.num_key_value_heads)
+    sequence_attention.enable(model, state)
     tokenizer = build_tokenizer(recipe.model, model.config.vocab_size)
     rows = data.open_rows(
         recipe.data.source,
@@ -326,7 +326,7 @@ def _train(recipe: ExtendTextRecipe, resume, state: ParallelState) -> dict[str, 
 
 def _ranges(seq_len: int, state: ParallelState) -> list[tuple[int, int]]:
     """This rank's input positions as [start, stop) runs (one, or two for zigzag)."""
-    from longva_cli.parallel import shard_indices
+    from longva_cli.parallel.sequence_attention import shard_indices
 
     index = shard_indices(seq_len, state.sp_degree, state.sp_rank, state.backend).tolist()
     runs, start = [], index[0]

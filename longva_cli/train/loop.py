@@ -29,7 +29,7 @@ from longva_cli.train.metrics import METRICS, METRICS_FIELDS, MetricsLog
 if TYPE_CHECKING:
     import torch
 
-    from longva_cli.parallel import ParallelState
+    from longva_cli.parallel.ranks import ParallelState
     from longva_cli.train.settings import LoggingSettings, TrainSettings
 
 # What a training run writes into its output folder (and --overwrite removes): checkpoints and
@@ -154,17 +154,18 @@ def processes(sp_degree: int = 1, backend: str = "ulysses") -> Iterator[Parallel
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed's first import
-    from longva_cli import parallel
+    from longva_cli.parallel import deepspeed_comm, ranks, sequence_attention
     from longva_cli.train import deepspeed_setup
 
     # stdout carries results: whatever DeepSpeed prints during the run goes to stderr
-    with contextlib.redirect_stdout(parallel.DeepSpeedChatter(sys.stderr)):
+    with contextlib.redirect_stdout(deepspeed_comm.DeepSpeedChatter(sys.stderr)):
         deepspeed_setup.quiet_libraries()
-        state = parallel.init_distributed(sp_degree, backend)
+        state = ranks.init_distributed(sp_degree, backend)
         try:
             yield state
         finally:
-            parallel.shutdown(state)  # without destroying the group, gloo runs sometimes abort at exit
+            sequence_attention.disable()
+            ranks.shutdown(state)  # without destroying the group, gloo runs sometimes abort at exit
             sys.stdout.flush()
 
 
