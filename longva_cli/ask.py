@@ -111,8 +111,9 @@ class AskSettings:
 
     def open(self, media: Path | None, keep_history: bool):
         """Load the model; a `Session` about `media` and the sampling settings of its answers."""
-        from longva_cli.engine import MediaSpec, Session
+        from longva_cli.engine.encoder import MediaSpec
         from longva_cli.engine.objectives import SamplingSettings
+        from longva_cli.engine.session import Session
         from longva_cli.engine.visual_cache import disk_cache
         from longva_cli.model.prompt import DEFAULT_SYSTEM
 
@@ -148,7 +149,7 @@ def ask(media: Path | None, questions: list[str], settings: AskSettings = AskSet
     With `stream`, answers are written to stdout as they are generated (several questions are
     shown as "Q: ..." / "A: ..." blocks); `on_answer(answer)` gets each finished `Answer`.
     """
-    from longva_cli.engine import drive
+    from longva_cli.engine.objectives import drive
 
     session, sampling = settings.open(media, keep_history=False)
     several = len(questions) > 1

@@ -57,7 +57,7 @@ def save(session, command: str, target: str, turns: int) -> None:
 
 def chat(media: Path, settings: AskSettings = AskSettings(), *, json_output: bool = False) -> int:
     """Run the conversation until the input ends; the number of turns answered."""
-    from longva_cli.engine import drive
+    from longva_cli.engine.objectives import drive
 
     session, sampling = settings.open(media, keep_history=True)
     display = EventDisplay(stream_text=False)

@@ -33,20 +33,11 @@ from longva_cli.eval.answers import DegenerateGuard, degenerate_kind
 from longva_cli.eval.local import DEFAULT_EVAL_MODEL
 from longva_cli.engine.runs import write_json
 from longva_cli.eval.report import run_info
-from longva_cli.engine import (
-    DEFAULT_PREFILL_CHUNK,
-    Generate,
-    MediaSpec,
-    PrefixCache,
-    SamplingSettings,
-    TeacherForce,
-    VisualCache,
-    build,
-    drive,
-    encode,
-    prompt_parts,
-    run,
-)
+from longva_cli.engine.encoder import MediaSpec, encode
+from longva_cli.engine.objectives import Generate, SamplingSettings, TeacherForce, drive, run
+from longva_cli.engine.runner import DEFAULT_PREFILL_CHUNK, PrefixCache
+from longva_cli.engine.sequence import build, prompt_parts
+from longva_cli.engine.visual_cache import VisualCache
 from longva_cli.model.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, Turn, chat_prompt
 
 log = logging.getLogger("longva.eval")
@@ -109,7 +100,7 @@ class LongVALmms(lmms):
             self._rank = self.accelerator.process_index
             self._world_size = self.accelerator.num_processes
         if longva is None:
-            from longva_cli.engine import load
+            from longva_cli.engine.loader import load
 
             longva = load(str(pretrained), device=device or "auto", dtype=dtype, attn=attn_implementation, revision=revision)
             self.model_path = longva.folder

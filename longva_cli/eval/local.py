@@ -328,7 +328,8 @@ def evaluate_local(
     run = store.stored().get("run")
     warned = False
     if todo:
-        from longva_cli.engine import PrefixCache, SamplingSettings
+        from longva_cli.engine.objectives import SamplingSettings
+        from longva_cli.engine.runner import PrefixCache
 
         longva, model_path = load_model(model, device=device, dtype=dtype, attn=attn, revision=revision)
         run = run_info(
@@ -381,7 +382,7 @@ def load_model(model, *, device: str, dtype: str, attn: str, revision: str | Non
     """A LongVA and the folder it came from (None when it was handed in ready)."""
     if not isinstance(model, str):
         return model, None
-    from longva_cli.engine import load
+    from longva_cli.engine.loader import load
 
     longva = load(model, device=device, dtype=dtype, attn=attn, revision=revision)
     return longva, longva.folder
@@ -397,23 +398,24 @@ def group_by_video(samples: list[Sample]) -> list[tuple[Path | None, list[Sample
 
 def encode_once(longva, video: Path | None, sample: Sample, frames: int, cache):
     """(Visual, None), or (None, why it was skipped) for a missing or unreadable video."""
-    from longva_cli import engine
+    from longva_cli.engine import encoder, objectives
 
     if video is None:
         return None, f"video {sample.video_name} not found"
     try:
-        return engine.drive(engine.encode(longva, engine.MediaSpec(video, frames), cache)), None
+        return objectives.drive(encoder.encode(longva, encoder.MediaSpec(video, frames), cache)), None
     except LongVAError as err:
         return None, str(err)
 
 
 def answer_one(longva, sample: Sample, visual, sampling, style: str, runner) -> dict:
-    from longva_cli import engine
+    from longva_cli.engine import objectives
+    from longva_cli.engine.sequence import build, prompt_parts
     from longva_cli.model.prompt import DEFAULT_SYSTEM, question_prompt
 
     started = time.perf_counter()
-    sequence = engine.build(longva, engine.prompt_parts(question_prompt(build_question(sample, style), DEFAULT_SYSTEM), [visual]))
-    generated = engine.drive(engine.run(longva, runner, sequence, engine.Generate(sampling)))
+    sequence = build(longva, prompt_parts(question_prompt(build_question(sample, style), DEFAULT_SYSTEM), [visual]))
+    generated = objectives.drive(objectives.run(longva, runner, sequence, objectives.Generate(sampling)))
     letter = extract_letter(generated.text, sample.options)
     return {
         **base_record(sample),

@@ -160,7 +160,9 @@ def run_text(settings, *, overwrite: bool = False):
     sizes, depths = check_text(settings)
     if settings.haystack != "synthetic" and not Path(settings.haystack).expanduser().exists():
         raise LongVAError(f"haystack {settings.haystack} does not exist; give a folder of .txt files or `synthetic`.")
-    from longva_cli.engine import PrefixCache, load, token_sequence
+    from longva_cli.engine.loader import load
+    from longva_cli.engine.runner import PrefixCache
+    from longva_cli.engine.sequence import token_sequence
     from longva_cli.niah.grid import check_device_map, join_ranks, score_grid
     from longva_cli.niah.results import prepare_folder
     from longva_cli.niah.scoring import answer_matches, greedy, teacher_forced

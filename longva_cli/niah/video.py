@@ -26,7 +26,7 @@ from longva_cli.niah.grid import Unit
 if TYPE_CHECKING:  # torch loads only once a run starts: bad input fails fast
     import torch
 
-    from longva_cli.engine import Sequence
+    from longva_cli.engine.sequence import Sequence
 
 HAYSTACK_FPS = 1.0
 BLOCK_FRAMES = 256  # frames per cache block: a killed embedding pass keeps all finished blocks
@@ -223,7 +223,7 @@ class VideoNeedlePrompts:
     """Builds the sequence of any (frames, depth, needle) from cached embeddings, without copies."""
 
     def __init__(self, longva, haystack: torch.Tensor, needles: list[Needle], needle_embeds: torch.Tensor, haystack_identity: int | None = None) -> None:
-        from longva_cli.engine import Visual
+        from longva_cli.engine.sequence import Visual
         from longva_cli.engine.sequence import identity_of, tokenize
         from longva_cli.model.prompt import IMAGE_PLACEHOLDER, Turn, chat_prompt
 
@@ -247,7 +247,7 @@ class VideoNeedlePrompts:
         return self.answers[needle].tolist()
 
     def sequence(self, frames: int, depth: float, needle: int, with_answer: bool) -> Sequence:
-        from longva_cli.engine import build
+        from longva_cli.engine.sequence import build
 
         at = int(depth * frames) * self.tokens  # needle frame index int(depth * N), in tokens
         end = frames * self.tokens
@@ -282,7 +282,9 @@ def run_video(settings, *, overwrite: bool = False):
     haystack_frame_ids(path, max(sizes))  # bad input fails before torch and the model load
     needles = load_needles(settings.needles)
     from longva_cli.console import progress
-    from longva_cli.engine import PrefixCache, drive, load
+    from longva_cli.engine.loader import load
+    from longva_cli.engine.objectives import drive
+    from longva_cli.engine.runner import PrefixCache
     from longva_cli.engine.encoder import encode_batches
     from longva_cli.engine.sequence import identity_of
     from longva_cli.engine.visual_cache import default_cache_dir

@@ -45,7 +45,8 @@ class NativeWorker(Admission):
     engine = "native"
 
     def __init__(self, longva, settings) -> None:
-        from longva_cli.engine import RunnerPool, VisualCache
+        from longva_cli.engine.runner import RunnerPool
+        from longva_cli.engine.visual_cache import VisualCache
         from longva_cli.serve.budget import PromptBudget
 
         super().__init__(settings.max_queue)
@@ -106,7 +107,9 @@ class NativeWorker(Admission):
         """Encode the media, build the prompt, generate; streamed text is emitted as it comes.
         Returns (text, prompt tokens, generated tokens, cached prompt tokens), or None once the
         request is cancelled."""
-        from longva_cli.engine import Generate, MediaSpec, Token, build, drive, encode, prompt_parts, run
+        from longva_cli.engine.encoder import MediaSpec, encode
+        from longva_cli.engine.objectives import Generate, Token, drive, run
+        from longva_cli.engine.sequence import build, prompt_parts
         from longva_cli.engine.memory import check_fits
         from longva_cli.engine.objectives import SamplingSettings
         from longva_cli.model.prompt import chat_prompt
