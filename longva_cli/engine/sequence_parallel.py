@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from longva_cli.errors import LongVAError
-from longva_cli.engine.runner import Chunk
+from longva_cli.engine.runner import Chunk, KVRunner, PrefixCache
 from longva_cli.engine.sequence import Sequence
 
 
@@ -76,3 +76,11 @@ def sequence_parallel_runner(language_model, degree: int) -> SequenceParallelRun
     state = ranks.init_distributed(degree, "ulysses", setting="--sequence-parallel")
     sequence_attention.enable(language_model, state)
     return SequenceParallelRunner(language_model, state)
+
+
+def runner_for(language_model, settings) -> KVRunner:
+    """The KV runner a command's `settings` ask for: one sequence over `settings.sequence_parallel`
+    torchrun ranks when above 1, else a `PrefixCache` prefilling `settings.prefill_chunk` tokens at a time."""
+    if settings.sequence_parallel > 1:
+        return sequence_parallel_runner(language_model, settings.sequence_parallel)
+    return PrefixCache(language_model, settings.prefill_chunk)

@@ -598,17 +598,13 @@ def join_ranks(sequence_parallel: int):
 
 def load_for_scoring(entry: PreparedModel, settings: PplSettings, ranks) -> tuple["TextModel", "KVRunner"]:
     from longva_cli.engine.loader import load
-    from longva_cli.engine.runner import PrefixCache
+    from longva_cli.engine.sequence_parallel import runner_for
 
     model = load(
         str(entry.folder), kind="causal-lm", device=ranks.device(settings.device), dtype=settings.dtype, attn=settings.attn,
         device_map=settings.device_map,
     )
-    if settings.sequence_parallel > 1:
-        from longva_cli.engine.sequence_parallel import sequence_parallel_runner
-
-        return model, sequence_parallel_runner(model.language_model, settings.sequence_parallel)
-    return model, PrefixCache(model.language_model, settings.prefill_chunk)
+    return model, runner_for(model.language_model, settings)
 
 
 def measure_length(model, runner, entry: PreparedModel, length: int, settings: PplSettings, progress: "Progress | None") -> dict:

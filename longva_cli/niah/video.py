@@ -223,8 +223,7 @@ class VideoNeedlePrompts:
     """Builds the sequence of any (frames, depth, needle) from cached embeddings, without copies."""
 
     def __init__(self, longva, haystack: torch.Tensor, needles: list[Needle], needle_embeds: torch.Tensor, haystack_identity: int | None = None) -> None:
-        from longva_cli.engine.sequence import Visual
-        from longva_cli.engine.sequence import identity_of, tokenize
+        from longva_cli.engine.sequence import Visual, identity_of, tokenize
         from longva_cli.model.prompt import IMAGE_PLACEHOLDER, Turn, chat_prompt
 
         self.longva = longva
@@ -282,11 +281,11 @@ def run_video(settings, *, overwrite: bool = False):
     haystack_frame_ids(path, max(sizes))  # bad input fails before torch and the model load
     needles = load_needles(settings.needles)
     from longva_cli.console import progress
+    from longva_cli.engine.encoder import encode_batches
     from longva_cli.engine.loader import load
     from longva_cli.engine.objectives import drive
-    from longva_cli.engine.runner import PrefixCache
-    from longva_cli.engine.encoder import encode_batches
     from longva_cli.engine.sequence import identity_of
+    from longva_cli.engine.sequence_parallel import runner_for
     from longva_cli.engine.visual_cache import default_cache_dir
     from longva_cli.niah.grid import check_device_map, join_ranks, score_grid
     from longva_cli.niah.results import prepare_folder
@@ -317,12 +316,7 @@ def run_video(settings, *, overwrite: bool = False):
     haystack = load_haystack(entry, max(sizes), longva.model.device)  # [frames, 144, d]
     needle_embeds = drive(encode_batches(longva, [[n.image for n in needles]], len(needles), pad_to_square=True))  # [needles, 144, d]
     prompts = VideoNeedlePrompts(longva, haystack, needles, needle_embeds, haystack_identity=identity_of(json.dumps(entry.key, sort_keys=True)))
-    if settings.sequence_parallel > 1:
-        from longva_cli.engine.sequence_parallel import sequence_parallel_runner
-
-        runner = sequence_parallel_runner(longva.model.language_model, settings.sequence_parallel)
-    else:
-        runner = PrefixCache(longva.model.language_model, settings.prefill_chunk)
+    runner = runner_for(longva.model.language_model, settings)
 
     def score(unit: Unit) -> dict:
         needle = needles[unit.index]
