@@ -46,6 +46,7 @@ import numpy as np
 from longva_cli.engine.runs import RunStore, write_atomic
 from longva_cli.errors import LongVAError
 from longva_cli.model.config import read_config
+from longva_cli.parallel.ranks import join
 from longva_cli.train.data import TEXT_SUFFIXES, is_local, read_documents, tokenizer_fingerprint
 
 if TYPE_CHECKING:
@@ -546,7 +547,7 @@ def evaluate_perplexity(
     source = open_source(settings.data, settings.text_field, settings.split)
     if next(iter(source.texts()), None) is None:  # also checks the text field before any model is fetched
         raise LongVAError(f"--data {settings.data} holds no documents; {DATA_HINT}, with text in field {settings.text_field!r}.")
-    ranks = join_ranks(settings.sequence_parallel)
+    ranks = join(settings.sequence_parallel)
     try:
         main = ranks.is_main  # the other ranks of a sequence-parallel group compute the same, silently
         prepared = prepare_models(settings, source, lengths, on_warning if main else lambda message: None, progress if main else None)
@@ -584,16 +585,6 @@ def evaluate_perplexity(
     elif records:
         draw_curves(*curves(records), folder / PLOT)
     return PplRun(folder, records, scored_now, plot_note)
-
-
-def join_ranks(sequence_parallel: int):
-    """This process's place among torchrun's ranks (a world of one without torchrun)."""
-    from datetime import timedelta
-
-    from longva_cli.parallel.ranks import join
-
-    # long timeout: the main rank may tokenize a large data set alone while the others wait
-    return join(sequence_parallel, timeout=timedelta(days=1), setting="--sequence-parallel")
 
 
 def load_for_scoring(entry: PreparedModel, settings: PplSettings, ranks) -> tuple["TextModel", "KVRunner"]:

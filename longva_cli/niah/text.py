@@ -163,12 +163,13 @@ def run_text(settings, *, overwrite: bool = False):
     from longva_cli.engine.loader import load
     from longva_cli.engine.sequence import token_sequence
     from longva_cli.engine.sequence_parallel import runner_for
-    from longva_cli.niah.grid import check_device_map, join_ranks, score_grid
+    from longva_cli.niah.grid import check_device_map, score_grid
     from longva_cli.niah.results import prepare_folder
     from longva_cli.niah.scoring import answer_matches, greedy, teacher_forced
+    from longva_cli.parallel.ranks import join
     from longva_cli.recipes import to_dict
 
-    ranks = join_ranks(settings.sequence_parallel)
+    ranks = join(settings.sequence_parallel)
     if ranks.is_main:
         prepare_folder(settings.output, "text", to_dict(settings), identity(settings), overwrite)
     ranks.barrier()  # no rank reads the folder before rank 0 has checked (or cleared) it

@@ -287,13 +287,14 @@ def run_video(settings, *, overwrite: bool = False):
     from longva_cli.engine.sequence import identity_of
     from longva_cli.engine.sequence_parallel import runner_for
     from longva_cli.engine.visual_cache import default_cache_dir
-    from longva_cli.niah.grid import check_device_map, join_ranks, score_grid
+    from longva_cli.niah.grid import check_device_map, score_grid
     from longva_cli.niah.results import prepare_folder
     from longva_cli.niah.scoring import answer_matches, greedy, teacher_forced
+    from longva_cli.parallel.ranks import join
     from longva_cli.recipes import to_dict
 
     cache = VisualCache(settings.cache_dir or default_cache_dir())  # checks $LONGVA_CACHE_MAX_GB before any work
-    ranks = join_ranks(settings.sequence_parallel)
+    ranks = join(settings.sequence_parallel)
     run_identity = {**identity(settings), "haystack": f"{path.name} (content {cache.file_hash(path)})"}
     if ranks.is_main:
         prepare_folder(settings.output, "video", to_dict(settings), run_identity, overwrite)

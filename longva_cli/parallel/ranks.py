@@ -22,6 +22,10 @@ from typing import Any
 from longva_cli.errors import LongVAError
 from longva_cli.parallel import deepspeed_comm
 
+# How long a rank waits at a barrier while another works alone: in niah rank 0 may spend an
+# hour embedding the haystack, in ppl tokenizing a large data set.
+BARRIER_TIMEOUT = timedelta(days=7)
+
 
 @dataclass
 class ParallelState:
@@ -85,13 +89,15 @@ def _check_divides(world: int, sp_degree: int, setting: str) -> None:
         )
 
 
-def join(sp_degree: int = 1, *, timeout: timedelta | None = None, setting: str = "--sequence-parallel") -> ParallelState:
+def join(sp_degree: int = 1, *, timeout: timedelta = BARRIER_TIMEOUT, setting: str = "--sequence-parallel") -> ParallelState:
     """This rank's place from torchrun's environment, joining the process group when there are
     several ranks; a world of one creates none. No DeepSpeed and no sequence-parallel groups
     (`init_distributed` adds those).
 
-    gloo carries the barriers (give a long `timeout` when one rank may work alone for long);
-    with sequence parallelism on GPUs NCCL carries the GPU traffic.
+    With sequence parallelism of degree p, consecutive groups of p ranks work on the same
+    sequences together (niah and ppl spread their work over the groups, and the first rank of
+    each writes). gloo carries the barriers; with sequence parallelism on GPUs NCCL carries the
+    GPU traffic.
     """
     import torch
     import torch.distributed as dist
