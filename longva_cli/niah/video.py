@@ -30,7 +30,6 @@ if TYPE_CHECKING:  # torch loads only once a run starts: bad input fails fast
 
 HAYSTACK_FPS = 1.0
 BLOCK_FRAMES = 256  # frames per cache block: a killed embedding pass keeps all finished blocks
-VISION_BATCH = 16
 
 
 # ---- haystack ---------------------------------------------------------------------------
@@ -50,12 +49,11 @@ def haystack_frame_ids(path: Path, count: int) -> tuple[media_io.Video, list[int
 
 
 def haystack_entry(cache: VisualCache, longva, path: Path) -> CacheEntry:
-    """The cache entry of a haystack: its 1-fps square-padded frames, from the first, for this model."""
-    key = {
-        "content": cache.file_hash(path), "model": longva.fingerprint, "dtype": str(longva.model.dtype),
-        "tokens": longva.model.tokens_per_image, "fps": HAYSTACK_FPS, "pad_to_square": True, "frames": "from the start",
-    }
-    return cache.entry(key)
+    """The cache entry of a haystack: its 1-fps square-padded frames, from the first, for this
+    model; keyed as the encoder keys any media (no frame cap: blocks are added as runs need more)."""
+    from longva_cli.engine.encoder import MediaSpec, cache_key, content_of
+
+    return cache.entry(cache_key(longva, MediaSpec(path, fps=HAYSTACK_FPS, pad_to_square=True), content_of(path, cache)))
 
 
 def embed_haystack(
@@ -67,7 +65,7 @@ def embed_haystack(
     on_progress: Callable[[int], None] | None = None,
 ) -> None:
     """Make sure `entry` holds the embeddings of the first `count` 1-fps frames of `path`."""
-    from longva_cli.engine.encoder import encode_batches
+    from longva_cli.engine.encoder import VISION_BATCH, encode_batches
     from longva_cli.engine.objectives import drive
 
     done = entry.stored()
