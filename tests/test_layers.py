@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "longva_cli"
 LAYERS = [
     ("helpers", ("longva_cli.errors", "longva_cli.checks", "longva_cli.console")),
     ("model", ("longva_cli.model",)),
-    ("inputs", ("longva_cli.hub", "longva_cli.media", "longva_cli.parallel")),
+    ("inputs", ("longva_cli.hub", "longva_cli.media", "longva_cli.parallel", "longva_cli.text_sources")),
     ("engine", ("longva_cli.engine",)),
 ]
 
@@ -121,3 +121,20 @@ def test_nothing_under_model_imports_the_engine_serve_or_a_command():
     allowed = ("longva_cli.model", "longva_cli.errors", "longva_cli.checks", "longva_cli.console")
     reaching_up = {module: sorted(t for t in targets if not t.startswith(allowed)) for module, targets in model.items()}
     assert {module: targets for module, targets in reaching_up.items() if targets} == {}
+
+
+def test_the_command_packages_do_not_import_one_another():
+    """What two commands share lives below them (eval ppl and training read text through text_sources)."""
+    packages = ("longva_cli.eval", "longva_cli.niah", "longva_cli.serve", "longva_cli.train")
+
+    def package_of(module: str) -> str | None:
+        return next((p for p in packages if module == p or module.startswith(p + ".")), None)
+
+    crossing = sorted(
+        f"{module} imports {target}"
+        for module, targets in import_graph().items()
+        for target in targets
+        if package_of(module) and package_of(target) not in (None, package_of(module))
+    )
+    assert crossing == []
+

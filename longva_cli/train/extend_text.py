@@ -98,7 +98,7 @@ def check(recipe: ExtendTextRecipe) -> None:
     check_number("recipe key model.max_position_embeddings", recipe.model.max_position_embeddings, integer=True, at_least=1, nullable=True)
     if recipe.model.init == "random" and recipe.model.tokenizer is None and recipe.data.source != "synthetic":
         raise LongVAError("model.init=random needs model.tokenizer (a tokenizer folder or `tiny`) to read text data.")
-    from longva_cli.train.data import is_local
+    from longva_cli.text_sources import is_local
 
     source = recipe.data.source
     if source != "synthetic" and is_local(source) and not Path(source).expanduser().exists():
