@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from longva_cli import options
+from longva_cli import defaults, options
 from longva_cli.checks import INT64_MAX, INT64_MIN, check_flags
 from longva_cli.console import stderr
 from longva_cli.display import EventDisplay, load_model
@@ -79,7 +79,7 @@ class AskSettings:
     fps: float | None = None
     system: str | None = None  # None: the original's system prompt
     max_new_tokens: int = 1024
-    temperature: float = 0.5
+    temperature: float = defaults.TEMPERATURE
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = 0
@@ -89,7 +89,7 @@ class AskSettings:
     device_map: str | None = None
     quantize: str | None = None
     revision: str | None = None
-    prefill_chunk: int = 4096
+    prefill_chunk: int = defaults.PREFILL_CHUNK
     cache_dir: Path | None = None
     use_cache: bool = True
 
@@ -195,7 +195,7 @@ def command(
     fps: options.Fps = None,
     model: options.Model = DEFAULT_MODEL,
     max_new_tokens: options.MaxNewTokens = 1024,
-    temperature: options.Temperature = 0.5,
+    temperature: options.Temperature = defaults.TEMPERATURE,
     top_p: options.TopP = None,
     top_k: options.TopK = None,
     seed: options.Seed = 0,
@@ -206,7 +206,7 @@ def command(
     device_map: options.DeviceMap = None,
     quantize: options.Quantize = None,
     revision: options.Revision = None,
-    prefill_chunk: options.PrefillChunk = 4096,
+    prefill_chunk: options.PrefillChunk = defaults.PREFILL_CHUNK,
     cache_dir: options.CacheDir = None,
     no_cache: options.NoCache = False,
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object per question (JSON Lines: answer, counts, timings) and nothing else on stdout."),

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 import typer
 
-from longva_cli import options
+from longva_cli import defaults, options
 from longva_cli.ask import EMPTY_ANSWER, MAX_QUESTION_CHARS, AskSettings, check_question, checked_settings
 from longva_cli.console import escape, stderr
 from longva_cli.display import EventDisplay
@@ -120,7 +120,7 @@ def command(
     fps: options.Fps = None,
     model: options.Model = DEFAULT_MODEL,
     max_new_tokens: options.MaxNewTokens = 1024,
-    temperature: options.Temperature = 0.5,
+    temperature: options.Temperature = defaults.TEMPERATURE,
     top_p: options.TopP = None,
     top_k: options.TopK = None,
     seed: options.Seed = 0,
@@ -131,7 +131,7 @@ def command(
     device_map: options.DeviceMap = None,
     quantize: options.Quantize = None,
     revision: options.Revision = None,
-    prefill_chunk: options.PrefillChunk = 4096,
+    prefill_chunk: options.PrefillChunk = defaults.PREFILL_CHUNK,
     cache_dir: options.CacheDir = None,
     no_cache: options.NoCache = False,
     json_output: bool = typer.Option(False, "--json", help="Print each answer as one JSON line instead of text."),

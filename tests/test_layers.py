@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "longva_cli"
 # Lowest first; a module may import its own layer and the layers below it, nothing above. Whatever
 # is not listed (api, display, the commands, serve, niah, eval, train, vllm) is above the engine.
 LAYERS = [
-    ("helpers", ("longva_cli.errors", "longva_cli.checks", "longva_cli.console")),
+    ("helpers", ("longva_cli.errors", "longva_cli.checks", "longva_cli.console", "longva_cli.defaults")),
     ("model", ("longva_cli.model",)),
     ("inputs", ("longva_cli.hub", "longva_cli.media", "longva_cli.parallel", "longva_cli.text_sources")),
     ("engine", ("longva_cli.engine",)),

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from longva_cli import media as media_io
+from longva_cli.defaults import FRAMES, VISION_BATCH
 from longva_cli.engine.objectives import Notice
 from longva_cli.engine.sequence import Visual, identity_of
 from longva_cli.engine.visual_cache import DamagedEntry, VisualCache, content_hash
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
     from longva_cli.model.config import ImageProcessing
     from longva_cli.model.longva import LoadedLongVA
 
-DEFAULT_FRAMES = 32
-VISION_BATCH = 16  # frames decoded, preprocessed and encoded together: bounds memory at any length
 INFO_FILE = "info.json"  # in a visual cache entry: kind, count, frame ids and crop grid of its frames
 
 
@@ -105,7 +104,7 @@ class Pixels:
 def frame_ids(video: media_io.Video, spec: MediaSpec) -> list[int]:
     if spec.fps is not None:
         return media_io.frame_ids_at_fps(video.num_frames, video.fps, spec.fps, max_frames=spec.frames)
-    return media_io.uniform_frame_ids(video.num_frames, spec.frames or DEFAULT_FRAMES)
+    return media_io.uniform_frame_ids(video.num_frames, spec.frames or FRAMES)
 
 
 def pixels(spec: MediaSpec, processing: "ImageProcessing", pinpoints, batch: int = VISION_BATCH) -> Pixels:

@@ -28,6 +28,7 @@ import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
+from longva_cli.defaults import FRAMES
 from longva_cli.errors import LongVAError
 from longva_cli.eval.answers import DegenerateGuard, degenerate_kind
 from longva_cli.eval.local import DEFAULT_EVAL_MODEL
@@ -60,7 +61,7 @@ class LongVALmms(lmms):
     def __init__(
         self,
         pretrained: str = DEFAULT_EVAL_MODEL,
-        max_frames_num: int = 32,
+        max_frames_num: int = FRAMES,
         conv_template: str = "qwen_1_5",
         device: str | None = None,
         dtype: str = "auto",
@@ -250,7 +251,7 @@ def run_lmms_eval(
     tasks: list[str],
     *,
     model: str = DEFAULT_EVAL_MODEL,
-    frames: int = 32,
+    frames: int = FRAMES,
     output: Path = Path("runs/eval"),
     limit: int | None = None,
     device: str = "auto",

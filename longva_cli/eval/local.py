@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from longva_cli import defaults
 from longva_cli.checks import check_number
 from longva_cli.errors import LongVAError
 from longva_cli.eval.answers import (
@@ -272,7 +273,7 @@ def evaluate_local(
     data: Path,
     *,
     model=DEFAULT_EVAL_MODEL,
-    frames: int = 32,
+    frames: int = defaults.FRAMES,
     output: Path | None = None,
     annotations: Path | None = None,
     prompt: str = "videomme",
@@ -282,7 +283,7 @@ def evaluate_local(
     dtype: str = "auto",
     attn: str = "auto",
     revision: str | None = None,
-    prefill_chunk: int = 4096,
+    prefill_chunk: int = defaults.PREFILL_CHUNK,
     cache=None,
     overwrite: bool = False,
     stop_on_degenerate: bool = True,

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from longva_cli.defaults import PREFILL_CHUNK
 from longva_cli.engine.runs import RunStore, write_atomic
 from longva_cli.errors import LongVAError
 from longva_cli.model.config import read_config
@@ -89,7 +90,7 @@ class PplSettings:
     attn: str = "auto"
     device_map: str | None = None
     sequence_parallel: int = 1
-    prefill_chunk: int = 4096
+    prefill_chunk: int = PREFILL_CHUNK
     revision: str | None = None
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from longva_cli.checks import check_number
+from longva_cli.defaults import PREFILL_CHUNK
 from longva_cli.errors import LongVAError
 
 Scoring = Literal["teacher-forced", "generate"]
@@ -40,7 +41,7 @@ class VideoSettings:
     sequence_parallel: int = 1  # >1: each sequence split over this many torchrun ranks (Ulysses)
     dtype: str = "auto"
     attn: str = "auto"
-    prefill_chunk: int = 4096
+    prefill_chunk: int = PREFILL_CHUNK
 
 
 @dataclass
@@ -62,7 +63,7 @@ class TextSettings:
     sequence_parallel: int = 1
     dtype: str = "auto"
     attn: str = "auto"
-    prefill_chunk: int = 4096
+    prefill_chunk: int = PREFILL_CHUNK
 
 
 @dataclass

@@ -65,7 +65,8 @@ def embed_haystack(
     on_progress: Callable[[int], None] | None = None,
 ) -> None:
     """Make sure `entry` holds the embeddings of the first `count` 1-fps frames of `path`."""
-    from longva_cli.engine.encoder import VISION_BATCH, encode_batches
+    from longva_cli.defaults import VISION_BATCH
+    from longva_cli.engine.encoder import encode_batches
     from longva_cli.engine.objectives import drive
 
     done = entry.stored()

@@ -36,10 +36,10 @@ from urllib.parse import unquote, urlparse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from longva_cli.checks import INT64_MAX, INT64_MIN, check_number, checked_text
+from longva_cli.defaults import FRAMES
 from longva_cli.errors import LongVAError
 from longva_cli.model.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, Turn
 
-DEFAULT_FRAMES = 32  # `longva ask`'s default
 MEDIA_PART_TYPES = {"image_url": "image", "video_url": "video"}
 # Sniffed by content after decoding, like `longva ask` does with files.
 DATA_URL_TYPES = ("image/", "video/", "application/octet-stream")
@@ -331,7 +331,7 @@ def parse_chat_request(
     if video.fps is not None:
         frames = video.frames or limits.max_frames  # a cap on what the frame rate picks
     else:
-        frames = video.frames or min(DEFAULT_FRAMES, limits.max_frames)
+        frames = video.frames or min(FRAMES, limits.max_frames)
 
     system, system_param, turns, turn_params, media = None, None, [], [], []
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from longva_cli.defaults import PREFILL_CHUNK
 from longva_cli.serve.openai_format import RequestLimits
 
 
@@ -24,7 +25,7 @@ class ServeSettings:
     queue_timeout: float = 300.0
     max_queue: int = 32
     ui: bool = False
-    prefill_chunk: int = 4096
+    prefill_chunk: int = PREFILL_CHUNK
     cache_bytes: int = 8 * 2**30  # --cache-gb: embeddings and KV caches kept for follow-up requests
     host: str = "127.0.0.1"  # the bound address: which Host headers name this server
     allowed_hosts: tuple[str, ...] = ()  # --allowed-hosts
