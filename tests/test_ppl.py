@@ -446,7 +446,7 @@ def test_the_readme_commands_run_as_written(models, tmp_path, monkeypatch):
     hub_models = {"Qwen/Qwen2-7B-Instruct": models[1], "lmms-lab/Qwen2-7B-Instrcuct-224K": models[0]}
     monkeypatch.setattr(hub, "cached", lambda name, revision=None, repo_type=None: hub_models.get(name))
     pg19 = {"emozilla/pg19-test": datasets.Dataset.from_dict({"text": [book(20, 120), book(21, 130)]})}
-    monkeypatch.setattr(ppl, "load_hub_dataset", lambda name, split: pg19[name])
+    monkeypatch.setattr(ppl, "load_hub_dataset", lambda name, split, *settings: pg19[name])
     Path("pg19").mkdir()
     for index in range(2):
         Path(f"pg19/{index}.txt").write_text(book(index, 240))  # about 9,500 tokens: 4K and 8K of the grid
