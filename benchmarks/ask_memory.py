@@ -35,7 +35,7 @@ def measure(mode: str, checkpoint: Path, video: Path, frames: int) -> dict:
 
     from longva_cli.engine import MediaSpec, build, drive, encode, prompt_parts
     from longva_cli.engine.memory import kv_cache_bytes
-    from longva_cli.model.longva import LongVA
+    from longva_cli import LongVA
     from longva_cli.model.prompt import question_prompt
 
     longva = LongVA.from_pretrained(str(checkpoint), device="cpu")

@@ -81,7 +81,7 @@ def chat(port: int, video: Path, question: str, frames: int, max_tokens: int) ->
 
 
 def serve_follow_up(checkpoint: Path, video: Path, args, env: dict) -> dict:
-    from longva_cli.parallel import free_port
+    from longva_cli.parallel.ranks import free_port
 
     port = free_port()
     server = start_server(checkpoint, video.parent, port, env)

@@ -34,7 +34,7 @@ SMOKE = {"lengths": [64], "steps": 2, "hidden": 64}
 
 
 def run(seq_len: int, procs: int, steps: int, hidden: int, out: Path) -> dict:
-    from longva_cli.parallel import free_port
+    from longva_cli.parallel.ranks import free_port
 
     overrides = [
         f"model.config.hidden_size={hidden}",

@@ -92,7 +92,7 @@ def main() -> None:
     from longva_cli.engine.objectives import Generate, SamplingSettings, run
     from longva_cli.engine.sequence import build, prompt_parts
     from longva_cli.model.kv_cache import KVCache
-    from longva_cli.model.longva import LongVA
+    from longva_cli import LongVA
     from longva_cli.model.tiny import write_tiny_checkpoint
 
     torch.manual_seed(0)

@@ -44,8 +44,8 @@ MEASURE = r"""
 import json, sys
 from pathlib import Path
 import torch  # noqa: F401 - part of the baseline, as in every command
+from longva_cli import media
 from longva_cli.errors import LongVAError
-from longva_cli.model import media
 from longva_cli.model.config import ImageProcessing
 from longva_cli.model.processing import preprocess
 

@@ -48,7 +48,7 @@ def rss_gb() -> float:
 def measure(way: str, checkpoint: Path, frames: list[int], depth_step: float) -> dict:
     import torch
 
-    from longva_cli.model.longva import LongVA
+    from longva_cli import LongVA
     from longva_cli.engine import PrefixCache
     from longva_cli.niah import scoring
     from longva_cli.niah.settings import depth_grid

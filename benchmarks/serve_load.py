@@ -110,7 +110,7 @@ def run_level(port: int, clients: int, total: int, body: dict) -> dict:
 
 def measure(engine: str, model: str, media_dir: Path, body: dict, args: argparse.Namespace) -> list[dict]:
     """Start a server on `engine`, warm it up, and run each client level against it."""
-    from longva_cli.parallel import free_port
+    from longva_cli.parallel.ranks import free_port
 
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}

@@ -26,7 +26,7 @@ __all__ = ["LongVA", "__version__"]
 def __getattr__(name: str):
     # Importing torch and transformers costs seconds; `longva --help` must not pay for it.
     if name == "LongVA":
-        from longva_cli.model.longva import LongVA
+        from longva_cli.api import LongVA
 
         return LongVA
     raise AttributeError(name)

@@ -13,9 +13,10 @@ from typing import List, Optional
 
 import typer
 
-from longva_cli import options
+from longva_cli import defaults, options
 from longva_cli.checks import INT64_MAX, INT64_MIN, check_flags
-from longva_cli.console import EventDisplay, load_model, stderr
+from longva_cli.console import stderr
+from longva_cli.display import EventDisplay, load_model
 from longva_cli.errors import LongVAError
 from longva_cli.hub import DEFAULT_MODEL
 
@@ -78,7 +79,7 @@ class AskSettings:
     fps: float | None = None
     system: str | None = None  # None: the original's system prompt
     max_new_tokens: int = 1024
-    temperature: float = 0.5
+    temperature: float = defaults.TEMPERATURE
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = 0
@@ -91,7 +92,7 @@ class AskSettings:
     quantize_backend: str = "torchao"
     memory_budget: str | None = None  # None: the device's free memory
     revision: str | None = None
-    prefill_chunk: int = 4096
+    prefill_chunk: int = defaults.PREFILL_CHUNK
     cache_dir: Path | None = None
     use_cache: bool = True
 
@@ -127,7 +128,9 @@ class AskSettings:
 
     def open(self, media: Path | None, keep_history: bool):
         """Load the model; a `Session` about `media` and the sampling settings of its answers."""
-        from longva_cli.engine import MediaSpec, Session
+        from longva_cli.engine.encoder import MediaSpec
+        from longva_cli.engine.objectives import SamplingSettings
+        from longva_cli.engine.session import Session
         from longva_cli.engine.visual_cache import disk_cache
         from longva_cli.model.prompt import DEFAULT_SYSTEM
 
@@ -150,7 +153,7 @@ class AskSettings:
             system=DEFAULT_SYSTEM if self.system is None else self.system, cache=cache,
             prefill_chunk=self.prefill_chunk, keep_history=keep_history, visual_tokens_on_host=on_host,
         )
-        sampling = longva.sampling_settings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        sampling = SamplingSettings.defaults(longva.generation_config, max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         sampling.seed = self.seed
         return session, sampling
 
@@ -172,7 +175,7 @@ def ask(media: Path | None, questions: list[str], settings: AskSettings = AskSet
     With `stream`, answers are written to stdout as they are generated (several questions are
     shown as "Q: ..." / "A: ..." blocks); `on_answer(answer)` gets each finished `Answer`.
     """
-    from longva_cli.engine import drive
+    from longva_cli.engine.objectives import drive
 
     session, sampling = settings.open(media, keep_history=False)
     several = len(questions) > 1
@@ -218,7 +221,7 @@ def command(
     fps: options.Fps = None,
     model: options.Model = DEFAULT_MODEL,
     max_new_tokens: options.MaxNewTokens = 1024,
-    temperature: options.Temperature = 0.5,
+    temperature: options.Temperature = defaults.TEMPERATURE,
     top_p: options.TopP = None,
     top_k: options.TopK = None,
     seed: options.Seed = 0,
@@ -233,7 +236,7 @@ def command(
     memory_budget: options.MemoryBudget = None,
     plan: bool = typer.Option(False, "--plan", help="Print the memory plan (config files only, no weights) and exit."),
     revision: options.Revision = None,
-    prefill_chunk: options.PrefillChunk = 4096,
+    prefill_chunk: options.PrefillChunk = defaults.PREFILL_CHUNK,
     cache_dir: options.CacheDir = None,
     no_cache: options.NoCache = False,
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object per question (JSON Lines: answer, counts, timings) and nothing else on stdout."),

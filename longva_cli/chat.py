@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 import typer
 
-from longva_cli import options
+from longva_cli import defaults, options
 from longva_cli.ask import EMPTY_ANSWER, MAX_QUESTION_CHARS, AskSettings, check_question, checked_settings
-from longva_cli.console import EventDisplay, escape, stderr
+from longva_cli.console import escape, stderr
+from longva_cli.display import EventDisplay
 from longva_cli.errors import LongVAError
 from longva_cli.hub import DEFAULT_MODEL
 
@@ -56,7 +57,7 @@ def save(session, command: str, target: str, turns: int) -> None:
 
 def chat(media: Path, settings: AskSettings = AskSettings(), *, json_output: bool = False) -> int:
     """Run the conversation until the input ends; the number of turns answered."""
-    from longva_cli.engine import drive
+    from longva_cli.engine.objectives import drive
 
     session, sampling = settings.open(media, keep_history=True)
     display = EventDisplay(stream_text=False)
@@ -119,7 +120,7 @@ def command(
     fps: options.Fps = None,
     model: options.Model = DEFAULT_MODEL,
     max_new_tokens: options.MaxNewTokens = 1024,
-    temperature: options.Temperature = 0.5,
+    temperature: options.Temperature = defaults.TEMPERATURE,
     top_p: options.TopP = None,
     top_k: options.TopK = None,
     seed: options.Seed = 0,
@@ -133,7 +134,7 @@ def command(
     quantize_backend: options.QuantizeBackend = "torchao",
     memory_budget: options.MemoryBudget = None,
     revision: options.Revision = None,
-    prefill_chunk: options.PrefillChunk = 4096,
+    prefill_chunk: options.PrefillChunk = defaults.PREFILL_CHUNK,
     cache_dir: options.CacheDir = None,
     no_cache: options.NoCache = False,
     json_output: bool = typer.Option(False, "--json", help="Print each answer as one JSON line instead of text."),

@@ -9,6 +9,8 @@ from typing import Annotated, Optional, get_args
 
 import typer
 
+from longva_cli.defaults import FRAMES
+
 Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N (under torchrun each rank takes its own GPU).")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32.")]
 Attention = Annotated[
@@ -49,7 +51,7 @@ NoCache = Annotated[bool, typer.Option("--no-cache", help="Neither read nor writ
 
 # `ask` and `chat`: the model, how the media is sampled, how answers are sampled
 Model = Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, hub id or short name.")]
-Frames = Annotated[Optional[int], typer.Option("--frames", "-n", help="Frames sampled uniformly from the video, 144 tokens each. [default: 32]")]
+Frames = Annotated[Optional[int], typer.Option("--frames", "-n", help=f"Frames sampled uniformly from the video, 144 tokens each. [default: {FRAMES}]")]
 Fps = Annotated[
     Optional[float],
     typer.Option("--fps", help="Sample this many frames per second instead; with --frames as a cap, the capped frames are spread over the whole video."),

@@ -43,7 +43,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_longva(tiny_checkpoint):
-    from longva_cli.model.longva import LongVA
+    from longva_cli import LongVA
 
     return LongVA.from_pretrained(str(tiny_checkpoint), device="cpu")
 

@@ -320,7 +320,7 @@ def test_stage2_loss_falls_and_every_part_trains(example, stage2):
 
 
 def test_saved_checkpoint_reloads_with_the_same_logits(example, stage2):
-    from longva_cli.model.longva import LongVA
+    from longva_cli import LongVA
 
     root, _, summary = stage2
     loaded = LongVA.from_pretrained(str(root / "run" / "step_6"), device="cpu")
@@ -457,7 +457,7 @@ def _two_process_worker(rank: int, port: int, recipe: AlignRecipe) -> None:
 def test_two_processes_train_with_zero3_on_gloo(example, tmp_path):
     import torch.multiprocessing as mp
 
-    from longva_cli.parallel import free_port
+    from longva_cli.parallel.ranks import free_port
 
     recipe = tiny(example, tmp_path / "run", "train.max_steps=1", "train.micro_batch_size=1", "parallel.zero_stage=3")
     mp.spawn(_two_process_worker, args=(free_port(), recipe), nprocs=2, join=True)
@@ -506,7 +506,7 @@ def test_cli_skips_missing_and_undecodable_media_and_reports_them(example, tmp_p
 def test_trained_tiny_checkpoint_loads_from_any_working_directory(tmp_path, monkeypatch):
     """The README's flow (tiny example and recipe, relative paths), then the checkpoint by its
     absolute path from another folder: config.json must not name the tower relative to the first."""
-    from longva_cli.model.longva import LongVA
+    from longva_cli import LongVA
 
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir()

@@ -143,7 +143,7 @@ def test_overrides_and_validation_errors():
 
 
 def test_layout_errors_explain_the_fix():
-    from longva_cli.parallel import check_layout
+    from longva_cli.parallel.sequence_attention import check_layout
 
     with pytest.raises(LongVAError, match="use data.seq_len=999 or 1002"):
         check_layout(1000, 3, "ulysses", num_kv_heads=6)
@@ -161,7 +161,8 @@ def test_layout_errors_explain_the_fix():
 def test_shards_cover_the_sequence_with_global_positions():
     import torch
 
-    from longva_cli.parallel import ParallelState, shard, shard_indices
+    from longva_cli.parallel.ranks import ParallelState
+    from longva_cli.parallel.sequence_attention import shard, shard_indices
 
     for backend in ("ulysses", "ring"):
         index = torch.cat([shard_indices(32, 4, r, backend) for r in range(4)])
@@ -176,7 +177,7 @@ def test_shards_cover_the_sequence_with_global_positions():
 def test_join_places_a_process_without_a_launcher_in_a_world_of_one(monkeypatch):
     import torch
 
-    from longva_cli.parallel import join
+    from longva_cli.parallel.ranks import join
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -267,7 +268,7 @@ def _sp_worker(rank: int, port: int, tokens, out_dir: str, backend: str = "ulyss
     import torch
     import torch.distributed as dist
 
-    from longva_cli import parallel as sp
+    from longva_cli.parallel import ranks, sequence_attention
     from longva_cli.train.loss import CausalLMLoss
 
     torch.set_num_threads(1)
@@ -276,10 +277,10 @@ def _sp_worker(rank: int, port: int, tokens, out_dir: str, backend: str = "ulyss
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        state = sp.init_distributed(sp_degree=2, backend=backend)
+        state = ranks.init_distributed(sp_degree=2, backend=backend)
         model = _tiny_model(cuda=cuda)
-        sp.enable(model, state)
-        inputs, labels, positions = (t.to(model.device) for t in sp.shard(tokens, state))
+        sequence_attention.enable(model, state)
+        inputs, labels, positions = (t.to(model.device) for t in sequence_attention.shard(tokens, state))
         loss = CausalLMLoss(model, chunk_size=16)(inputs, labels, positions)
         loss.backward()
         # what DeepSpeed does over all ranks: average the loss and the gradients
@@ -296,11 +297,12 @@ def _sp_worker(rank: int, port: int, tokens, out_dir: str, backend: str = "ulyss
 def _one_process_reference(tokens, cuda: bool = False):
     import torch
 
-    from longva_cli import parallel as sp
+    from longva_cli.parallel import sequence_attention
+    from longva_cli.parallel.ranks import ParallelState
     from longva_cli.train.loss import CausalLMLoss
 
     model = _tiny_model(cuda=cuda)
-    sp.enable(model, sp.ParallelState())  # one process: SDPA over the whole sequence
+    sequence_attention.enable(model, ParallelState())  # one process: SDPA over the whole sequence
     n = tokens.shape[1] - 1
     tokens = tokens.to(model.device)
     loss = CausalLMLoss(model, chunk_size=16)(tokens[:, :-1], tokens[:, 1:], torch.arange(n, device=model.device).expand(2, -1))
@@ -314,7 +316,7 @@ def test_ulysses_two_processes_match_one_process(tmp_path):
     import torch
     import torch.multiprocessing as mp
 
-    from longva_cli.parallel import free_port
+    from longva_cli.parallel.ranks import free_port
 
     tokens = torch.randint(0, 512, (2, 65), generator=torch.Generator().manual_seed(1))
     mp.spawn(_sp_worker, args=(free_port(), tokens, str(tmp_path)), nprocs=2, join=True)
@@ -334,7 +336,7 @@ def test_zigzag_ring_on_two_gpus_matches_one_process(tmp_path):
     pytest.importorskip("ring_flash_attn")
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    from longva_cli.parallel import free_port
+    from longva_cli.parallel.ranks import free_port
 
     tokens = torch.randint(0, 512, (2, 129), generator=torch.Generator().manual_seed(1))
     mp.spawn(_sp_worker, args=(free_port(), tokens, str(tmp_path), "ring"), nprocs=2, join=True)
@@ -365,7 +367,7 @@ def test_torchrun_two_process_run_matches_one_process_run(tmp_path):
 
 
 def _port() -> int:
-    from longva_cli.parallel import free_port
+    from longva_cli.parallel.ranks import free_port
 
     return free_port()
 
@@ -524,7 +526,7 @@ def test_cli_keeps_stdout_for_results_and_builds_deepspeed_ops_in_the_documented
     TORCH_EXTENSIONS_DIR the comm op is taken from (or built into) <cache>/longva/torch_extensions."""
     import shutil
 
-    from longva_cli import parallel
+    from longva_cli.parallel import deepspeed_comm
 
     cache, home = tmp_path / "cache", tmp_path / "home"
     home.mkdir()
@@ -533,11 +535,11 @@ def test_cli_keeps_stdout_for_results_and_builds_deepspeed_ops_in_the_documented
     with monkeypatch.context() as m:
         m.delenv("TORCH_EXTENSIONS_DIR")
         m.setenv("XDG_CACHE_HOME", str(cache))
-        folder = parallel.extension_cache()
+        folder = deepspeed_comm.extension_cache()
     assert folder.is_relative_to(cache / "longva" / "torch_extensions")
-    built = REPO / ".torch_extensions" / parallel.COMM_OP
+    built = REPO / ".torch_extensions" / deepspeed_comm.COMM_OP
     if built.is_dir():  # reuse the suite's build (mtimes kept, so it is not rebuilt)
-        shutil.copytree(built, folder / parallel.COMM_OP)
+        shutil.copytree(built, folder / deepspeed_comm.COMM_OP)
     done = subprocess.run(
         [sys.executable, "-m", "longva_cli", "extend-text", "--recipe", str(TINY), "train.max_steps=1", "data.seq_len=32",
          "--output", "mine"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
@@ -545,18 +547,18 @@ def test_cli_keeps_stdout_for_results_and_builds_deepspeed_ops_in_the_documented
     assert done.returncode == 0, done.stderr
     assert done.stdout == "mine/step_1\n" and "built successfully" not in done.stderr  # stdout: the result, nothing of DeepSpeed's
     assert ("compiling DeepSpeed's CPU communication op, once" in done.stderr) == (not built.is_dir())
-    assert (folder / parallel.COMM_OP / f"{parallel.COMM_OP}.so").is_file()
+    assert (folder / deepspeed_comm.COMM_OP / f"{deepspeed_comm.COMM_OP}.so").is_file()
     assert not (home / ".cache" / "torch_extensions").exists()
     assert (tmp_path / "mine" / "latest").read_text().strip() == "step_1" and not (tmp_path / "runs").exists()
 
 
 def test_first_start_says_it_compiles_the_comm_op(tmp_path, monkeypatch, capsys):
-    from longva_cli import parallel
+    from longva_cli.parallel import deepspeed_comm
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "empty"))
-    assert parallel.comm_op_needs_build()
+    assert deepspeed_comm.comm_op_needs_build()
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
-    monkeypatch.setattr(parallel, "comm_op_needs_build", lambda: True)  # no real rebuild in the test
+    monkeypatch.setattr(deepspeed_comm, "comm_op_needs_build", lambda: True)  # no real rebuild in the test
     extend_text(tiny_recipe(tmp_path / "run", "train.max_steps=1", "data.seq_len=32"))
     out, err = capsys.readouterr()
     assert "compiling DeepSpeed's CPU communication op, once; ~1 min" in err

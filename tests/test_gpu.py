@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from longva_cli.model import attention
 from longva_cli.model.compat import cache_kwargs
-from longva_cli.model.longva import LongVA
+from longva_cli import LongVA
 from longva_cli.model.prompt import Turn, chat_prompt
 
 pytestmark = pytest.mark.gpu

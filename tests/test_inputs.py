@@ -22,8 +22,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from longva_cli import media
 from longva_cli.errors import LongVAError
-from longva_cli.model import media
 from longva_cli.model.checkpoint import load_longva, load_tokenizer
 from longva_cli.model.files import weight_map
 from longva_cli.model.config import ImageProcessing

@@ -15,7 +15,7 @@ from longva_cli.engine import MediaSpec, Session, drive
 from longva_cli.engine.memory import kv_bytes_per_token
 from longva_cli.engine.sequence import build
 from longva_cli.model.kv_cache import FLOAT8, Float8KVLayer
-from longva_cli.model.longva import LongVA
+from longva_cli import LongVA
 
 QUESTIONS = ["What happens in the video?", "What colour is the square?", "And after that?"]
 
@@ -54,7 +54,7 @@ def test_ask_kv_cache_fp8_answers_as_the_fp8_model_does(tiny_checkpoint, fp8_lon
 
 def test_serve_keeps_its_follow_up_caches_in_fp8(tiny_checkpoint, monkeypatch):
     from longva_cli.serve import app
-    from longva_cli.serve.app import ServeSettings
+    from longva_cli.serve.settings import ServeSettings
 
     workers = []
     monkeypatch.setattr(app, "run_server", lambda start, *args: workers.append(start()))

@@ -185,7 +185,7 @@ def test_video_gives_144_tokens_per_frame(tiny_longva, video_file):
 
 
 def test_video_frames_are_encoded_in_time_order_without_separators(tiny_longva, video_file):
-    from longva_cli.model.media import open_video
+    from longva_cli.media import open_video
     from longva_cli.model.processing import preprocess
 
     ids = [0, 14, 29]

@@ -30,7 +30,7 @@ from longva_cli.niah.video import (
     run_video,
     video_units,
 )
-from longva_cli.parallel import free_port
+from longva_cli.parallel.ranks import free_port
 
 NEEDLES = [("\nWhat colour is the square? A. red B. blue", "B"), ("\nHow many mg does each tablet contain?", "200")]
 
@@ -240,7 +240,7 @@ def test_needle_goes_in_at_int_depth_times_frames(tiny_longva, needle_dir, frame
 
 
 def test_haystack_frames_are_1fps_padded_to_square_and_cached(tiny_longva, haystack, tmp_path):
-    from longva_cli.model import media
+    from longva_cli import media
 
     counts = []
     entry = CacheEntry(tmp_path, {"haystack": "test"})
@@ -440,7 +440,7 @@ def test_a_folder_of_other_settings_is_refused_unless_overwrite(tmp_path):
 
 def test_ranks_split_cells_without_overlap():
     from longva_cli.niah.grid import my_cells
-    from longva_cli.parallel import ParallelState
+    from longva_cli.parallel.ranks import ParallelState
 
     cells = [(n, d) for n in (2, 4, 6) for d in (0.0, 0.5, 1.0)]
     ranks = [ParallelState(rank=index, world_size=3, dp_rank=index, dp_world_size=3) for index in range(3)]

@@ -85,9 +85,9 @@ def wide_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def wide_longva(wide_checkpoint):
-    from longva_cli.engine import load
+    from longva_cli import LongVA
 
-    return load(wide_checkpoint, device="cpu")
+    return LongVA.from_pretrained(wide_checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -310,9 +310,10 @@ def test_torchao_int8_weights_load_on_cpu_and_answer(tiny_checkpoint, video_file
     # replaced by their autograd wrapper, which torchao's tensors do not implement: use torch's own.
     monkeypatch.setattr(torch.nn.functional, "linear", torch._C._nn.linear)
 
-    from longva_cli.engine import MediaSpec, Session, drive, load
+    from longva_cli import LongVA
+    from longva_cli.engine import MediaSpec, Session, drive
 
-    model = load(tiny_checkpoint, device="cpu", dtype="bfloat16", quantize="8bit")
+    model = LongVA.from_pretrained(tiny_checkpoint, device="cpu", dtype="bfloat16", quantize="8bit")
     language_model = model.model.language_model
     assert isinstance(language_model.model.layers[0].mlp.up_proj.weight, Int8Tensor)
     assert not isinstance(language_model.lm_head.weight, Int8Tensor)

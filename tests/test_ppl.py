@@ -203,7 +203,7 @@ def test_perplexity_is_exp_of_the_token_weighted_mean_and_the_original_mean_too(
 @pytest.mark.integration
 def test_sequence_parallel_ranks_give_the_one_process_perplexities(run, models, books, tmp_path):
     """Two gloo processes split every window (DeepSpeed Ulysses over the 2 KV heads)."""
-    from longva_cli.parallel import free_port
+    from longva_cli.parallel.ranks import free_port
 
     output = tmp_path / "sequence-parallel"
     done = subprocess.run(
@@ -462,7 +462,7 @@ def test_the_readme_commands_run_as_written(models, tmp_path, monkeypatch):
     hub_models = {"Qwen/Qwen2-7B-Instruct": models[1], "lmms-lab/Qwen2-7B-Instrcuct-224K": models[0]}
     monkeypatch.setattr(hub, "cached", lambda name, revision=None, repo_type=None: hub_models.get(name))
     pg19 = {"emozilla/pg19-test": datasets.Dataset.from_dict({"text": [book(20, 120), book(21, 130)]})}
-    monkeypatch.setattr(ppl, "load_hub_dataset", lambda name, split: pg19[name])
+    monkeypatch.setattr(ppl, "load_hub_dataset", lambda name, split, *settings: pg19[name])
     Path("pg19").mkdir()
     for index in range(2):
         Path(f"pg19/{index}.txt").write_text(book(index, 240))  # about 9,500 tokens: 4K and 8K of the grid

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from longva_cli.media import frame_ids_at_fps, uniform_frame_ids
 from longva_cli.model.config import ImageProcessing
-from longva_cli.model.media import frame_ids_at_fps, uniform_frame_ids
 from longva_cli.model.processing import (
     expand_to_square,
     preprocess,

@@ -25,7 +25,7 @@ openai = pytest.importorskip("openai", reason="needs the dev extra (openai clien
 from media import write_image, write_video  # noqa: E402
 
 from longva_cli.model.prompt import DEFAULT_SYSTEM, Turn, chat_prompt  # noqa: E402
-from longva_cli.parallel import free_port  # noqa: E402
+from longva_cli.parallel.ranks import free_port  # noqa: E402
 from longva_cli.serve.openai_format import APIError, RequestLimits, parse_chat_request  # noqa: E402
 
 API_KEY = "test-key"

@@ -28,7 +28,7 @@ pytest.importorskip("vllm", reason="needs vLLM: see README, Serving at scale (CI
 from media import write_image, write_video  # noqa: E402
 
 from longva_cli.model.prompt import DEFAULT_SYSTEM, question_prompt, tokenize_segments  # noqa: E402
-from longva_cli.parallel import free_port  # noqa: E402
+from longva_cli.parallel.ranks import free_port  # noqa: E402
 
 HERE = Path(__file__).parent
 QUESTION = "What happens in the video?"
@@ -69,7 +69,7 @@ def media(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def native(checkpoint):
-    from longva_cli.model.longva import LongVA
+    from longva_cli import LongVA
 
     return LongVA.from_pretrained(str(checkpoint), device="cpu")
 
@@ -198,7 +198,7 @@ def test_chat_template_renders_the_native_prompt():
 def test_video_urls_are_decoded_as_ask_decodes_them(media):
     import numpy as np
 
-    from longva_cli.model.media import uniform_frame_ids
+    from longva_cli.media import uniform_frame_ids
     from longva_cli.vllm.video import LongVAVideoLoader, load_video
 
     frames, metadata = LongVAVideoLoader.load_bytes(media["video"].read_bytes(), num_frames=40)
@@ -306,7 +306,7 @@ def test_vllm_serve_answers_the_openai_client_with_the_native_tokens(checkpoint,
 def test_on_a_cpu_vllm_reserves_a_share_of_the_memory_that_is_free(checkpoint, monkeypatch):
     import psutil
 
-    from longva_cli.serve.app import ServeSettings, VLLMSettings
+    from longva_cli.serve.settings import ServeSettings, VLLMSettings
     from longva_cli.serve.vllm_worker import engine_args
 
     # A busy machine: 10 of its 24 GiB free. vLLM's own default (0.92 of all 24) would not start.
@@ -323,7 +323,7 @@ def test_on_a_cpu_vllm_reserves_a_share_of_the_memory_that_is_free(checkpoint, m
 
 def test_max_model_len_beyond_the_trained_positions_is_allowed_with_a_warning(checkpoint, model_config, monkeypatch):
     from longva_cli.model.config import read_config
-    from longva_cli.serve.app import ServeSettings, VLLMSettings
+    from longva_cli.serve.settings import ServeSettings, VLLMSettings
     from longva_cli.serve.vllm_worker import allow_long_context, engine_args
 
     monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0")  # restored (unset) after the test

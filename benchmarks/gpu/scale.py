@@ -87,7 +87,7 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype, attn: str = "aut
     from longva_cli.model.checkpoint import build_longva
     from longva_cli.model.kernel_choice import KernelChoice
     from longva_cli.model.config import vision_settings
-    from longva_cli.model.longva import LongVA
+    from longva_cli import LongVA
     from longva_cli.model.tiny import build_tiny_tokenizer
 
     language, vision, mm = configs(tiny)
@@ -213,7 +213,7 @@ def decode_limit(language_model, context: int, peaks: dict) -> float:
 def components(longva, video: Path, frames: int, device: torch.device) -> dict:
     """Decode, preprocess and vision-encode `frames` frames, each phase timed on its own, in
     batches of 16 as `ask` takes them (this pass also warms the kernels up for `ask`)."""
-    from longva_cli.model import media as media_io
+    from longva_cli import media as media_io
     from longva_cli.model.processing import preprocess
 
     opened = media_io.open_video(video)

@@ -21,8 +21,10 @@ cancel: nothing more is computed.
 
 import importlib
 
-# Public name -> the module that defines it. Loaded on first use: importing torch and
-# transformers costs seconds, and light modules (runs, visual_cache) need neither.
+# Public name -> the module that defines it, for users' `from longva_cli.engine import ...`; the
+# package's own code imports the submodules directly, so readers and tools see every route.
+# Loaded on first use: importing torch and transformers costs seconds, and light modules (runs,
+# visual_cache) need neither.
 _WHERE = {
     "Encoding": "encoder", "MediaSpec": "encoder", "encode": "encoder", "media_pixels": "encoder",
     "TextModel": "loader", "load": "loader",

@@ -21,19 +21,18 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
+from longva_cli import media as media_io
+from longva_cli.defaults import FRAMES, VISION_BATCH
 from longva_cli.engine.objectives import Notice
 from longva_cli.engine.sequence import Visual, identity_of
 from longva_cli.engine.visual_cache import DamagedEntry, VisualCache, content_hash
 from longva_cli.errors import LongVAError
-from longva_cli.model import media as media_io
 from longva_cli.model.processing import preprocess, unires_crops
 
 if TYPE_CHECKING:
     from longva_cli.model.config import ImageProcessing
-    from longva_cli.model.longva import LongVA
+    from longva_cli.model.longva import LoadedLongVA
 
-DEFAULT_FRAMES = 32
-VISION_BATCH = 16  # frames decoded, preprocessed and encoded together: bounds memory at any length
 INFO_FILE = "info.json"  # in a visual cache entry: kind, count, frame ids and crop grid of its frames
 
 
@@ -105,7 +104,7 @@ class Pixels:
 def frame_ids(video: media_io.Video, spec: MediaSpec) -> list[int]:
     if spec.fps is not None:
         return media_io.frame_ids_at_fps(video.num_frames, video.fps, spec.fps, max_frames=spec.frames)
-    return media_io.uniform_frame_ids(video.num_frames, spec.frames or DEFAULT_FRAMES)
+    return media_io.uniform_frame_ids(video.num_frames, spec.frames or FRAMES)
 
 
 def pixels(spec: MediaSpec, processing: "ImageProcessing", pinpoints, batch: int = VISION_BATCH) -> Pixels:
@@ -138,14 +137,14 @@ def media_pixels(spec: MediaSpec, processing: "ImageProcessing", pinpoints) -> t
 # ---- tokens ------------------------------------------------------------------------------------
 
 
-def embeddings_home(model: "LongVA", on_host: bool) -> torch.device:
+def embeddings_home(model: "LoadedLongVA", on_host: bool) -> torch.device:
     """Where a media item's visual embeddings are kept: the model's device, or host memory."""
     return torch.device("cpu") if on_host else model.model.device
 
 
 @torch.inference_mode()
 def encode_batches(
-    model: "LongVA", batches, count: int, pad_to_square: bool = False, on_host: bool = False
+    model: "LoadedLongVA", batches, count: int, pad_to_square: bool = False, on_host: bool = False
 ) -> Generator[Encoding, None, torch.Tensor]:
     """[b, h, w, 3] uint8 frame batches or preprocessed [b, 3, 336, 336] pixel batches (`count`
     rows in all) -> [count, 144, d]; one batch of pixels in memory at a time. With `on_host`
@@ -165,7 +164,7 @@ def encode_batches(
     return out
 
 
-def check_memory(model: "LongVA", images: int, on_host: bool = False) -> None:
+def check_memory(model: "LoadedLongVA", images: int, on_host: bool = False) -> None:
     """Refuse a frame count whose visual tokens (unless kept on the host) and KV cache exceed the
     device's whole memory, before anything is allocated (`memory.check_fits` warns about what may
     not fit right now; `plan.plan_for` plans the whole run before loading)."""
@@ -184,7 +183,7 @@ def check_memory(model: "LongVA", images: int, on_host: bool = False) -> None:
         )
 
 
-def cache_key(model: "LongVA", spec: MediaSpec, content: str) -> dict:
+def cache_key(model: "LoadedLongVA", spec: MediaSpec, content: str) -> dict:
     return {
         "content": content,
         "model": model.fingerprint,
@@ -195,7 +194,7 @@ def cache_key(model: "LongVA", spec: MediaSpec, content: str) -> dict:
 
 
 def encode(
-    model: "LongVA", spec: MediaSpec, cache: VisualCache | None = None, on_host: bool = False
+    model: "LoadedLongVA", spec: MediaSpec, cache: VisualCache | None = None, on_host: bool = False
 ) -> Generator[Encoding | Notice, None, Visual]:
     """The visual tokens of one media item, from `cache` when it has them; with `on_host` they
     are kept in host memory and reach the device one prefill chunk at a time (`sequence.build`)."""
@@ -256,7 +255,7 @@ def store_on_disk(cache: VisualCache, key: dict, embeds: torch.Tensor, info: dic
     return None
 
 
-def from_disk(cache: VisualCache, key: dict, model: "LongVA", device: torch.device) -> tuple[torch.Tensor, dict] | None:
+def from_disk(cache: VisualCache, key: dict, model: "LoadedLongVA", device: torch.device) -> tuple[torch.Tensor, dict] | None:
     """The stored encoding of `key`, or None; DamagedEntry when a stored block fails its checksum."""
     entry = cache.entry(key)
     if entry is None or not (entry.folder / INFO_FILE).is_file():

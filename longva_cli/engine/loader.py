@@ -173,7 +173,7 @@ def load(
     download: bool = True,
     kv_cache: str = "auto",
 ):
-    """A `LongVA` (kind "longva") or a `TextModel` (kind "causal-lm": any causal LM folder or hub
+    """A `LoadedLongVA` (kind "longva") or a `TextModel` (kind "causal-lm": any causal LM folder or hub
     id, and LongVA checkpoints too, whose language model is then used alone); its runners keep
     keys and values as `kv_cache` names (auto: the model's dtype, bf16, fp8; model/kv_cache.py)."""
     from longva_cli.hub import locate_model
@@ -207,14 +207,14 @@ def load(
 def load_longva_model(folder: Path, name: str, dtype, attention, target, device_map, quantization, started: float):
     from longva_cli.model.checkpoint import load_longva, load_tokenizer
     from longva_cli.model.config import read_generation_config, vision_settings
-    from longva_cli.model.longva import LongVA
+    from longva_cli.model.longva import LoadedLongVA
 
     network = load_longva(
         folder, dtype=dtype, attn_implementation=attention, device=target, device_map=device_map, quantization_config=quantization
     )
     tokenizer = load_tokenizer(folder)
     _, processing = vision_settings(network.mm)
-    return LongVA(
+    return LoadedLongVA(
         network, tokenizer, processing, name, read_generation_config(folder), time.perf_counter() - started, folder=folder, fingerprint=fingerprint(folder)
     )
 

@@ -31,6 +31,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from longva_cli.defaults import TEMPERATURE
 from longva_cli.errors import LongVAError
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ GREEDY_BELOW = 1e-5
 
 
 class Model(Protocol):
-    """What running needs of a model: `LongVA` and `TextModel` both have it."""
+    """What running needs of a model: `LoadedLongVA` and `TextModel` both have it."""
 
     tokenizer: "PreTrainedTokenizerBase"
     stop_ids: set[int]
@@ -60,7 +61,7 @@ class SamplingSettings:
     """temperature 0 (or below GREEDY_BELOW) means greedy decoding; the original demo sampled at 0.5."""
 
     max_new_tokens: int = 1024
-    temperature: float = 0.5
+    temperature: float = TEMPERATURE
     top_p: float | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
+from longva_cli.defaults import FRAMES, VISION_BATCH
 from longva_cli.errors import LongVAError
 
 GIB = 2**30
@@ -49,7 +50,6 @@ FP8_SCALE_BYTES = 4  # one float32 scale per token and KV head, for keys and for
 # nf4; torchao's int4, groups of 128 with a bf16 scale and zero, is slightly smaller: the plan
 # errs high by 0.2 GB on a 7B).
 FOUR_BIT_BYTES_PER_WEIGHT = 0.5 + 4 / 64
-VISION_BATCH = 16  # frames encoded together (engine/encoder.py)
 # Tokens allowed for the system prompt, questions and chat turns: the plan is made before they
 # are all known (a chat's later turns), and text is a rounding error beside 144 tokens a frame.
 TEXT_ALLOWANCE = 1024
@@ -353,8 +353,8 @@ def plan_table(plan: Plan):
 
 def media_images(media: Path, frames: int | None, fps: float | None, shape: ModelShape) -> int:
     """Frames (or UniRes crops) the encoder will take from `media`, without decoding any."""
-    from longva_cli.engine.encoder import DEFAULT_FRAMES, MediaSpec, frame_ids
-    from longva_cli.model import media as media_io
+    from longva_cli import media as media_io
+    from longva_cli.engine.encoder import MediaSpec, frame_ids
     from longva_cli.model.processing import select_best_resolution
 
     image = media_io.open_image(media_io.check_file(Path(media)))
@@ -363,7 +363,7 @@ def media_images(media: Path, frames: int | None, fps: float | None, shape: Mode
         crop = shape.vision.image_size  # UniRes cuts the canvas into tower-sized crops
         return (width // crop) * (height // crop)
     if fps is None:
-        return frames or DEFAULT_FRAMES
+        return frames or FRAMES
     return len(frame_ids(media_io.open_video(Path(media)), MediaSpec(Path(media), frames, fps)))
 
 

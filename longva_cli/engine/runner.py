@@ -25,13 +25,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from longva_cli.defaults import PREFILL_CHUNK
 from longva_cli.engine.memory import kv_bytes_per_token
 from longva_cli.engine.sequence import Sequence
 from longva_cli.model.attention import prefill_chunk
 from longva_cli.model.compat import cache_kwargs
 from longva_cli.model.kv_cache import KVCache, kv_storage_of
 
-DEFAULT_PREFILL_CHUNK = 4096
+DEFAULT_PREFILL_CHUNK = PREFILL_CHUNK
 
 
 @dataclass

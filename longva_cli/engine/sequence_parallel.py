@@ -2,7 +2,7 @@
 
 For a sequence that does not fit one GPU (a V-NIAH haystack, a perplexity window), the p ranks
 of a group each hold a contiguous 1/p of it; Ulysses attention (registered by
-`longva_cli.parallel`, the same engine `extend-text` trains with) exchanges heads for sequence
+`longva_cli.parallel.sequence_attention`, the same engine `extend-text` trains with) exchanges heads for sequence
 so every position still attends to all earlier ones. The sequence is padded at its end to a multiple of p:
 attention is causal, so padding changes no real position.
 
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from longva_cli.errors import LongVAError
-from longva_cli.engine.runner import Chunk
+from longva_cli.engine.runner import Chunk, KVRunner, PrefixCache
 from longva_cli.engine.sequence import Sequence
 
 
@@ -34,7 +34,7 @@ class SequenceParallelRunner:
     @torch.inference_mode()
     def chunks(self, sequence: Sequence, stop: int, need_from: int):
         """One chunk: final hidden states [stop - need_from, d] of positions need_from .. stop - 1."""
-        from longva_cli.parallel import shard_indices
+        from longva_cli.parallel.sequence_attention import shard_indices
 
         degree, rank = self.state.sp_degree, self.state.sp_rank
         padded = -(-stop // degree) * degree
@@ -71,8 +71,16 @@ def sequence_parallel_runner(language_model, degree: int) -> SequenceParallelRun
             f"Ulysses splits attention heads, and this model's {heads} KV heads do not divide by {degree}; "
             f"use --sequence-parallel in {divisors}."
         )
-    from longva_cli import parallel
+    from longva_cli.parallel import ranks, sequence_attention
 
-    state = parallel.init_distributed(degree, "ulysses", setting="--sequence-parallel")
-    parallel.enable(language_model, state)
+    state = ranks.init_distributed(degree, "ulysses", setting="--sequence-parallel")
+    sequence_attention.enable(language_model, state)
     return SequenceParallelRunner(language_model, state)
+
+
+def runner_for(language_model, settings) -> KVRunner:
+    """The KV runner a command's `settings` ask for: one sequence over `settings.sequence_parallel`
+    torchrun ranks when above 1, else a `PrefixCache` prefilling `settings.prefill_chunk` tokens at a time."""
+    if settings.sequence_parallel > 1:
+        return sequence_parallel_runner(language_model, settings.sequence_parallel)
+    return PrefixCache(language_model, settings.prefill_chunk)

@@ -28,7 +28,7 @@ from longva_cli.model.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, Turn, cha
 
 if TYPE_CHECKING:
     from longva_cli.engine.visual_cache import VisualCache
-    from longva_cli.model.longva import LongVA
+    from longva_cli.model.longva import LoadedLongVA
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Answer:
         return json.dumps(asdict(self), ensure_ascii=False)
 
 
-def release_vision_tower(model: "LongVA") -> None:
+def release_vision_tower(model: "LoadedLongVA") -> None:
     """Move the vision tower and projector to host memory (later media are encoded there, slower)."""
     import torch
 
@@ -69,7 +69,7 @@ class Session:
 
     def __init__(
         self,
-        model: "LongVA",
+        model: "LoadedLongVA",
         media: list[MediaSpec] = (),
         *,
         system: str | None = DEFAULT_SYSTEM,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from longva_cli import options
+from longva_cli import defaults, options
 from longva_cli.console import on_interrupt, progress, stderr, stdout, this_command
 from longva_cli.errors import LongVAError
 from longva_cli.eval.local import DEFAULT_EVAL_MODEL
@@ -31,7 +31,7 @@ def lmms_command(
     ctx: typer.Context,
     tasks: str = typer.Option(None, "--tasks", help="Comma-separated lmms-eval task names, e.g. videomme,mme."),
     model: str = typer.Option(DEFAULT_EVAL_MODEL, "--model", "-m", help="Checkpoint folder, hub id or short name."),
-    frames: int = typer.Option(32, "--frames", "-n", help="Frames sampled uniformly from each video (144 tokens each)."),
+    frames: int = typer.Option(defaults.FRAMES, "--frames", "-n", help="Frames sampled uniformly from each video (144 tokens each)."),
     output: Path = typer.Option(Path("runs/eval"), "--output", "-o", help="Folder for results.json and per-task samples."),
     limit: int = typer.Option(None, "--limit", help="Only the first N documents of each task (for a quick check)."),
     device: options.Device = "auto",
@@ -97,7 +97,7 @@ def print_task_table(results: dict) -> None:
 def local_command(
     data: Path = typer.Option(..., "--data", "-d", help="Video-MME folder (annotations + data/ videos) or a JSONL file."),
     model: str = typer.Option(DEFAULT_EVAL_MODEL, "--model", "-m", help="Checkpoint folder, hub id or short name."),
-    frames: int = typer.Option(32, "--frames", "-n", help="Frames sampled uniformly from each video (144 tokens each)."),
+    frames: int = typer.Option(defaults.FRAMES, "--frames", "-n", help="Frames sampled uniformly from each video (144 tokens each)."),
     output: Path = typer.Option(None, "--output", "-o", help="Run folder (default runs/eval-local/<data>-<frames>f); rerun to resume."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results in --output (made with other settings) and start over."),
     annotations: Path = typer.Option(None, "--annotations", "-a", help="Annotation file (parquet, JSON or JSONL) when not found in --data."),
@@ -109,7 +109,7 @@ def local_command(
     attn: options.Attention = "auto",
     kv_cache: options.KVCache = "auto",
     revision: options.Revision = None,
-    prefill_chunk: options.PrefillChunk = 4096,
+    prefill_chunk: options.PrefillChunk = defaults.PREFILL_CHUNK,
     cache_dir: options.CacheDir = None,
     no_cache: options.NoCache = False,
     stop_on_degenerate: bool = typer.Option(
@@ -225,7 +225,7 @@ def ppl_command(
     dtype: options.Dtype = "auto",
     attn: options.Attention = "auto",
     kv_cache: options.KVCache = "auto",
-    prefill_chunk: options.PrefillChunk = 4096,
+    prefill_chunk: options.PrefillChunk = defaults.PREFILL_CHUNK,
     revision: options.Revision = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results in --output (made with other data, stride or selection) and start over."),
     json_output: options.Json = False,

@@ -28,24 +28,17 @@ import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
+from longva_cli.defaults import FRAMES
 from longva_cli.errors import LongVAError
 from longva_cli.eval.answers import DegenerateGuard, degenerate_kind
 from longva_cli.eval.local import DEFAULT_EVAL_MODEL
 from longva_cli.engine.runs import write_json
 from longva_cli.eval.report import run_info
-from longva_cli.engine import (
-    DEFAULT_PREFILL_CHUNK,
-    Generate,
-    MediaSpec,
-    PrefixCache,
-    TeacherForce,
-    VisualCache,
-    build,
-    drive,
-    encode,
-    prompt_parts,
-    run,
-)
+from longva_cli.engine.encoder import MediaSpec, encode
+from longva_cli.engine.objectives import Generate, SamplingSettings, TeacherForce, drive, run
+from longva_cli.engine.runner import DEFAULT_PREFILL_CHUNK, PrefixCache
+from longva_cli.engine.sequence import build, prompt_parts
+from longva_cli.engine.visual_cache import VisualCache
 from longva_cli.model.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, Turn, chat_prompt
 
 log = logging.getLogger("longva.eval")
@@ -68,7 +61,7 @@ class LongVALmms(lmms):
     def __init__(
         self,
         pretrained: str = DEFAULT_EVAL_MODEL,
-        max_frames_num: int = 32,
+        max_frames_num: int = FRAMES,
         conv_template: str = "qwen_1_5",
         device: str | None = None,
         dtype: str = "auto",
@@ -108,7 +101,7 @@ class LongVALmms(lmms):
             self._rank = self.accelerator.process_index
             self._world_size = self.accelerator.num_processes
         if longva is None:
-            from longva_cli.engine import load
+            from longva_cli.engine.loader import load
 
             longva = load(str(pretrained), device=device or "auto", dtype=dtype, attn=attn_implementation, revision=revision)
             self.model_path = longva.folder
@@ -182,7 +175,8 @@ class LongVALmms(lmms):
         if gen_kwargs.get("do_sample") is False:
             temperature = 0.0
         top_p = gen_kwargs.get("top_p")
-        return self.longva.sampling_settings(
+        return SamplingSettings.defaults(
+            self.longva.generation_config,
             max_new_tokens=int(gen_kwargs.get("max_new_tokens", 1024)),
             temperature=temperature,
             top_p=None if top_p is None or float(top_p) >= 1.0 else float(top_p),
@@ -257,7 +251,7 @@ def run_lmms_eval(
     tasks: list[str],
     *,
     model: str = DEFAULT_EVAL_MODEL,
-    frames: int = 32,
+    frames: int = FRAMES,
     output: Path = Path("runs/eval"),
     limit: int | None = None,
     device: str = "auto",

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from longva_cli import defaults
 from longva_cli.checks import check_number
 from longva_cli.errors import LongVAError
 from longva_cli.eval.answers import (
@@ -272,7 +273,7 @@ def evaluate_local(
     data: Path,
     *,
     model=DEFAULT_EVAL_MODEL,
-    frames: int = 32,
+    frames: int = defaults.FRAMES,
     output: Path | None = None,
     annotations: Path | None = None,
     prompt: str = "videomme",
@@ -283,7 +284,7 @@ def evaluate_local(
     attn: str = "auto",
     kv_cache: str = "auto",
     revision: str | None = None,
-    prefill_chunk: int = 4096,
+    prefill_chunk: int = defaults.PREFILL_CHUNK,
     cache=None,
     overwrite: bool = False,
     stop_on_degenerate: bool = True,
@@ -329,7 +330,8 @@ def evaluate_local(
     run = store.stored().get("run")
     warned = False
     if todo:
-        from longva_cli.engine import PrefixCache
+        from longva_cli.engine.objectives import SamplingSettings
+        from longva_cli.engine.runner import PrefixCache
 
         longva, model_path = load_model(model, device=device, dtype=dtype, attn=attn, revision=revision, kv_cache=kv_cache)
         run = run_info(
@@ -342,7 +344,7 @@ def evaluate_local(
             annotations=[str(p) for p in source] if isinstance(source, list) else str(source),
         )
         store.note(run=run)
-        sampling = longva.sampling_settings(max_new_tokens=max_new_tokens, temperature=0.0)
+        sampling = SamplingSettings.defaults(longva.generation_config, max_new_tokens=max_new_tokens, temperature=0.0)
         with progress or contextlib.nullcontext():  # the bar shows only while questions are answered
             task = progress.add_task("Answering", total=len(todo)) if progress else None
             for video, group in group_by_video(todo):
@@ -382,7 +384,7 @@ def load_model(model, *, device: str, dtype: str, attn: str, revision: str | Non
     """A LongVA and the folder it came from (None when it was handed in ready)."""
     if not isinstance(model, str):
         return model, None
-    from longva_cli.engine import load
+    from longva_cli.engine.loader import load
 
     longva = load(model, device=device, dtype=dtype, attn=attn, revision=revision, kv_cache=kv_cache)
     return longva, longva.folder
@@ -398,23 +400,24 @@ def group_by_video(samples: list[Sample]) -> list[tuple[Path | None, list[Sample
 
 def encode_once(longva, video: Path | None, sample: Sample, frames: int, cache):
     """(Visual, None), or (None, why it was skipped) for a missing or unreadable video."""
-    from longva_cli import engine
+    from longva_cli.engine import encoder, objectives
 
     if video is None:
         return None, f"video {sample.video_name} not found"
     try:
-        return engine.drive(engine.encode(longva, engine.MediaSpec(video, frames), cache)), None
+        return objectives.drive(encoder.encode(longva, encoder.MediaSpec(video, frames), cache)), None
     except LongVAError as err:
         return None, str(err)
 
 
 def answer_one(longva, sample: Sample, visual, sampling, style: str, runner) -> dict:
-    from longva_cli import engine
+    from longva_cli.engine import objectives
+    from longva_cli.engine.sequence import build, prompt_parts
     from longva_cli.model.prompt import DEFAULT_SYSTEM, question_prompt
 
     started = time.perf_counter()
-    sequence = engine.build(longva, engine.prompt_parts(question_prompt(build_question(sample, style), DEFAULT_SYSTEM), [visual]))
-    generated = engine.drive(engine.run(longva, runner, sequence, engine.Generate(sampling)))
+    sequence = build(longva, prompt_parts(question_prompt(build_question(sample, style), DEFAULT_SYSTEM), [visual]))
+    generated = objectives.drive(objectives.run(longva, runner, sequence, objectives.Generate(sampling)))
     letter = extract_letter(generated.text, sample.options)
     return {
         **base_record(sample),

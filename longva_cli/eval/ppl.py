@@ -43,10 +43,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from longva_cli.defaults import PREFILL_CHUNK
 from longva_cli.engine.runs import RunStore, write_atomic
 from longva_cli.errors import LongVAError
 from longva_cli.model.config import read_config
-from longva_cli.train.data import TEXT_SUFFIXES, is_local, read_documents, tokenizer_fingerprint
+from longva_cli.parallel.ranks import join
+from longva_cli.text_sources import (
+    is_local,
+    is_saved_dataset,
+    load_hub_dataset,
+    load_saved_dataset,
+    read_documents,
+    text_files,
+    tokenizer_fingerprint,
+)
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -81,7 +91,7 @@ class PplSettings:
     kv_cache: str = "auto"
     device_map: str | None = None
     sequence_parallel: int = 1
-    prefill_chunk: int = 4096
+    prefill_chunk: int = PREFILL_CHUNK
     revision: str | None = None
 
 
@@ -226,29 +236,18 @@ class TextSource:
 def open_source(source: str, text_field: str, split: str) -> TextSource:
     """The documents of a file or folder of .txt/.jsonl/.parquet, a saved `datasets` folder or a hub dataset."""
     if not is_local(source):
-        return dataset_source(source, load_hub_dataset(source, split), text_field, split)
+        return dataset_source(source, load_hub_dataset(source, split, "--data", "--split"), text_field, split)
     path = Path(source).expanduser()
     if not path.exists():
         raise LongVAError(f"--data {source} does not exist; {DATA_HINT}.")
-    if path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
-        return dataset_source(str(path), load_saved_dataset(path, split), text_field, split)
+    if is_saved_dataset(path):
+        return dataset_source(str(path), load_saved_dataset(path, split, "--split"), text_field, split)
     return file_source(path, text_field)
-
-
-def text_files(path: Path) -> list[Path]:
-    if path.is_file():
-        if path.suffix not in TEXT_SUFFIXES:
-            raise LongVAError(f"--data {path} is not a .txt, .jsonl or .parquet file; {DATA_HINT}.")
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-    if not files:
-        raise LongVAError(f"--data {path} holds no .txt, .jsonl or .parquet files; {DATA_HINT}.")
-    return files
 
 
 def file_source(path: Path, text_field: str) -> TextSource:
     """.txt: one document per file (a book); .jsonl: one per line; .parquet: one per row."""
-    files = text_files(path)
+    files = text_files(path, "--data", DATA_HINT)
     digest = hashlib.sha256(f"files|{text_field}".encode())
     for file in files:
         digest.update(f"|{file.relative_to(path) if file != path else file.name}|".encode())
@@ -261,35 +260,6 @@ def file_source(path: Path, text_field: str) -> TextSource:
             yield from read_documents(file, text_field, "--text-field")
 
     return TextSource(str(path.resolve()), digest.hexdigest()[:20], texts)
-
-
-def import_datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise LongVAError("reading a `datasets` name or saved folder needs the datasets library: `pip install datasets`.") from None
-    return datasets
-
-
-def load_hub_dataset(name: str, split: str):
-    datasets = import_datasets()
-    try:
-        return datasets.load_dataset(name, split=split)
-    except Exception as err:  # offline, unknown name or split, no access: the same advice
-        raise LongVAError(
-            f"could not load the dataset {name}, split {split}, from the Hugging Face hub ({type(err).__name__}); check the name "
-            "and --split and your connection, or give a local folder with --data."
-        ) from None
-
-
-def load_saved_dataset(path: Path, split: str):
-    datasets = import_datasets()
-    data = datasets.load_from_disk(str(path))
-    if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            raise LongVAError(f"the dataset in {path} has no split {split!r}; choose one of {', '.join(data)} with --split.")
-        data = data[split]
-    return data
 
 
 def dataset_source(name: str, data, text_field: str, split: str) -> TextSource:
@@ -550,7 +520,7 @@ def evaluate_perplexity(
     source = open_source(settings.data, settings.text_field, settings.split)
     if next(iter(source.texts()), None) is None:  # also checks the text field before any model is fetched
         raise LongVAError(f"--data {settings.data} holds no documents; {DATA_HINT}, with text in field {settings.text_field!r}.")
-    ranks = join_ranks(settings.sequence_parallel)
+    ranks = join(settings.sequence_parallel)
     try:
         main = ranks.is_main  # the other ranks of a sequence-parallel group compute the same, silently
         prepared = prepare_models(settings, source, lengths, on_warning if main else lambda message: None, progress if main else None)
@@ -590,29 +560,15 @@ def evaluate_perplexity(
     return PplRun(folder, records, scored_now, plot_note)
 
 
-def join_ranks(sequence_parallel: int):
-    """This process's place among torchrun's ranks (a world of one without torchrun)."""
-    from datetime import timedelta
-
-    from longva_cli.parallel import join
-
-    # long timeout: the main rank may tokenize a large data set alone while the others wait
-    return join(sequence_parallel, timeout=timedelta(days=1), setting="--sequence-parallel")
-
-
 def load_for_scoring(entry: PreparedModel, settings: PplSettings, ranks) -> tuple["TextModel", "KVRunner"]:
     from longva_cli.engine.loader import load
-    from longva_cli.engine.runner import PrefixCache
+    from longva_cli.engine.sequence_parallel import runner_for
 
     model = load(
         str(entry.folder), kind="causal-lm", device=ranks.device(settings.device), dtype=settings.dtype, attn=settings.attn,
         device_map=settings.device_map, kv_cache=settings.kv_cache,
     )
-    if settings.sequence_parallel > 1:
-        from longva_cli.engine.sequence_parallel import sequence_parallel_runner
-
-        return model, sequence_parallel_runner(model.language_model, settings.sequence_parallel)
-    return model, PrefixCache(model.language_model, settings.prefill_chunk)
+    return model, runner_for(model.language_model, settings)
 
 
 def measure_length(model, runner, entry: PreparedModel, length: int, settings: PplSettings, progress: "Progress | None") -> dict:

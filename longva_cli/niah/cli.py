@@ -155,9 +155,9 @@ def video_command(
         None, "--needles", help=f"v_niah_needles (the hub set) or a folder of images + needles.jsonl {{image, question, answer}} [default: {VideoSettings.needles}]."
     ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Run folder [default: runs/niah-video]; rerun the same command to continue."),
-    min_frames: int | None = typer.Option(None, "--min-frames", help="Smallest haystack, in frames [default: 200]."),
-    max_frames: int | None = typer.Option(None, "--max-frames", help="Largest haystack, in frames [default: 3000]."),
-    frame_step: int | None = typer.Option(None, "--frame-step", help="Step between haystack sizes [default: 200]."),
+    min_frames: int | None = typer.Option(None, "--min-frames", help=f"Smallest haystack, in frames [default: {VideoSettings.min_frames}]."),
+    max_frames: int | None = typer.Option(None, "--max-frames", help=f"Largest haystack, in frames [default: {VideoSettings.max_frames}]."),
+    frame_step: int | None = typer.Option(None, "--frame-step", help=f"Step between haystack sizes [default: {VideoSettings.frame_step}]."),
     depth_step: float | None = typer.Option(None, "--depth-step", help="Step between needle depths from 0 to 1 [default: 0.2]."),
     scoring: str | None = typer.Option(None, "--scoring", help=SCORING_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Longest generated answer (generate scoring) [default: 32]."),

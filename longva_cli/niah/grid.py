@@ -16,12 +16,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 from longva_cli.errors import LongVAError
 from longva_cli.niah.results import ITEMS, RESULTS, SIZE_KEYS, append_line, line_fields, read_lines
-from longva_cli.parallel import ParallelState
+from longva_cli.parallel.ranks import ParallelState
 
 
 @dataclass(frozen=True)
@@ -34,18 +33,6 @@ class Unit:
     @property
     def cell(self) -> tuple[int, float]:
         return (self.size, self.depth)
-
-
-def join_ranks(sequence_parallel: int = 1) -> ParallelState:
-    """This process's place among torchrun's ranks (one rank without torchrun).
-
-    With sequence parallelism of degree p, consecutive groups of p ranks score the same
-    sequences together; cells are spread over the groups and the first rank of each writes.
-    The barriers wait long: rank 0 may spend an hour embedding the haystack alone.
-    """
-    from longva_cli.parallel import join
-
-    return join(sequence_parallel, timeout=timedelta(days=7), setting="--sequence-parallel")
 
 
 def writes(ranks: ParallelState) -> bool:

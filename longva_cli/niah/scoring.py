@@ -19,7 +19,9 @@ import re
 
 import torch
 
-from longva_cli.engine import Generate, KVRunner, SamplingSettings, Sequence, TeacherForce, drive, run
+from longva_cli.engine.objectives import Generate, SamplingSettings, TeacherForce, drive, run
+from longva_cli.engine.runner import KVRunner
+from longva_cli.engine.sequence import Sequence
 
 
 def teacher_forced(runner: KVRunner, sequence: Sequence, answer_ids: list[int]) -> list[int]:

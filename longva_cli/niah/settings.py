@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from longva_cli.checks import check_number
+from longva_cli.defaults import PREFILL_CHUNK
 from longva_cli.errors import LongVAError
 
 Scoring = Literal["teacher-forced", "generate"]
@@ -41,7 +42,7 @@ class VideoSettings:
     dtype: str = "auto"
     attn: str = "auto"
     kv_cache: str = "auto"  # auto (the model's dtype), bf16 or fp8: it moves scores a little, so it is part of the identity
-    prefill_chunk: int = 4096
+    prefill_chunk: int = PREFILL_CHUNK
 
 
 @dataclass
@@ -64,7 +65,7 @@ class TextSettings:
     dtype: str = "auto"
     attn: str = "auto"
     kv_cache: str = "auto"  # auto (the model's dtype), bf16 or fp8: it moves scores a little, so it is part of the identity
-    prefill_chunk: int = 4096
+    prefill_chunk: int = PREFILL_CHUNK
 
 
 @dataclass

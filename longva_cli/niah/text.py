@@ -160,13 +160,16 @@ def run_text(settings, *, overwrite: bool = False):
     sizes, depths = check_text(settings)
     if settings.haystack != "synthetic" and not Path(settings.haystack).expanduser().exists():
         raise LongVAError(f"haystack {settings.haystack} does not exist; give a folder of .txt files or `synthetic`.")
-    from longva_cli.engine import PrefixCache, load, token_sequence
-    from longva_cli.niah.grid import check_device_map, join_ranks, score_grid
+    from longva_cli.engine.loader import load
+    from longva_cli.engine.sequence import token_sequence
+    from longva_cli.engine.sequence_parallel import runner_for
+    from longva_cli.niah.grid import check_device_map, score_grid
     from longva_cli.niah.results import prepare_folder
     from longva_cli.niah.scoring import answer_matches, greedy, teacher_forced
+    from longva_cli.parallel.ranks import join
     from longva_cli.recipes import to_dict
 
-    ranks = join_ranks(settings.sequence_parallel)
+    ranks = join(settings.sequence_parallel)
     if ranks.is_main:
         prepare_folder(settings.output, "text", to_dict(settings), identity(settings), overwrite)
     ranks.barrier()  # no rank reads the folder before rank 0 has checked (or cleared) it
@@ -179,12 +182,7 @@ def run_text(settings, *, overwrite: bool = False):
     numbers, distractor_numbers = run_numbers(settings.seed, settings.samples, settings.distractors)
     haystack = haystack_tokens(tokenizer, settings.haystack, max(sizes))
     prompts = TextNeedlePrompts(tokenizer, haystack, numbers, distractor_numbers, settings.seed)
-    if settings.sequence_parallel > 1:
-        from longva_cli.engine.sequence_parallel import sequence_parallel_runner
-
-        runner = sequence_parallel_runner(model.language_model, settings.sequence_parallel)
-    else:
-        runner = PrefixCache(model.language_model, settings.prefill_chunk)
+    runner = runner_for(model.language_model, settings)
 
     def score(unit: Unit) -> dict:
         answer = str(numbers[unit.index])

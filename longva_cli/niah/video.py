@@ -18,19 +18,18 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from longva_cli import media as media_io
 from longva_cli.engine.visual_cache import CacheEntry, VisualCache
 from longva_cli.errors import LongVAError
-from longva_cli.model import media as media_io
 from longva_cli.niah.grid import Unit
 
 if TYPE_CHECKING:  # torch loads only once a run starts: bad input fails fast
     import torch
 
-    from longva_cli.engine import Sequence
+    from longva_cli.engine.sequence import Sequence
 
 HAYSTACK_FPS = 1.0
 BLOCK_FRAMES = 256  # frames per cache block: a killed embedding pass keeps all finished blocks
-VISION_BATCH = 16
 
 
 # ---- haystack ---------------------------------------------------------------------------
@@ -50,12 +49,11 @@ def haystack_frame_ids(path: Path, count: int) -> tuple[media_io.Video, list[int
 
 
 def haystack_entry(cache: VisualCache, longva, path: Path) -> CacheEntry:
-    """The cache entry of a haystack: its 1-fps square-padded frames, from the first, for this model."""
-    key = {
-        "content": cache.file_hash(path), "model": longva.fingerprint, "dtype": str(longva.model.dtype),
-        "tokens": longva.model.tokens_per_image, "fps": HAYSTACK_FPS, "pad_to_square": True, "frames": "from the start",
-    }
-    return cache.entry(key)
+    """The cache entry of a haystack: its 1-fps square-padded frames, from the first, for this
+    model; keyed as the encoder keys any media (no frame cap: blocks are added as runs need more)."""
+    from longva_cli.engine.encoder import MediaSpec, cache_key, content_of
+
+    return cache.entry(cache_key(longva, MediaSpec(path, fps=HAYSTACK_FPS, pad_to_square=True), content_of(path, cache)))
 
 
 def embed_haystack(
@@ -67,6 +65,7 @@ def embed_haystack(
     on_progress: Callable[[int], None] | None = None,
 ) -> None:
     """Make sure `entry` holds the embeddings of the first `count` 1-fps frames of `path`."""
+    from longva_cli.defaults import VISION_BATCH
     from longva_cli.engine.encoder import encode_batches
     from longva_cli.engine.objectives import drive
 
@@ -223,8 +222,7 @@ class VideoNeedlePrompts:
     """Builds the sequence of any (frames, depth, needle) from cached embeddings, without copies."""
 
     def __init__(self, longva, haystack: torch.Tensor, needles: list[Needle], needle_embeds: torch.Tensor, haystack_identity: int | None = None) -> None:
-        from longva_cli.engine import Visual
-        from longva_cli.engine.sequence import identity_of, tokenize
+        from longva_cli.engine.sequence import Visual, identity_of, tokenize
         from longva_cli.model.prompt import IMAGE_PLACEHOLDER, Turn, chat_prompt
 
         self.longva = longva
@@ -247,7 +245,7 @@ class VideoNeedlePrompts:
         return self.answers[needle].tolist()
 
     def sequence(self, frames: int, depth: float, needle: int, with_answer: bool) -> Sequence:
-        from longva_cli.engine import build
+        from longva_cli.engine.sequence import build
 
         at = int(depth * frames) * self.tokens  # needle frame index int(depth * N), in tokens
         end = frames * self.tokens
@@ -282,17 +280,20 @@ def run_video(settings, *, overwrite: bool = False):
     haystack_frame_ids(path, max(sizes))  # bad input fails before torch and the model load
     needles = load_needles(settings.needles)
     from longva_cli.console import progress
-    from longva_cli.engine import PrefixCache, drive, load
     from longva_cli.engine.encoder import encode_batches
+    from longva_cli.engine.loader import load
+    from longva_cli.engine.objectives import drive
     from longva_cli.engine.sequence import identity_of
+    from longva_cli.engine.sequence_parallel import runner_for
     from longva_cli.engine.visual_cache import default_cache_dir
-    from longva_cli.niah.grid import check_device_map, join_ranks, score_grid
+    from longva_cli.niah.grid import check_device_map, score_grid
     from longva_cli.niah.results import prepare_folder
     from longva_cli.niah.scoring import answer_matches, greedy, teacher_forced
+    from longva_cli.parallel.ranks import join
     from longva_cli.recipes import to_dict
 
     cache = VisualCache(settings.cache_dir or default_cache_dir())  # checks $LONGVA_CACHE_MAX_GB before any work
-    ranks = join_ranks(settings.sequence_parallel)
+    ranks = join(settings.sequence_parallel)
     run_identity = {**identity(settings), "haystack": f"{path.name} (content {cache.file_hash(path)})"}
     if ranks.is_main:
         prepare_folder(settings.output, "video", to_dict(settings), run_identity, overwrite)
@@ -318,12 +319,7 @@ def run_video(settings, *, overwrite: bool = False):
     haystack = load_haystack(entry, max(sizes), longva.model.device)  # [frames, 144, d]
     needle_embeds = drive(encode_batches(longva, [[n.image for n in needles]], len(needles), pad_to_square=True))  # [needles, 144, d]
     prompts = VideoNeedlePrompts(longva, haystack, needles, needle_embeds, haystack_identity=identity_of(json.dumps(entry.key, sort_keys=True)))
-    if settings.sequence_parallel > 1:
-        from longva_cli.engine.sequence_parallel import sequence_parallel_runner
-
-        runner = sequence_parallel_runner(longva.model.language_model, settings.sequence_parallel)
-    else:
-        runner = PrefixCache(longva.model.language_model, settings.prefill_chunk)
+    runner = runner_for(longva.model.language_model, settings)
 
     def score(unit: Unit) -> dict:
         needle = needles[unit.index]

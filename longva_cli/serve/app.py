@@ -41,7 +41,6 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,8 @@ from starlette.requests import ClientDisconnect
 
 from longva_cli.serve import openai_format as fmt
 from longva_cli.serve.guard import HostPolicy, RequestGuard
-from longva_cli.serve.openai_format import APIError, ChatJob, RequestLimits
+from longva_cli.serve.openai_format import APIError, ChatJob
+from longva_cli.serve.settings import ServeSettings, VLLMSettings
 from longva_cli.serve.worker import Generation, Worker, shutting_down
 
 log = logging.getLogger("longva.serve")
@@ -65,37 +65,6 @@ MEMORY_BODY_BYTES = 1 << 20  # larger request bodies are written to a file as th
 # passes, a byte at a time does not.
 MIN_BODY_RATE = 64 * 1024
 WORKER_STOP_S = 3.0  # after shutdown, how long to wait for the model to give up its request
-
-
-@dataclass
-class ServeSettings:
-    """Server-wide settings (the `longva serve` flags other than loading the model)."""
-
-    served_model_name: str = "longva"
-    model_aliases: tuple[str, ...] = ()  # other names accepted in `model` (the --model argument)
-    limits: RequestLimits = field(default_factory=RequestLimits)
-    max_request_bytes: int = 64 * 2**20
-    api_keys: tuple[str, ...] = ()  # --api-key: none lets every client in, as one tenant
-    read_timeout: float = 30.0  # --read-timeout: for a request's headers, and its body (see MIN_BODY_RATE)
-    queue_timeout: float = 300.0
-    max_queue: int = 32
-    ui: bool = False
-    prefill_chunk: int = 4096
-    cache_bytes: int = 8 * 2**30  # --cache-gb: embeddings and KV caches kept for follow-up requests
-    host: str = "127.0.0.1"  # the bound address: which Host headers name this server
-    allowed_hosts: tuple[str, ...] = ()  # --allowed-hosts
-    cors_origins: tuple[str, ...] = ()  # --cors-origin
-
-
-@dataclass
-class VLLMSettings:
-    """How `--engine vllm` starts vLLM's engine (None: vLLM's own default)."""
-
-    dtype: str = "float32"  # the native engine's choice for --dtype auto: bfloat16 on CUDA, float32 on CPU
-    tensor_parallel: int = 1
-    max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None
-    extra_args: str = ""  # --vllm-args: more engine arguments, as `vllm serve` spells them
 
 
 class ClientGone(Exception):
@@ -588,7 +557,7 @@ def serve(
 
         run_server(lambda: vllm_worker.start(model, settings, vllm or VLLMSettings(), revision), settings, port, log_level)
         return
-    from longva_cli.console import load_model
+    from longva_cli.display import load_model
     from longva_cli.serve.native import NativeWorker
 
     longva = load_model(model, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize, revision=revision, kv_cache=kv_cache)

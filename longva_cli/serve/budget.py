@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from longva_cli.model.prompt import IMAGE_PLACEHOLDER, chat_prompt
-from longva_cli.serve.openai_format import APIError, ChatJob, MediaItem
-from longva_cli.serve.worker import media_errors
+from longva_cli.serve.openai_format import APIError, ChatJob, MediaItem, media_errors
 
 TEXT_PIECE_CHARS = 1 << 20  # longer texts are tokenized in pieces, stopping once over the limit
 
@@ -141,7 +140,7 @@ def image_size(item: MediaItem) -> tuple[int, int] | None:
     """
     from PIL import Image
 
-    from longva_cli.model.media import MAX_IMAGE_PIXELS
+    from longva_cli.media import MAX_IMAGE_PIXELS
 
     try:
         with Image.open(item.path) as image:
@@ -167,7 +166,7 @@ def video_frames(item: MediaItem, frames: int | None, fps: float | None) -> int:
     The container's header is read with every frame skipped, as `longva ask` reads it: a small
     file claiming huge frames is refused here (400 naming the part), before any pixel exists.
     """
-    from longva_cli.model import media
+    from longva_cli import media
 
     with media_errors(item):
         header = media.probe_video(item.path)

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import typer
 
-from longva_cli import options
+from longva_cli import defaults, options
 from longva_cli.checks import check_flags
 from longva_cli.console import stderr
 from longva_cli.errors import LongVAError
@@ -69,6 +69,13 @@ def vllm_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise LongVAError(f"--dtype {dtype!r} is not known; use auto, bfloat16, float16 or float32.")
     return str(DTYPES[dtype]).removeprefix("torch.")
+
+
+def given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option `name` was on the command line (a value equal to its default included).
+    By name: typer carries its own copy of click, whose enum is not `click.core.ParameterSource`."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
 
 
 def check_engine_flags(engine: str, native_only: dict[str, bool], vllm_only: dict[str, bool]) -> None:
@@ -128,6 +135,7 @@ def check_origin(origin: str) -> str:
 
 
 def command(
+    ctx: typer.Context,
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint folder, hub id or short name."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface: set --api-key then)."),
     port: int = typer.Option(8000, "--port", "-p", help="TCP port."),
@@ -152,7 +160,7 @@ def command(
     device_map: options.DeviceMap = None,
     quantize: options.Quantize = None,
     revision: options.Revision = None,
-    prefill_chunk: options.PrefillChunk = 4096,
+    prefill_chunk: options.PrefillChunk = defaults.PREFILL_CHUNK,
     cache_gb: float = typer.Option(
         8.0, "--cache-gb", help="With the native engine: memory kept for the visual embeddings and KV caches of recent requests, so a follow-up (same video, or the same conversation plus a turn) prefills only its new tokens; 0 keeps nothing."
     ),
@@ -200,7 +208,7 @@ def command(
     check_engine_flags(
         chosen,
         native_only={"--device": device not in (None, "auto"), "--attn": attn not in (None, "auto"), "--device-map": device_map is not None,
-                     "--quantize": quantize is not None, "--prefill-chunk": prefill_chunk != 4096, "--cache-gb": cache_gb != 8.0,
+                     "--quantize": quantize is not None, "--prefill-chunk": given(ctx, "prefill_chunk"), "--cache-gb": given(ctx, "cache_gb"),
                      "--kv-cache": kv_cache not in (None, "auto")},
         vllm_only={"--tensor-parallel": tensor_parallel != 1, "--max-model-len": max_model_len is not None,
                    "--gpu-memory-utilization": gpu_memory_utilization is not None, "--vllm-args": bool(vllm_args.strip())},
@@ -221,8 +229,9 @@ def command(
     if not is_loopback(host) and not api_key:
         stderr.print(f"[yellow]warning:[/yellow] listening on {host} without --api-key: anyone who can reach this port can use the model.")
 
-    from longva_cli.serve.app import ServeSettings, VLLMSettings, serve
+    from longva_cli.serve.app import serve
     from longva_cli.serve.openai_format import RequestLimits
+    from longva_cli.serve.settings import ServeSettings, VLLMSettings
 
     settings = ServeSettings(
         served_model_name=served_model_name,

@@ -14,7 +14,8 @@ import logging
 import queue
 import threading
 
-from longva_cli.serve.worker import Admission, Generation, check_prompt_length, error_event, media_errors
+from longva_cli.serve.openai_format import media_errors
+from longva_cli.serve.worker import Admission, Generation, check_prompt_length, error_event
 
 log = logging.getLogger("longva.serve")
 
@@ -47,7 +48,8 @@ class NativeWorker(Admission):
     engine = "native"
 
     def __init__(self, longva, settings) -> None:
-        from longva_cli.engine import RunnerPool, VisualCache
+        from longva_cli.engine.runner import RunnerPool
+        from longva_cli.engine.visual_cache import VisualCache
         from longva_cli.serve.budget import PromptBudget
 
         super().__init__(settings.max_queue)
@@ -108,8 +110,11 @@ class NativeWorker(Admission):
         """Encode the media, build the prompt, generate; streamed text is emitted as it comes.
         Returns (text, prompt tokens, generated tokens, cached prompt tokens), or None once the
         request is cancelled."""
-        from longva_cli.engine import Generate, MediaSpec, Token, build, drive, encode, prompt_parts, run
+        from longva_cli.engine.encoder import MediaSpec, encode
+        from longva_cli.engine.objectives import Generate, Token, drive, run
+        from longva_cli.engine.sequence import build, prompt_parts
         from longva_cli.engine.memory import check_fits
+        from longva_cli.engine.objectives import SamplingSettings
         from longva_cli.model.prompt import chat_prompt
 
         job, longva = generation.job, self.longva
@@ -128,7 +133,7 @@ class NativeWorker(Admission):
         if warning:
             log.warning(warning)
         generation.emit("ready")
-        sampling = longva.sampling_settings(max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k)
+        sampling = SamplingSettings.defaults(longva.generation_config, max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k)
         sampling.seed = job.seed
 
         def stream(event) -> None:

@@ -26,6 +26,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -34,10 +36,10 @@ from urllib.parse import unquote, urlparse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from longva_cli.checks import INT64_MAX, INT64_MIN, check_number, checked_text
+from longva_cli.defaults import FRAMES
 from longva_cli.errors import LongVAError
 from longva_cli.model.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, Turn
 
-DEFAULT_FRAMES = 32  # `longva ask`'s default
 MEDIA_PART_TYPES = {"image_url": "image", "video_url": "video"}
 # Sniffed by content after decoding, like `longva ask` does with files.
 DATA_URL_TYPES = ("image/", "video/", "application/octet-stream")
@@ -193,6 +195,21 @@ def release(media: list[MediaItem]) -> None:
         item.release()
 
 
+@contextmanager
+def media_errors(item: MediaItem) -> Iterator[None]:
+    """A media item the core cannot read becomes a 400 naming the request's field and the
+    client's own name for the file (never a temporary file's or a descriptor's)."""
+    from PIL import Image
+
+    try:
+        yield
+    except (LongVAError, Image.DecompressionBombError) as err:
+        message = str(err).replace(str(item.path), item.label)
+        if isinstance(err, Image.DecompressionBombError):
+            message = f"{item.label} is an image too large to decode (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels); send a smaller image."
+        raise APIError(400, message, param=item.param, code="invalid_media") from None
+
+
 def validation_error(err: ValidationError) -> APIError:
     """Pydantic's first complaint as one OpenAI-style 400 naming the field."""
     first = err.errors(include_url=False, include_context=False, include_input=False)[0]
@@ -314,7 +331,7 @@ def parse_chat_request(
     if video.fps is not None:
         frames = video.frames or limits.max_frames  # a cap on what the frame rate picks
     else:
-        frames = video.frames or min(DEFAULT_FRAMES, limits.max_frames)
+        frames = video.frames or min(FRAMES, limits.max_frames)
 
     system, system_param, turns, turn_params, media = None, None, [], [], []
     try:

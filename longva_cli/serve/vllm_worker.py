@@ -44,11 +44,11 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from longva_cli.console import stderr
 from longva_cli.errors import LongVAError
-from longva_cli.serve.openai_format import APIError
-from longva_cli.serve.worker import Admission, Generation, check_prompt_length, error_event, media_errors
+from longva_cli.serve.openai_format import APIError, media_errors
+from longva_cli.serve.worker import Admission, Generation, check_prompt_length, error_event
 
 if TYPE_CHECKING:
-    from longva_cli.serve.app import ServeSettings, VLLMSettings
+    from longva_cli.serve.settings import ServeSettings, VLLMSettings
 
 # Engine arguments `longva serve` sets from its own flags; --vllm-args may not set them again.
 OWN_ARGUMENTS = {
@@ -298,7 +298,7 @@ class VLLMWorker(Admission):
     def _prompt(self, generation: Generation) -> dict | None:
         """vLLM's prompt: the text with one placeholder per media item, and the decoded media.
         On a thread: decoding a video takes a while. None when the request was cancelled."""
-        from longva_cli.model import media as media_io
+        from longva_cli import media as media_io
         from longva_cli.model.prompt import IMAGE_PLACEHOLDER, chat_prompt, tokenize_segments
         from longva_cli.vllm.processor import VIDEO_PLACEHOLDER
         from longva_cli.vllm.video import load_video

@@ -21,11 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from longva_cli.errors import LongVAError
-from longva_cli.serve.openai_format import APIError, ChatJob, MediaItem
+from longva_cli.serve.openai_format import APIError, ChatJob
 
 if TYPE_CHECKING:
     from longva_cli.serve.budget import PromptBudget
@@ -242,18 +241,3 @@ def check_prompt_length(tokens: int, limit: int, job: ChatJob) -> None:
             400, f"the prompt is {tokens:,} tokens, above this server's limit of {limit:,} (--max-prompt-tokens); "
             "ask for fewer frames or send less text.", param=param, code="prompt_too_long",
         )
-
-
-@contextmanager
-def media_errors(item: MediaItem) -> Iterator[None]:
-    """A media item the core cannot read becomes a 400 naming the request's field and the
-    client's own name for the file (never a temporary file's or a descriptor's)."""
-    from PIL import Image
-
-    try:
-        yield
-    except (LongVAError, Image.DecompressionBombError) as err:
-        message = str(err).replace(str(item.path), item.label)
-        if isinstance(err, Image.DecompressionBombError):
-            message = f"{item.label} is an image too large to decode (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels); send a smaller image."
-        raise APIError(400, message, param=item.param, code="invalid_media") from None

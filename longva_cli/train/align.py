@@ -41,7 +41,7 @@ from longva_cli.train.settings import (
 )
 
 if TYPE_CHECKING:
-    from longva_cli.parallel import ParallelState
+    from longva_cli.parallel.ranks import ParallelState
 
 PARTS = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model")
 PROJECTOR_FILES = ("mm_projector.bin", "mm_projector.safetensors")
@@ -459,7 +459,7 @@ def _train(recipe: AlignRecipe, resume, state: ParallelState, records, missing) 
     from longva_cli.engine.loader import resolve_attention
     from longva_cli.recipes import to_dict
     from longva_cli.train import checkpoint
-    from longva_cli.train import engine as engines
+    from longva_cli.train import deepspeed_setup
     from longva_cli.train.multimodal_data import AlignDataset, AlignModule, steps_per_epoch
 
     train, opt, data, par = recipe.train, recipe.optimizer, recipe.data, recipe.parallel
@@ -467,7 +467,7 @@ def _train(recipe: AlignRecipe, resume, state: ParallelState, records, missing) 
     precision = resolve_precision(train.precision, device.type == "cuda")
     dtype = torch_dtype(precision)
     parts = tunable_parts(recipe)
-    ds_config = engines.deepspeed_config(
+    ds_config = deepspeed_setup.deepspeed_config(
         micro_batch_size=train.micro_batch_size,
         grad_accum=train.grad_accum,
         world_size=state.world_size,
@@ -510,7 +510,7 @@ def _train(recipe: AlignRecipe, resume, state: ParallelState, records, missing) 
 
     visual_in_graph = bool({"mm_vision_tower", "mm_mlp_adapter"} & set(parts))
     module = AlignModule(model, train.mode, train.loss_chunk, visual_in_graph=visual_in_graph)
-    engine, scheduler = engines.initialize(
+    engine, scheduler = deepspeed_setup.initialize(
         module,
         lr=opt.lr,
         betas=tuple(opt.betas),

@@ -17,18 +17,25 @@ Each rank reads only the slices of the rows it trains on (arrow and .npy are mem
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from array import array
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from longva_cli.checks import require_extra
 from longva_cli.errors import LongVAError
+from longva_cli.text_sources import (
+    is_local,
+    is_saved_dataset,
+    load_hub_dataset,
+    load_saved_dataset,
+    read_documents,
+    text_files,
+    tokenizer_fingerprint,
+)
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+DATA_HINT = "point data.source at a .txt/.jsonl/.parquet file, a folder of them, a saved datasets folder, or a hub dataset name like org/name"
 
 
 class TokenRows:
@@ -104,16 +111,6 @@ class SyntheticRows(TokenRows):
 # ---------------------------------------------------------------- opening a source
 
 
-def is_local(source: str) -> bool:
-    """A path (existing or meant to be) rather than a hub dataset name like `org/name`."""
-    return (
-        Path(source).expanduser().exists()
-        or source.startswith((".", "/", "~"))
-        or source.endswith(TEXT_SUFFIXES)
-        or source.count("/") != 1
-    )
-
-
 def open_rows(
     source: str,
     row_len: int,
@@ -139,16 +136,13 @@ def open_rows(
     elif is_local(source):
         path = Path(source).expanduser()
         if not path.exists():
-            raise LongVAError(
-                f"data source {source} does not exist; point data.source at a .txt/.jsonl/.parquet file, "
-                "a folder of them, a saved datasets folder, or a hub dataset name like org/name."
-            )
-        if _is_saved_dataset(path) or _parquet_has(path, column):
+            raise LongVAError(f"data source {source} does not exist; {DATA_HINT}.")
+        if is_saved_dataset(path) or _parquet_has(path, column):
             rows = _pretokenized(_load_local_dataset(path, split), column, row_len, str(path))
         else:
             rows = _packed_text(path, row_len, tokenizer, text_field, Path(cache_dir), is_main, barrier)
     else:
-        rows = _pretokenized(_load_hub_dataset(source, split), column, row_len, source)
+        rows = _pretokenized(load_hub_dataset(source, split, "data.source", "data.split"), column, row_len, source)
     if len(rows) == 0:
         longest = getattr(rows, "longest", None)
         have = f" (the longest row has {longest} tokens)" if longest is not None else ""
@@ -157,10 +151,6 @@ def open_rows(
             "one step; add data or lower data.seq_len."
         )
     return rows
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
 
 
 def _parquet_has(path: Path, column: str) -> bool:
@@ -173,32 +163,13 @@ def _parquet_has(path: Path, column: str) -> bool:
 
 
 def _load_local_dataset(path: Path, split: str):
+    if path.suffix != ".parquet" and is_saved_dataset(path):
+        return load_saved_dataset(path, split, "data.split")
     require_extra("train", ("datasets",), f"reading {path}")
     import datasets
 
-    if path.is_dir() and not path.suffix == ".parquet" and _is_saved_dataset(path):
-        data = datasets.load_from_disk(str(path))
-    else:
-        files = [str(path)] if path.is_file() else sorted(map(str, path.glob("*.parquet")))
-        data = datasets.load_dataset("parquet", data_files=files, split="train")
-    if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            raise LongVAError(f"dataset {path} has no split {split}; data.split can be one of {', '.join(data)}.")
-        data = data[split]
-    return data
-
-
-def _load_hub_dataset(name: str, split: str):
-    require_extra("train", ("datasets",), f"reading the hub dataset {name}")
-    import datasets
-
-    try:
-        return datasets.load_dataset(name, split=split)
-    except Exception as err:  # offline, unknown name, no access: all need the same advice
-        raise LongVAError(
-            f"could not load the dataset {name} from the Hugging Face hub ({type(err).__name__}); check the name "
-            "and your connection, or download it and set data.source to the local folder."
-        ) from None
+    files = [str(path)] if path.is_file() else sorted(map(str, path.glob("*.parquet")))
+    return datasets.load_dataset("parquet", data_files=files, split="train")
 
 
 def _pretokenized(data, column: str, row_len: int, name: str) -> TokenRows:
@@ -213,62 +184,6 @@ def _pretokenized(data, column: str, row_len: int, name: str) -> TokenRows:
 # ---------------------------------------------------------------- packing local text
 
 
-def _text_files(path: Path) -> list[Path]:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
-    if not files:
-        raise LongVAError(f"no .txt, .jsonl or .parquet files in {path}; add some or point data.source elsewhere.")
-    for file in files:
-        if file.suffix not in TEXT_SUFFIXES:
-            raise LongVAError(f"data file {file} is not .txt, .jsonl or .parquet; convert it or pick another file.")
-    return files
-
-
-def read_documents(file: Path, text_field: str, setting: str) -> Iterator[str]:
-    """The non-empty documents of a .txt (the whole file), .jsonl (one a line) or .parquet file;
-    `setting` names the flag or recipe key that sets `text_field`, for the error messages."""
-    if file.suffix == ".txt":
-        yield file.read_text(encoding="utf-8", errors="replace")
-    elif file.suffix == ".jsonl":
-        with file.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise LongVAError(f"line {number} of {file} is not valid JSON; fix or remove it.") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    fields = ", ".join(record) if isinstance(record, dict) else "none"
-                    raise LongVAError(f"line {number} of {file} has no {text_field!r} field (it has {fields}); name the text field with {setting}.")
-                if record[text_field]:
-                    yield str(record[text_field])
-    else:
-        parquet = parquet_file(file)
-        names = parquet.schema_arrow.names
-        if text_field not in names:
-            raise LongVAError(f"{file} has no {text_field!r} column (it has {', '.join(names)}); name the text field with {setting}.")
-        for batch in parquet.iter_batches(columns=[text_field], batch_size=64):
-            yield from (str(text) for text in batch.column(0).to_pylist() if text)
-
-
-def parquet_file(file: Path):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise LongVAError("reading .parquet needs pyarrow: `pip install pyarrow`.") from None
-    try:
-        return pq.ParquetFile(file)
-    except Exception as err:  # pyarrow raises several types for a damaged file
-        raise LongVAError(f"{file} is not a readable parquet file ({type(err).__name__}); replace it or remove it from the data.") from None
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash that changes whenever the tokenizer would produce different ids."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(f"{text}|{tokenizer.eos_token_id}".encode()).hexdigest()
-
-
 def _cache_key(files: list[Path], tokenizer, row_len: int, text_field: str) -> str:
     digest = hashlib.sha256(f"v1|{row_len}|{text_field}|{tokenizer_fingerprint(tokenizer)}".encode())
     for file in files:
@@ -281,7 +196,7 @@ def _cache_key(files: list[Path], tokenizer, row_len: int, text_field: str) -> s
 def _packed_text(path: Path, row_len: int, tokenizer, text_field: str, cache_dir: Path, is_main: bool, barrier) -> TokenRows:
     if tokenizer is None:
         raise LongVAError("tokenizing text data needs a tokenizer; set model.tokenizer.")
-    files = _text_files(path)
+    files = text_files(path, "data.source", DATA_HINT)
     cache = cache_dir / f"{path.stem}-{row_len}-{_cache_key(files, tokenizer, row_len, text_field)}.npy"
     if is_main and not cache.exists():
         pack_text(files, tokenizer, row_len, text_field, cache)

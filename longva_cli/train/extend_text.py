@@ -3,8 +3,8 @@
 LongVA's first stage: raise RoPE's base (rope_theta) and keep pretraining the language model
 on long sequences, so it attends over 224K tokens before it ever sees a video. Settings come
 from a YAML recipe (bundled: `extend-text/*`), validated against `ExtendTextRecipe`; the work is
-done by DeepSpeed ZeRO with sequence parallelism (`longva_cli.parallel`) in the shared loop
-(`loop`).
+done by DeepSpeed ZeRO with sequence parallelism (`longva_cli.parallel.sequence_attention`) in
+the shared loop (`loop`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from longva_cli.train.settings import (
 )
 
 if TYPE_CHECKING:
-    from longva_cli.parallel import ParallelState
+    from longva_cli.parallel.ranks import ParallelState
 
 # ---------------------------------------------------------------- recipe schema
 
@@ -98,7 +98,7 @@ def check(recipe: ExtendTextRecipe) -> None:
     check_number("recipe key model.max_position_embeddings", recipe.model.max_position_embeddings, integer=True, at_least=1, nullable=True)
     if recipe.model.init == "random" and recipe.model.tokenizer is None and recipe.data.source != "synthetic":
         raise LongVAError("model.init=random needs model.tokenizer (a tokenizer folder or `tiny`) to read text data.")
-    from longva_cli.train.data import is_local
+    from longva_cli.text_sources import is_local
 
     source = recipe.data.source
     if source != "synthetic" and is_local(source) and not Path(source).expanduser().exists():
@@ -187,7 +187,7 @@ def extend_text(recipe: ExtendTextRecipe, resume: str | Path | None = None, over
     in train.output_dir; without either, a folder holding a run is refused. Works the same as
     one process or under torchrun/deepspeed with any number of processes.
     """
-    from longva_cli.parallel import launched
+    from longva_cli.parallel.ranks import launched
 
     check(recipe)
     require_extra("train", ("deepspeed",), "`longva extend-text`")
@@ -251,17 +251,17 @@ class TextTask:
 def _train(recipe: ExtendTextRecipe, resume, state: ParallelState) -> dict[str, Any]:
     import torch
 
-    from longva_cli import parallel
     from longva_cli.console import stderr
+    from longva_cli.parallel import sequence_attention
     from longva_cli.recipes import to_dict
     from longva_cli.train import checkpoint, data
-    from longva_cli.train import engine as engines
+    from longva_cli.train import deepspeed_setup
     from longva_cli.train.loss import CausalLMLoss
 
     train, par, opt = recipe.train, recipe.parallel, recipe.optimizer
     L = recipe.data.seq_len
     precision = resolve_precision(train.precision, torch.cuda.is_available())
-    ds_config = engines.deepspeed_config(
+    ds_config = deepspeed_setup.deepspeed_config(
         micro_batch_size=train.micro_batch_size,
         grad_accum=train.grad_accum,
         world_size=state.world_size,
@@ -272,8 +272,8 @@ def _train(recipe: ExtendTextRecipe, resume, state: ParallelState) -> dict[str, 
         offload_optimizer=par.offload_optimizer,
     )
     model = build_model(recipe, ds_config, torch_dtype(precision))
-    parallel.check_layout(L, state.sp_degree, par.backend, model.config.num_key_value_heads)
-    parallel.enable(model, state)
+    sequence_attention.check_layout(L, state.sp_degree, par.backend, model.config.num_key_value_heads)
+    sequence_attention.enable(model, state)
     tokenizer = build_tokenizer(recipe.model, model.config.vocab_size)
     rows = data.open_rows(
         recipe.data.source,
@@ -289,7 +289,7 @@ def _train(recipe: ExtendTextRecipe, resume, state: ParallelState) -> dict[str, 
         is_main=state.local_rank == 0,  # one packer per node, so node-local cache folders work too
         barrier=state.barrier,
     )
-    engine, scheduler = engines.initialize(
+    engine, scheduler = deepspeed_setup.initialize(
         CausalLMLoss(model, train.loss_chunk),
         lr=opt.lr,
         betas=tuple(opt.betas),
@@ -326,7 +326,7 @@ def _train(recipe: ExtendTextRecipe, resume, state: ParallelState) -> dict[str, 
 
 def _ranges(seq_len: int, state: ParallelState) -> list[tuple[int, int]]:
     """This rank's input positions as [start, stop) runs (one, or two for zigzag)."""
-    from longva_cli.parallel import shard_indices
+    from longva_cli.parallel.sequence_attention import shard_indices
 
     index = shard_indices(seq_len, state.sp_degree, state.sp_rank, state.backend).tolist()
     runs, start = [], index[0]

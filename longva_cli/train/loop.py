@@ -24,15 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from longva_cli.errors import LongVAError
+from longva_cli.train.metrics import METRICS, METRICS_FIELDS, MetricsLog
 
 if TYPE_CHECKING:
     import torch
 
-    from longva_cli.parallel import ParallelState
+    from longva_cli.parallel.ranks import ParallelState
     from longva_cli.train.settings import LoggingSettings, TrainSettings
 
-METRICS = "metrics.jsonl"
-METRICS_FIELDS = ("step",)  # what a metrics.jsonl line needs to count
 # What a training run writes into its output folder (and --overwrite removes): checkpoints and
 # their pointer, metrics, loggers' folders, align's skipped-sample list and DPO reference cache.
 RUN_FILES = ("latest", ".latest.tmp", METRICS, "skipped.jsonl", "reference_logps.json", "tensorboard", "wandb")
@@ -155,17 +154,18 @@ def processes(sp_degree: int = 1, backend: str = "ulysses") -> Iterator[Parallel
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed's first import
-    from longva_cli import parallel
-    from longva_cli.train import engine as engines
+    from longva_cli.parallel import deepspeed_comm, ranks, sequence_attention
+    from longva_cli.train import deepspeed_setup
 
     # stdout carries results: whatever DeepSpeed prints during the run goes to stderr
-    with contextlib.redirect_stdout(parallel.DeepSpeedChatter(sys.stderr)):
-        engines.quiet_libraries()
-        state = parallel.init_distributed(sp_degree, backend)
+    with contextlib.redirect_stdout(deepspeed_comm.DeepSpeedChatter(sys.stderr)):
+        deepspeed_setup.quiet_libraries()
+        state = ranks.init_distributed(sp_degree, backend)
         try:
             yield state
         finally:
-            parallel.shutdown(state)  # without destroying the group, gloo runs sometimes abort at exit
+            sequence_attention.disable()
+            ranks.shutdown(state)  # without destroying the group, gloo runs sometimes abort at exit
             sys.stdout.flush()
 
 
@@ -193,8 +193,7 @@ def run(
 
     from longva_cli.console import progress, stderr
     from longva_cli.train import checkpoint
-    from longva_cli.train import engine as engines
-    from longva_cli.train.metrics import MetricsLog
+    from longva_cli.train import deepspeed_setup
 
     output_dir = Path(train.output_dir)
     step = 0
@@ -250,7 +249,7 @@ def run(
                 client = {"step": step, **task.client_state()}
                 saved = checkpoint.save(
                     engine, output_dir, step, client_state=client, save_model=save_model,
-                    state_dict=lambda: engines.full_state_dict(engine),
+                    state_dict=lambda: deepspeed_setup.full_state_dict(engine),
                     trainer_state={**client, "loss": losses[-1], "recipe": recipe},
                     needed_bytes=needed_bytes, is_main=state.is_main,
                 )

@@ -9,6 +9,9 @@ from typing import Any
 
 from longva_cli.console import stderr
 
+METRICS = "metrics.jsonl"
+METRICS_FIELDS = ("step",)  # what a metrics.jsonl line needs to count
+
 
 class MetricsLog:
     """One JSON object per logged step in `<output_dir>/metrics.jsonl` (appended on resume)."""
@@ -20,7 +23,7 @@ class MetricsLog:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.file = (output_dir / "metrics.jsonl").open("a")
+        self.file = (output_dir / METRICS).open("a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -62,7 +65,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl file (later records for a step win, as after a resume);
     damaged lines are skipped (a resumed run sets them aside)."""
     from longva_cli.engine.runs import read_lines
-    from longva_cli.train.loop import METRICS_FIELDS
 
     by_step = {record["step"]: record for record in read_lines(path, METRICS_FIELDS) if isinstance(record["step"], int)}
     return [by_step[s] for s in sorted(by_step)]

@@ -1,7 +1,7 @@
 """Media in, vLLM prompt and pixels out: LongVA's inputs in vLLM's multimodal processor interface.
 
 The pixels come from the native engine's own code (`longva_cli.model.processing` for CLIP
-preprocessing and UniRes, `longva_cli.model.media` for decoding), so vLLM sees the numbers
+preprocessing and UniRes, `longva_cli.media` for decoding), so vLLM sees the numbers
 `longva ask` sees. Each media item takes one placeholder in the prompt:
 
     <image>   an image: UniRes crops x 144 tokens (the squashed base image is not encoded)

@@ -15,15 +15,15 @@ import numpy as np
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm.multimodal.video import VideoLoader
 
+from longva_cli import media as media_io
+from longva_cli.defaults import FRAMES
 from longva_cli.errors import LongVAError
-from longva_cli.model import media as media_io
 
 BACKEND = "longva"  # the name `--media-io-kwargs '{"video": {"video_backend": ...}}'` takes
-DEFAULT_FRAMES = 32  # `longva ask`'s default, and vLLM's
 _DECODE_BATCH = 64  # frames decoded at a time
 
 
-def load_video(path: str | Path, frames: int | None = DEFAULT_FRAMES, fps: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+def load_video(path: str | Path, frames: int | None = FRAMES, fps: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode a video as `longva ask` does: ([t, h, w, 3] uint8 frames, metadata).
 
     `frames` frames spread uniformly (None: every frame), or with `fps` that many frames a
@@ -55,7 +55,7 @@ class LongVAVideoLoader(VideoLoader):
     """
 
     @classmethod
-    def load_bytes(cls, data: bytes, num_frames: int = DEFAULT_FRAMES, fps: float = -1, **kwargs) -> tuple[np.ndarray, dict[str, Any]]:
+    def load_bytes(cls, data: bytes, num_frames: int = FRAMES, fps: float = -1, **kwargs) -> tuple[np.ndarray, dict[str, Any]]:
         # decord reads files: the bytes go to a temporary one for the length of the decode.
         with tempfile.NamedTemporaryFile(suffix=".video") as file:
             file.write(data)

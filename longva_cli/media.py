@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from longva_cli.defaults import VISION_BATCH
 from longva_cli.errors import LongVAError
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ class Video:
         frame_ids: list[int],
         settings: "ImageProcessing",
         *,
-        batch_size: int = 16,
+        batch_size: int = VISION_BATCH,
         pad_to_square: bool = False,
         max_bytes: int = FRAME_BATCH_BYTES,
     ) -> Iterator["torch.Tensor"]:

@@ -1,0 +1,43 @@
+"""What `longva serve` is started with: the server's settings and, for `--engine vllm`, vLLM's.
+
+Its own module so that the server (`app`), the workers and the command line read the same
+settings without importing one another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from longva_cli.defaults import PREFILL_CHUNK
+from longva_cli.serve.openai_format import RequestLimits
+
+
+@dataclass
+class ServeSettings:
+    """Server-wide settings (the `longva serve` flags other than loading the model)."""
+
+    served_model_name: str = "longva"
+    model_aliases: tuple[str, ...] = ()  # other names accepted in `model` (the --model argument)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    max_request_bytes: int = 64 * 2**20
+    api_keys: tuple[str, ...] = ()  # --api-key: none lets every client in, as one tenant
+    read_timeout: float = 30.0  # --read-timeout: for a request's headers, and its body (see app.MIN_BODY_RATE)
+    queue_timeout: float = 300.0
+    max_queue: int = 32
+    ui: bool = False
+    prefill_chunk: int = PREFILL_CHUNK
+    cache_bytes: int = 8 * 2**30  # --cache-gb: embeddings and KV caches kept for follow-up requests
+    host: str = "127.0.0.1"  # the bound address: which Host headers name this server
+    allowed_hosts: tuple[str, ...] = ()  # --allowed-hosts
+    cors_origins: tuple[str, ...] = ()  # --cors-origin
+
+
+@dataclass
+class VLLMSettings:
+    """How `--engine vllm` starts vLLM's engine (None: vLLM's own default)."""
+
+    dtype: str = "float32"  # the native engine's choice for --dtype auto: bfloat16 on CUDA, float32 on CPU
+    tensor_parallel: int = 1
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    extra_args: str = ""  # --vllm-args: more engine arguments, as `vllm serve` spells them
