@@ -460,7 +460,7 @@ def test_an_empty_answer_is_said_on_stderr(tiny_longva, tiny_checkpoint, video_f
     assert "ended its answer at once" in capsys.readouterr().err
 
 
-def test_a_failed_chat_save_is_one_line_and_the_chat_goes_on(tiny_longva, video_file, tmp_path, monkeypatch, capsys):
+def test_a_failed_chat_save_is_one_line_and_the_chat_goes_on(tiny_longva, tiny_checkpoint, video_file, tmp_path, monkeypatch, capsys):
     """/save to a folder, a missing folder, /dev/full or a full disk ended the chat; a file was overwritten silently."""
     import errno
     import io
@@ -484,7 +484,8 @@ def test_a_failed_chat_save_is_one_line_and_the_chat_goes_on(tiny_longva, video_
     ]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(script) + "\n"))
     monkeypatch.setattr(ask, "load_model", lambda *a, **k: tiny_longva)
-    turns = chat.chat(video_file, ask.AskSettings(frames=2, temperature=0, max_new_tokens=3, use_cache=False), json_output=True)
+    settings = ask.AskSettings(model=str(tiny_checkpoint), frames=2, temperature=0, max_new_tokens=3, use_cache=False)
+    turns = chat.chat(video_file, settings, json_output=True)  # the memory plan reads the checkpoint's config
     assert turns == 2
     said = " ".join(capsys.readouterr().err.split())  # rich may wrap long lines
     expected = [
@@ -503,7 +504,7 @@ def test_a_failed_chat_save_is_one_line_and_the_chat_goes_on(tiny_longva, video_
     assert [turn["role"] for turn in json.loads(existing.read_text())["turns"]] == ["user", "assistant"] * 2
 
 
-def test_a_huge_chat_line_is_skipped_and_the_chat_goes_on(tiny_longva, video_file, monkeypatch, capsys):
+def test_a_huge_chat_line_is_skipped_and_the_chat_goes_on(tiny_longva, tiny_checkpoint, video_file, monkeypatch, capsys):
     """A 10 MB line is read no further than a question may be long, refused, and the next turn answered."""
     import io
 
@@ -511,6 +512,7 @@ def test_a_huge_chat_line_is_skipped_and_the_chat_goes_on(tiny_longva, video_fil
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("x" * 10_000_000 + "\nWhat happens?\n"))
     monkeypatch.setattr(ask, "load_model", lambda *a, **k: tiny_longva)
-    turns = chat.chat(video_file, ask.AskSettings(frames=2, temperature=0, max_new_tokens=3, use_cache=False), json_output=True)
+    settings = ask.AskSettings(model=str(tiny_checkpoint), frames=2, temperature=0, max_new_tokens=3, use_cache=False)
+    turns = chat.chat(video_file, settings, json_output=True)  # the memory plan reads the checkpoint's config
     assert turns == 1
     assert "skipped: this line has more than the 1,000,000 characters a question may have" in " ".join(capsys.readouterr().err.split())
