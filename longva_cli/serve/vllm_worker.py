@@ -366,6 +366,7 @@ class VLLMWorker(Admission):
         if generation.cancelled.is_set():
             return None
         ids: list[int] = []
+        streamed: list[str] = []
         prompt_tokens = cached = 0
         finished = False
         try:
@@ -380,13 +381,20 @@ class VLLMWorker(Admission):
                 delta = output.outputs[0]
                 ids += delta.token_ids
                 if job.stream and delta.text:
+                    streamed.append(delta.text)
                     generation.emit("text", delta.text)
         finally:
             if not finished:  # cancelled, or failed: vLLM may hold it (aborting an unknown id is a no-op)
                 await asyncio.shield(self.vllm.abort(job.id))
         if ids and ids[-1] in self.stop_ids:
             ids.pop()
-        return (await asyncio.to_thread(self._decode, ids)), prompt_tokens, len(ids), cached
+        text = await asyncio.to_thread(self._decode, ids)
+        # vLLM's stream holds back the bytes of a character the answer ended inside of; the
+        # whole answer decodes them (as U+FFFD), so the stream ends as the answer does.
+        head = "".join(streamed).lstrip()
+        if job.stream and text.startswith(head) and len(text) > len(head):
+            generation.emit("text", text[len(head):])
+        return text, prompt_tokens, len(ids), cached
 
     def _decode(self, ids: list[int]) -> str:
         """The answer as the native engine writes it: special tokens removed, stripped."""
