@@ -3,7 +3,7 @@
     python benchmarks/preprocess_throughput.py [--frames 64] [--repeats 3] [--smoke]
 
 Both turn uint8 RGB frames into normalised 336x336 float32 tensors; the script checks the
-outputs agree (max abs difference at most 1e-6, as tests/test_processing.py holds them; it exits
+outputs agree (max abs difference at most 1e-6, as tests/model/test_processing.py holds them; it exits
 non-zero otherwise) and prints frames/s and the speed-up for two resolutions.
 """
 

@@ -17,9 +17,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="longva-tests-cache-"))
 # DeepSpeed's CPU communication op is compiled once (about a minute) into the checkout and shared by
 # every test that starts DeepSpeed, run alone or in any order, rather than once per temporary cache.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parent.parent / ".torch_extensions"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".torch_extensions"))
 
-from media import write_image, write_video  # noqa: E402
+from support.media import write_image, write_video  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

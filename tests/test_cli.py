@@ -11,27 +11,10 @@ from pathlib import Path
 import av
 import pytest
 
-from media import write_video
+from support import REPO
+from support.cli import assert_clean_error, longva, readme_block
+from support.media import write_video
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def longva(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "longva_cli", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-    )
-
-
-def assert_clean_error(result: subprocess.CompletedProcess, fragment: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert fragment in result.stderr, result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
 @pytest.mark.integration
@@ -337,7 +320,6 @@ def test_readme_try_it_without_a_gpu_runs_as_written(tmp_path):
     """The README's "Try it without a GPU" block, line by line, in an empty folder: it matches
     what `download tiny` prints, and each line exits 0."""
     from longva_cli.download import tiny_commands
-    from test_recipes import readme_block
 
     lines = readme_block("## Try it without a GPU")
     assert lines == ["longva download tiny", *tiny_commands("longva-tiny")]

@@ -138,3 +138,22 @@ def test_the_command_packages_do_not_import_one_another():
     )
     assert crossing == []
 
+
+
+
+def test_no_test_folder_shadows_a_module_the_code_imports():
+    """tests/ is on sys.path (for `support`), so a folder there named like a library the code
+    imports (`vllm`) would be imported in its place, as an empty namespace package, wherever the
+    library is missing; the vLLM tests sit in vllm_plugin/ for that reason."""
+    import sys
+
+    tests = Path(__file__).resolve().parent
+    imported = set(sys.stdlib_module_names)
+    for path in [*PACKAGE.rglob("*.py"), *tests.rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.split(".")[0])
+    folders = {folder.name for folder in tests.iterdir() if folder.is_dir() and folder.name != "support"}
+    assert "vllm" in imported and not folders & imported

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from support import REPO
+
 
 
 def run(*command: str | Path, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -101,7 +102,7 @@ def test_the_readme_ask_and_chat_examples_run_as_written_from_the_wheel(installe
     import sys as _sys
 
     _sys.path.insert(0, str(REPO / "tests"))
-    from media import write_image, write_video
+    from support.media import write_image, write_video
 
     write_video(tmp_path / "movie.mp4", frames=100, fps=10)
     write_video(tmp_path / "clip.mp4", frames=30, fps=10)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,9 @@ import yaml
 import longva_cli
 from longva_cli import recipes
 from longva_cli.errors import LongVAError
+from support import REPO
+from support.cli import readme_block
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -24,14 +24,6 @@ def longva(longva_main, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COLUMNS", "200")
     return longva_main
-
-
-def readme_block(heading: str) -> list[str]:
-    """The command lines of the first ```bash block under a README heading."""
-    text = (REPO / "README.md").read_text()
-    section = text.split(f"\n{heading}\n", 1)[1]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def test_bundled_recipes_sit_at_the_top_of_the_clone_and_name_their_command():

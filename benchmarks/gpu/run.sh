@@ -8,7 +8,7 @@
 # under its own time limit:
 #
 #   install  pip --no-index into a temporary --target; records GPU, driver and versions
-#   pytest   pytest -m gpu tests/test_gpu.py: bf16 default, mask-free SDPA vs eager,
+#   pytest   pytest -m gpu tests/model/test_gpu.py: bf16 default, mask-free SDPA vs eager,
 #            flash-attention and 4/8-bit where installed, --device-map auto
 #   train    extend-text steps at 32K tokens, Qwen2-0.5B shape, ZeRO-2, one GPU
 #   scale    LongVA-7B shape, random bf16 weights built on the GPU: the card's matmul peak and
@@ -118,7 +118,7 @@ install() {
 
 pytest_stage() {
     rm -f "$out/pytest-gpu.xml"  # never read an earlier run's outcomes
-    "$python" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --junitxml "$out/pytest-gpu.xml"
+    "$python" -m pytest -q -m gpu tests/model/test_gpu.py -p no:cacheprovider --junitxml "$out/pytest-gpu.xml"
     local rc=$?
     record pytest "$results" "$out/pytest-gpu.xml"
     return $rc

@@ -19,7 +19,7 @@ them: the largest moment of a chunk is either the MLP (gate, up and their produc
 intermediate] each) or the attention (the chunk's queries, keys and values and their rotated
 copies, plus one layer's cached keys, then values, held a second time). The KV cache is reserved
 whole and written in place (model/kv_cache.py), but attention reads it through a view that a
-kernel may copy to contiguous memory: measured on CPU (tests/test_plan.py), and counted on every
+kernel may copy to contiguous memory: measured on CPU (tests/engine/test_plan.py), and counted on every
 device so the plan errs high until a GPU has measured it.
 
 Settings are tried in the order of what they cost the answer: the model's own dtype first, then
@@ -207,7 +207,7 @@ def prefill_activation_bytes(shape: ModelShape, work: Workload, kv_cache: str) -
 
 def encoding_activation_bytes(shape: ModelShape, work: Workload) -> int:
     """One batch through the tower (every hidden state is kept for the selected layer), the
-    projector and the pool, plus its pixels. Measured on CPU (tests/test_plan.py): a batch's
+    projector and the pool, plus its pixels. Measured on CPU (tests/engine/test_plan.py): a batch's
     pixels exist twice while the tower runs, and from the second batch on the video reader still
     holds the previous one; on a GPU the float32 pixels stay in host memory and the device holds
     the batch's copies in the model dtype."""

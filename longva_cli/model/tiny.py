@@ -130,7 +130,7 @@ def write_tiny_checkpoint(folder: Path, *, seed: int = 0, max_shard_size: str | 
         # tokens drown the few of the question, and every question gets the same answer. Stronger
         # token embeddings and sharper attention make the answer follow the question, the system
         # prompt and earlier turns, so that a test comparing a reused cache with a cold run notices
-        # the wrong prompt (tests/test_model.py guards this).
+        # the wrong prompt (tests/model/test_model.py guards this).
         decoder = model.language_model.model
         decoder.embed_tokens.weight.normal_(0, 0.5)
         for layer in decoder.layers:

@@ -12,7 +12,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from media import write_video
+from support.media import write_video
 
 from longva_cli.errors import LongVAError
 from longva_cli.eval import LMMS_CLASS_PATH, LMMS_MODEL_ID

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 
 def frame_pattern(index: int, width: int, height: int) -> np.ndarray:
@@ -61,3 +65,13 @@ def write_blank_video(path: Path, width: int, height: int, frames: int = 1) -> P
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header says `width` x `height` (its pixel data is an 8x8 image's)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR: 8-byte signature, length, type, then sizes
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)

@@ -6,14 +6,11 @@ file and says what to do, raised before any large allocation.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
-import struct
 import sys
 import warnings
-import zlib
 from pathlib import Path
 
 import av
@@ -28,8 +25,8 @@ from longva_cli.model.checkpoint import load_longva, load_tokenizer
 from longva_cli.model.files import weight_map
 from longva_cli.model.config import ImageProcessing
 from longva_cli.model.processing import preprocess
-from media import frame_pattern, write_blank_video, write_video
-from test_cli import assert_clean_error, longva
+from support.media import frame_pattern, png_claiming, write_blank_video, write_video
+from support.cli import assert_clean_error, longva
 
 # ---- checkpoints -------------------------------------------------------------------------------
 
@@ -254,16 +251,6 @@ def test_loading_silences_only_its_own_noise_and_only_while_loading(checkpoint, 
 
 
 # ---- images ------------------------------------------------------------------------------------
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A small PNG whose header says `width` x `height` (its pixel data is an 8x8 image's)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, "PNG")
-    data = bytearray(buffer.getvalue())
-    data[16:24] = struct.pack(">II", width, height)  # IHDR: 8-byte signature, length, type, then sizes
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from longva_cli.engine.plan import (
     plan_run,
 )
 from longva_cli.errors import LongVAError
+from support import REPO
 
 MIB = 2**20
 
@@ -202,7 +203,7 @@ def test_the_plan_chooses_the_first_setting_that_fits_and_refuses_naming_the_mos
 def test_the_readme_table_of_frames_that_fit_is_what_the_planner_computes():
     from longva_cli.engine.plan import frames_table
 
-    root = Path(__file__).resolve().parent.parent
+    root = REPO
     table = frames_table(ModelShape.from_folder(root / "assets" / "longva-7b-shapes"), [22.5, 46.5, 78.5])
     assert table in (root / "README.md").read_text()
 

@@ -21,8 +21,8 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'longva[serve]'")
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'longva[serve]'")
 
-from media import write_blank_video, write_image, write_video  # noqa: E402
-from test_serve import HOST, Server, data_url, health, media_part, request, text, user, wait_until  # noqa: E402
+from support.media import write_blank_video, write_image, write_video  # noqa: E402
+from support.server import HOST, Server, data_url, health, media_part, request, text, user, wait_until  # noqa: E402
 
 from longva_cli.serve.openai_format import APIError, RequestLimits, parse_chat_body  # noqa: E402
 

@@ -1,8 +1,8 @@
 """`--kv-cache fp8` through the commands: a LongVA loaded with it answers, chats and serves with
 float8 keys and values; chat turns that reuse an fp8 cache answer as cold fp8 runs do. (How far
 fp8 moves the tiny checkpoint's answers from float32: benchmarks/kv_fp8_quality.py.)
-(The cache itself, forks, crops and its bytes: tests/test_kv_cache.py; V-NIAH: tests/test_niah.py;
-`eval ppl`: tests/test_ppl.py.)"""
+(The cache itself, forks, crops and its bytes: tests/model/test_kv_cache.py; V-NIAH: tests/niah/test_niah.py;
+`eval ppl`: tests/eval/test_ppl.py.)"""
 
 from __future__ import annotations
 

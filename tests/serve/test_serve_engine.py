@@ -1,5 +1,5 @@
 """`longva serve --engine native|vllm|auto`: which engine serves, and what a user is told when
-the chosen one cannot. The vLLM engine's answers are tested in tests/test_vllm.py, in the
+the chosen one cannot. The vLLM engine's answers are tested in tests/vllm_plugin/test_vllm.py, in the
 environment that has vLLM."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'longva[serve]'")
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'longva[serve]'")
 
-from test_serve import Server, request, text, user  # noqa: E402
+from support.server import Server, request, text, user  # noqa: E402
 
 from longva_cli.errors import LongVAError  # noqa: E402
 from longva_cli.serve import cli as serve_cli  # noqa: E402

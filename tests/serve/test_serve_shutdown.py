@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'longva[serve]'")
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'longva[serve]'")
 
-from test_serve import HOST, Server, request, text, user, wait_until  # noqa: E402
+from support.server import HOST, Server, request, text, user, wait_until  # noqa: E402
 
 # About 30,000 prompt tokens: on the tiny model, a prefill of tens of seconds on two cores.
 LONG_QUESTION = "Summarise:" + " fox" * 30_000

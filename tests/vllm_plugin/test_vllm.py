@@ -25,7 +25,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="needs vLLM: see README, Serving at scale (CI runs this in .venv-vllm)")
 
-from media import write_image, write_video  # noqa: E402
+from support.media import write_image, write_video  # noqa: E402
 
 from longva_cli.model.prompt import DEFAULT_SYSTEM, question_prompt, tokenize_segments  # noqa: E402
 from longva_cli.parallel.ranks import free_port  # noqa: E402
@@ -368,7 +368,7 @@ def as_tenant(key: str = KEYS[0], extra: dict | None = None) -> dict:
 
 def post(server, body: dict, headers: dict | None = None, **options):
     """POST `body` to the chat endpoint as the first tenant: (status, decoded answer)."""
-    from test_serve import request
+    from support.server import request
 
     return request(server, "POST", CHAT, body, headers=as_tenant(extra=headers), **options)
 
@@ -419,14 +419,14 @@ class LongVAServer:
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=300)
 
     def health(self) -> dict:
-        from test_serve import request
+        from support.server import request
 
         return request(self, "GET", "/health")[1]
 
 
 def served_request(name: str, media: dict[str, Path]) -> dict:
     """The chat-completions arguments of one of REQUESTS, media as file:// URLs under the root."""
-    from test_serve import media_part, text, user
+    from support.server import media_part, text, user
 
     request = REQUESTS[name]
     kind = "video" if "video" in request else "image"
@@ -438,7 +438,7 @@ def served_request(name: str, media: dict[str, Path]) -> dict:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_longva_serve_on_vllm_answers_the_openai_client_with_the_native_tokens(longva_server, media, references):
-    from test_serve import data_url, media_part, text, user
+    from support.server import data_url, media_part, text, user
 
     assert longva_server.health()["engine"] == "vllm"
     client = longva_server.client()
@@ -502,7 +502,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(longva_ser
 
 def start_long_stream(server: LongVAServer, media: dict[str, Path]) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     """A streamed request that runs for minutes (greedy, 4096 tokens), once its first chunk is out."""
-    from test_serve import media_part, text, user
+    from support.server import media_part, text, user
 
     body = {"messages": [user(media_part("image_url", media["image"].as_uri()), text("Talk."))], "max_tokens": 4096, "temperature": 0, "stream": True}
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
@@ -531,7 +531,7 @@ def test_a_client_hanging_up_aborts_its_request_in_vllm(longva_server, media):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_the_http_layer_checks_apply_on_the_vllm_engine(longva_server, media):
-    from test_serve import corrupt_video_url, media_part, text, user
+    from support.server import corrupt_video_url, media_part, text, user
 
     status, answer = post(longva_server, {"messages": [user(text("hi"))]}, headers={"Origin": "http://evil.example"})
     assert (status, answer["error"]["code"]) == (403, "cross_origin")
@@ -550,7 +550,7 @@ def test_the_http_layer_checks_apply_on_the_vllm_engine(longva_server, media):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_an_answer_that_fills_the_engines_length_ends_with_length(longva_server, media):
-    from test_serve import media_part, text, user
+    from support.server import media_part, text, user
 
     # 56 frames and the question: 8,098 of the engine's 8,192 positions, room for 94 tokens of the 4,096 asked
     status, answer = post(longva_server, {

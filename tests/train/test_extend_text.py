@@ -20,8 +20,8 @@ import pytest
 from longva_cli.errors import LongVAError
 from longva_cli.recipes import RECIPES_DIR, load_recipe
 from longva_cli.train.extend_text import ExtendTextRecipe, extend_text
+from support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = RECIPES_DIR / "extend-text" / "tiny-cpu.yaml"
 BIG = RECIPES_DIR / "extend-text" / "qwen2-7b-224k.yaml"
 

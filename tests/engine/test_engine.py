@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from longva_cli.engine import (
 from longva_cli.engine.objectives import Prefilling
 from longva_cli.errors import LongVAError
 from longva_cli.model.prompt import Turn, question_prompt
+from support.cli import longva
 
 GREEDY = SamplingSettings(max_new_tokens=6, temperature=0)
 
@@ -410,24 +410,19 @@ def test_a_longva_checkpoint_loads_as_a_causal_lm(tiny_checkpoint, tiny_longva):
 # ---- the command line ---------------------------------------------------------------------------------
 
 
-def longva(*args: str, stdin: str | None = None, cache: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"XDG_CACHE_HOME": str(cache)} if cache else {})}
-    return subprocess.run([sys.executable, "-m", "longva_cli", *args], input=stdin, capture_output=True, text=True, timeout=300, env=env)
-
-
 @pytest.mark.integration
 def test_ask_answers_several_questions_as_json_lines_and_reuses_the_disk_cache(tiny_checkpoint, video_file, tmp_path):
     (tmp_path / "questions.txt").write_text("What happens?\n\nWhy?\n")
     common = ("--model", str(tiny_checkpoint), "-t", "0", "--max-new-tokens", "4", "--frames", "3")
-    first = longva("ask", str(video_file), "Who?", "--questions", str(tmp_path / "questions.txt"), "--json", *common, cache=tmp_path)
+    first = longva("ask", str(video_file), "Who?", "--questions", str(tmp_path / "questions.txt"), "--json", *common, env={"XDG_CACHE_HOME": str(tmp_path)})
     assert first.returncode == 0, first.stderr
     lines = [json.loads(line) for line in first.stdout.splitlines()]
     assert [line["question"] for line in lines] == ["Who?", "What happens?", "Why?"]
     assert lines[0]["reused_tokens"] == 0 and all(line["reused_tokens"] >= 3 * 144 for line in lines[1:])
     assert len({line["answer"] for line in lines}) == 3  # each question its own answer, so `again` below tells them apart
-    again = longva("ask", str(video_file), "Who?", "--json", *common, cache=tmp_path)
+    again = longva("ask", str(video_file), "Who?", "--json", *common, env={"XDG_CACHE_HOME": str(tmp_path)})
     assert json.loads(again.stdout)["answer"] == lines[0]["answer"]
-    plain = longva("ask", str(video_file), "Who?", "Why?", *common, "--no-cache", cache=tmp_path)
+    plain = longva("ask", str(video_file), "Who?", "Why?", *common, "--no-cache", env={"XDG_CACHE_HOME": str(tmp_path)})
     assert plain.stdout.startswith("Q: Who?\nA: ") and "\n\nQ: Why?\nA: " in plain.stdout
 
 

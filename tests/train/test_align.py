@@ -31,8 +31,8 @@ from longva_cli.train.multimodal_data import (
     preference_tokens,
     read_records,
 )
+from support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 ALIGN = RECIPES_DIR / "align"
 
 
@@ -481,7 +481,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_skips_missing_and_undecodable_media_and_reports_them(example, tmp_path):
     import shutil
 
-    from media import write_video
+    from support.media import write_video
 
     shutil.copytree(example, tmp_path / "runs/align-tiny-example")  # what `longva align --make-tiny-example` writes
     example = tmp_path / "runs/align-tiny-example"

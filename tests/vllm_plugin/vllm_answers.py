@@ -1,6 +1,6 @@
-"""Greedy answers from vLLM's offline `LLM` for LongVA requests, for tests/test_vllm.py.
+"""Greedy answers from vLLM's offline `LLM` for LongVA requests, for tests/vllm_plugin/test_vllm.py.
 
-    python tests/vllm_answers.py CHECKPOINT REQUESTS.json ANSWERS.json
+    python tests/vllm_plugin/vllm_answers.py CHECKPOINT REQUESTS.json ANSWERS.json
 
 A request is {"question", "max_tokens"} plus {"video", "frames"} or {"image"}; with "chat": true
 it goes through `LLM.chat` as an OpenAI-style message (the video by `file://` URL, sampled by

@@ -19,6 +19,7 @@ from longva_cli.engine.runs import read_lines
 from longva_cli.errors import LongVAError
 from longva_cli.eval import ppl
 from longva_cli.eval.ppl import PplSettings, evaluate_perplexity, window_spans
+from support import REPO
 
 GRID = dict(min_tokens=32, max_tokens=128)  # 32, 64, 128
 
@@ -442,7 +443,7 @@ def readme_commands() -> list[list[str]]:
     """The `longva ...` commands of the README's perplexity section, as argument lists (comments dropped)."""
     import shlex
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = (REPO / "README.md").read_text()
     block = re.search(r"```bash\n(.*?)```", text.split("\n### Perplexity against context length\n", 1)[1], re.S).group(1)
     return [shlex.split(line, comments=True)[1:] for line in block.replace("\\\n", " ").splitlines() if line.strip()]
 

@@ -21,8 +21,8 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'longva[serve]'")
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'longva[serve]'")
 
-from media import write_image, write_video  # noqa: E402
-from test_serve import HOST, Server, data_url, health, media_part, request, text, user, wait_until  # noqa: E402
+from support.media import write_image, write_video  # noqa: E402
+from support.server import HOST, Server, data_url, health, media_part, request, text, user, wait_until  # noqa: E402
 
 from longva_cli.serve import openai_format as fmt  # noqa: E402
 from longva_cli.serve.guard import HostPolicy  # noqa: E402

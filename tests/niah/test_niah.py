@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from media import write_image, write_video
+from support import REPO
+from support.media import write_image, write_video
 
 from longva_cli.errors import LongVAError
 from longva_cli.engine import PrefixCache, drive
@@ -579,7 +580,7 @@ def test_bad_input_is_one_line_without_traceback(haystack, needle_dir, tmp_path,
 
 
 def test_a_needle_that_is_not_an_image_file_gets_one_sentence(tmp_path):
-    from test_inputs import png_claiming
+    from support.media import png_claiming
 
     numbered = tmp_path / "numbered"
     numbered.mkdir()
@@ -600,7 +601,7 @@ def test_flags_override_the_recipe_and_resume_reads_the_folder(tmp_path):
     from longva_cli.niah.settings import identity
     from longva_cli.recipes import to_dict
 
-    recipe = Path(__file__).parent.parent / "recipes" / "niah" / "v-niah-longva-7b.yaml"
+    recipe = REPO / "recipes" / "niah" / "v-niah-longva-7b.yaml"
     settings = settings_for("video", str(recipe), None, {"max_frames": 1200, "output": tmp_path})
     assert (settings.max_frames, settings.frame_step, settings.dtype) == (1200, 200, "bfloat16")
     prepare_folder(tmp_path, "video", to_dict(settings), identity(settings), overwrite=False)

@@ -1,0 +1,36 @@
+"""The `longva` executable run as a user runs it, and what its errors must look like."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from support import REPO
+
+
+def longva(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "longva_cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert fragment in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def readme_block(heading: str) -> list[str]:
+    """The command lines of the first ```bash block under a README heading."""
+    text = (REPO / "README.md").read_text()
+    section = text.split(f"\n{heading}\n", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
