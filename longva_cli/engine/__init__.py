@@ -5,12 +5,17 @@
     sequence = build(model, ["<|im_start|>...user\\n", visual, "\\nWhat happens?<|im_end|>..."])
     result   = drive(run(model, PrefixCache(model.model.language_model), sequence, Generate(sampling)))
 
+    # or all of it in one call: media and turns in, the prompt assembled one way for every command
+    answered = drive(answer(model, Request([Turn("user", "What happens?")], Generate(sampling), [spec]), runner, cache))
+
 - `load` (loader.py): LongVA checkpoints and plain causal LMs, by folder, hub id or short name.
 - `encode` (encoder.py): media -> frames -> pixels -> 144 tokens per frame or crop; `VisualCache`
   (visual_cache.py) keeps the results in memory and on disk.
 - `build` (sequence.py): text, token ids and visual tokens spliced into one keyed `Sequence`.
 - `run` (objectives.py): an objective (`Generate`, `TeacherForce`) over a KV runner (runner.py:
   `PrefixCache` reuses the prefix consecutive sequences share; `RunnerPool` keeps several).
+- `answer` (answering.py): encode, build, check and run a `Request`, the one way `Session`, serve,
+  eval and the lmms-eval model assemble a prompt (V-NIAH splices its own sequences and calls `run`).
 - `Session` (session.py): questions and chat turns about the same media.
 - `RunStore` (runs.py): the resumable JSONL results folder of niah, eval and ppl.
 
@@ -26,6 +31,7 @@ import importlib
 # Loaded on first use: importing torch and transformers costs seconds, and light modules (runs,
 # visual_cache) need neither.
 _WHERE = {
+    "Answered": "answering", "Built": "answering", "MediaError": "answering", "Request": "answering", "answer": "answering",
     "Encoding": "encoder", "MediaSpec": "encoder", "encode": "encoder", "media_pixels": "encoder",
     "TextModel": "loader", "load": "loader",
     "Generate": "objectives", "Generated": "objectives", "Prefilling": "objectives", "SamplingSettings": "objectives",

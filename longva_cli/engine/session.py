@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from longva_cli.engine.encoder import MediaSpec, encode
-from longva_cli.engine.memory import check_fits
-from longva_cli.engine.objectives import Generate, Generated, Notice, SamplingSettings, run
+from longva_cli.engine.answering import Request, answer, encode_media, with_media
+from longva_cli.engine.encoder import MediaSpec
+from longva_cli.engine.objectives import Generate, Generated, SamplingSettings
 from longva_cli.engine.runner import DEFAULT_PREFILL_CHUNK, PrefixCache
-from longva_cli.engine.sequence import Visual, build, prompt_parts
+from longva_cli.engine.sequence import Visual
 from longva_cli.errors import LongVAError
-from longva_cli.model.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, Turn, chat_prompt
+from longva_cli.model.prompt import DEFAULT_SYSTEM, Turn
 
 if TYPE_CHECKING:
     from longva_cli.engine.visual_cache import VisualCache
@@ -51,17 +51,6 @@ class Answer:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
-
-
-def release_vision_tower(model: "LoadedLongVA") -> None:
-    """Move the vision tower and projector to host memory (later media are encoded there, slower)."""
-    import torch
-
-    network = model.model
-    if network.device.type == "cuda":
-        network.vision_tower.to("cpu")
-        network.mm_projector.to("cpu")
-        torch.cuda.empty_cache()
 
 
 class Session:
@@ -94,32 +83,16 @@ class Session:
     def encode(self) -> Generator[object, None, list[Visual]]:
         """The media's visual tokens (encoded on the first call only)."""
         if self.visuals is None:
-            visuals = []
-            for spec in self.media:
-                visuals.append((yield from encode(self.model, spec, self.cache, on_host=self.visual_tokens_on_host)))
-            self.visuals = visuals
-            if self.visual_tokens_on_host:
-                release_vision_tower(self.model)
+            self.visuals = yield from encode_media(self.model, self.media, self.cache, self.visual_tokens_on_host)
         return self.visuals
-
-    def prompt(self, question: str) -> tuple[list[Turn], str]:
-        """The turns with this question added, and the whole prompt text; the media's
-        placeholders open the first user turn, as the original's `<image>\\n{question}`."""
-        opening = not any(turn.role == "user" for turn in self.turns)
-        text = IMAGE_PLACEHOLDER + "\n" if opening and self.media else ""
-        turns = self.turns + [Turn("user", text * len(self.media) + question if opening else question)]
-        return turns, chat_prompt(turns, self.system)
 
     def ask(self, question: str, sampling: SamplingSettings) -> Generator[object, None, Answer]:
         started = time.perf_counter()
         visuals = yield from self.encode()
         encode_s = time.perf_counter() - started
-        turns, prompt = self.prompt(question)
-        sequence = build(self.model, prompt_parts(prompt, visuals))
-        warning = check_fits(self.model.model.language_model, len(sequence))
-        if warning:
-            yield Notice(warning)
-        generated: Generated = yield from run(self.model, self.runner, sequence, Generate(sampling))
+        turns = with_media(self.turns + [Turn("user", question)], len(visuals))
+        answered = yield from answer(self.model, Request(turns, Generate(sampling), visuals, self.system), self.runner)
+        generated: Generated = answered.result
         if self.keep_history:
             self.turns = turns + [Turn("assistant", generated.text)]
         timings = {

@@ -34,12 +34,12 @@ from longva_cli.eval.answers import DegenerateGuard, degenerate_kind
 from longva_cli.eval.local import DEFAULT_EVAL_MODEL
 from longva_cli.engine.runs import write_json
 from longva_cli.eval.report import run_info
-from longva_cli.engine.encoder import MediaSpec, encode
-from longva_cli.engine.objectives import Generate, SamplingSettings, TeacherForce, drive, run
+from longva_cli.engine.answering import Request, answer
+from longva_cli.engine.encoder import MediaSpec
+from longva_cli.engine.objectives import Generate, SamplingSettings, TeacherForce, drive
 from longva_cli.engine.runner import DEFAULT_PREFILL_CHUNK, PrefixCache
-from longva_cli.engine.sequence import build, prompt_parts
 from longva_cli.engine.visual_cache import VisualCache
-from longva_cli.model.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, Turn, chat_prompt
+from longva_cli.model.prompt import DEFAULT_SYSTEM, Turn
 
 log = logging.getLogger("longva.eval")
 
@@ -144,28 +144,27 @@ class LongVALmms(lmms):
 
     # ---- building inputs -----------------------------------------------------------------------
 
-    def visuals_of(self, request: Instance) -> list:
-        """The request's images and videos, encoded (or found in the visual cache)."""
+    def media_of(self, request: Instance) -> list[MediaSpec]:
+        """The request's images and videos."""
         _, _, doc_to_visual, doc_id, task, split = request.args
         items = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
-        visuals = []
+        media = []
         for item in (items or []):
             if item is None:
                 continue
             if isinstance(item, str):
-                spec = MediaSpec(Path(item), self.max_frames_num)
+                media.append(MediaSpec(Path(item), self.max_frames_num))
             elif hasattr(item, "convert"):  # a PIL image
-                spec = MediaSpec(item.convert("RGB"))
+                media.append(MediaSpec(item.convert("RGB")))
             else:
                 raise LongVAError(f"{task}: visual input of type {type(item).__name__} is not supported (images and videos only).")
-            visuals.append(drive(encode(self.longva, spec, self.visual_cache)))
-        return visuals
+        return media
 
-    def prompt(self, context: str, visuals: list) -> str:
-        """qwen_1_5 prompt with one `<image>` per visual, placed first unless the task placed them."""
-        if visuals and IMAGE_PLACEHOLDER not in context:
-            context = f"{IMAGE_PLACEHOLDER}\n" * len(visuals) + context
-        return chat_prompt([Turn("user", context)], system=DEFAULT_SYSTEM)
+    def answer(self, request: Instance, context: str, objective):
+        """The qwen_1_5 prompt of `context` about the request's media (one `<image>` each, placed
+        first unless the task placed them), run with `objective`; the engine's result."""
+        asked = Request([Turn("user", context)], objective, self.media_of(request), DEFAULT_SYSTEM)
+        return drive(answer(self.longva, asked, self.runner, self.visual_cache)).result
 
     def sampling(self, gen_kwargs: dict):
         """The task's generation kwargs as core settings; temperature 0 or do_sample false is greedy."""
@@ -193,20 +192,13 @@ class LongVALmms(lmms):
             context, gen_kwargs = request.args[0], dict(request.args[1] or {})
             until = gen_kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
-            visuals = self.visuals_of(request)
-            sequence = build(self.longva, prompt_parts(self.prompt(context, visuals), visuals))
-            text = self.generate(sequence, self.sampling(gen_kwargs), until)
-            answers.append(text)
-            self.check_degenerate(text)
+            objective = Generate(self.sampling(gen_kwargs), should_stop=(lambda text: any(stop in text for stop in until)) if until else None)
+            text = self.answer(request, context, objective).text
+            for stop in until:  # generation ends once one appears; the answer ends before it
+                text = text.split(stop, 1)[0]
+            answers.append(text.strip())
+            self.check_degenerate(answers[-1])
         return answers
-
-    def generate(self, sequence, sampling, until: list[str]) -> str:
-        """Greedy or sampled text, cut at the first stop string (generation ends once one appears)."""
-        objective = Generate(sampling, should_stop=(lambda text: any(stop in text for stop in until)) if until else None)
-        text = drive(run(self.longva, self.runner, sequence, objective)).text
-        for stop in until:
-            text = text.split(stop, 1)[0]
-        return text.strip()
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """log P(continuation | context) by teacher forcing: logits only where continuation tokens are predicted."""
@@ -216,13 +208,11 @@ class LongVALmms(lmms):
         for request in tqdm(requests, disable=self.rank != 0, desc="longva loglikelihood"):
             context, target, _, doc_id, task, split = request.args
             continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
-            visuals = self.visuals_of(request)
             ids = self.tokenizer(continuation, add_special_tokens=False).input_ids
             if not ids:
                 results.append((0.0, True))
                 continue
-            sequence = build(self.longva, [*prompt_parts(self.prompt(context, visuals), visuals), ids])
-            scored = drive(run(self.longva, self.runner, sequence, TeacherForce(ids)))
+            scored = self.answer(request, context, TeacherForce(ids))
             results.append((scored.logprob, scored.greedy))
         return results
 

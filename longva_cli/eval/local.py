@@ -400,24 +400,27 @@ def group_by_video(samples: list[Sample]) -> list[tuple[Path | None, list[Sample
 
 def encode_once(longva, video: Path | None, sample: Sample, frames: int, cache):
     """(Visual, None), or (None, why it was skipped) for a missing or unreadable video."""
-    from longva_cli.engine import encoder, objectives
+    from longva_cli.engine.answering import encode_media
+    from longva_cli.engine.encoder import MediaSpec
+    from longva_cli.engine.objectives import drive
 
     if video is None:
         return None, f"video {sample.video_name} not found"
     try:
-        return objectives.drive(encoder.encode(longva, encoder.MediaSpec(video, frames), cache)), None
+        return drive(encode_media(longva, [MediaSpec(video, frames)], cache))[0], None
     except LongVAError as err:
         return None, str(err)
 
 
 def answer_one(longva, sample: Sample, visual, sampling, style: str, runner) -> dict:
-    from longva_cli.engine import objectives
-    from longva_cli.engine.sequence import build, prompt_parts
-    from longva_cli.model.prompt import DEFAULT_SYSTEM, question_prompt
+    from longva_cli.engine.answering import Request, answer
+    from longva_cli.engine.objectives import Generate, drive
+    from longva_cli.model.prompt import DEFAULT_SYSTEM, Turn
 
     started = time.perf_counter()
-    sequence = build(longva, prompt_parts(question_prompt(build_question(sample, style), DEFAULT_SYSTEM), [visual]))
-    generated = objectives.drive(objectives.run(longva, runner, sequence, objectives.Generate(sampling)))
+    request = Request([Turn("user", build_question(sample, style))], Generate(sampling), [visual], DEFAULT_SYSTEM)
+    answered = drive(answer(longva, request, runner))
+    generated = answered.result
     letter = extract_letter(generated.text, sample.options)
     return {
         **base_record(sample),
@@ -427,7 +430,7 @@ def answer_one(longva, sample: Sample, visual, sampling, style: str, runner) -> 
         "correct": letter == sample.answer,
         "degenerate": degenerate_kind(generated.text, letter),
         "frames": visual.images,
-        "prompt_tokens": len(sequence),
+        "prompt_tokens": answered.prompt_tokens,
         "generated_tokens": len(generated.token_ids),
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from longva_cli.errors import LongVAError
-from longva_cli.niah.results import ITEMS, RESULTS, SIZE_KEYS, append_line, line_fields, read_lines
+from longva_cli.niah.results import ITEMS, RESULTS, SIZE_KEYS, run_store
 from longva_cli.parallel.ranks import ParallelState
 
 
@@ -65,11 +65,11 @@ def run_units(
     `on_start(units to score, cells finished before, cells)` is called once the folder is read.
     """
     size_key = SIZE_KEYS[mode]
-    fields = line_fields(mode)
+    store = run_store(folder, mode)
     units_per_cell = Counter(unit.cell for unit in units)
-    finished = {(row[size_key], row["depth"]) for row in read_lines(folder / RESULTS, fields[RESULTS])}
+    finished = {(row[size_key], row["depth"]) for row in store.read(RESULTS)}
     items: dict[tuple[int, float], dict[int, dict]] = {}
-    for row in read_lines(folder / ITEMS, fields[ITEMS]):
+    for row in store.read(ITEMS):
         items.setdefault((row[size_key], row["depth"]), {})[row["index"]] = row
 
     def finish_if_complete(cell: tuple[int, float]) -> None:
@@ -78,7 +78,7 @@ def run_units(
             return
         records = [{k: v for k, v in done[i].items() if k not in (size_key, "depth")} for i in sorted(done)]
         score_value = sum(r["found"] for r in records) / len(records)
-        append_line(folder / RESULTS, {size_key: cell[0], "depth": cell[1], "score": score_value, "items": records})
+        store.append(RESULTS, {size_key: cell[0], "depth": cell[1], "score": score_value, "items": records})
         finished.add(cell)
 
     mine = my_cells(ranks, list(units_per_cell))
@@ -93,7 +93,7 @@ def run_units(
         record = {size_key: unit.size, "depth": unit.depth, "index": unit.index, **score(unit)}
         items.setdefault(unit.cell, {})[unit.index] = record
         if writes(ranks):
-            append_line(folder / ITEMS, record)
+            store.append(ITEMS, record)
             finish_if_complete(unit.cell)
         if on_unit:
             on_unit()
@@ -104,7 +104,7 @@ def finished_cells(folder: Path, mode: str) -> list[dict]:
     """The cell lines of results.jsonl (one per cell, the first if a cell was written twice)."""
     size_key = SIZE_KEYS[mode]
     cells = {}
-    for row in read_lines(folder / RESULTS, line_fields(mode)[RESULTS]):
+    for row in run_store(folder, mode).read(RESULTS):
         cells.setdefault((row[size_key], row["depth"]), row)
     return list(cells.values())
 

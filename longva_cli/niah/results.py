@@ -19,11 +19,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from longva_cli.engine.runs import RunStore, append_line, read_lines, write_atomic
+from longva_cli.engine.runs import RunStore, write_atomic
 from longva_cli.errors import LongVAError
 from longva_cli.niah.settings import depth_label
-
-__all__ = ["append_line", "line_fields", "read_lines", "prepare_folder", "stored_settings", "write_outputs"]
 
 SETTINGS = "settings.json"
 ITEMS = "items.jsonl"
@@ -44,12 +42,17 @@ def line_fields(mode: str) -> dict[str, tuple[str, ...]]:
     return {ITEMS: (size_key, "depth", "index", "found"), RESULTS: (size_key, "depth", "score")}
 
 
+def run_store(folder: Path, mode: str) -> RunStore:
+    """The run folder as a `RunStore` that knows what each of its JSONL files' lines must hold."""
+    return RunStore(folder, SETTINGS, fields=line_fields(mode))
+
+
 def prepare_folder(folder: Path, mode: str, settings: dict, identity: dict, overwrite: bool) -> int:
     """Create or reopen a run folder; the number of finished cells in it.
 
     A folder measuring other settings is refused unless `overwrite`, which deletes its results.
     """
-    store = RunStore(folder, SETTINGS, fields=line_fields(mode))
+    store = run_store(folder, mode)
     store.open(
         {"mode": mode, **identity}, overwrite=overwrite, results=(ITEMS, RESULTS, ACCURACIES, AVERAGE, HEATMAP),
         resume_hint=f", --resume {folder} to continue with the stored settings", mode=mode, settings=settings,

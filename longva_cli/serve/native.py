@@ -107,41 +107,38 @@ class NativeWorker(Admission):
     # ---- the model: every call into LongVA is in this method --------------------------------
 
     def _generate(self, generation: Generation) -> tuple[str, int, int, int] | None:
-        """Encode the media, build the prompt, generate; streamed text is emitted as it comes.
-        Returns (text, prompt tokens, generated tokens, cached prompt tokens), or None once the
-        request is cancelled."""
-        from longva_cli.engine.encoder import MediaSpec, encode
-        from longva_cli.engine.objectives import Generate, Token, drive, run
-        from longva_cli.engine.sequence import build, prompt_parts
-        from longva_cli.engine.memory import check_fits
-        from longva_cli.engine.objectives import SamplingSettings
-        from longva_cli.model.prompt import chat_prompt
+        """Answer through the engine; streamed text is emitted as it comes. Returns (text, prompt
+        tokens, generated tokens, cached prompt tokens), or None once the request is cancelled."""
+        from longva_cli.engine.answering import Built, MediaError, Request, answer
+        from longva_cli.engine.encoder import MediaSpec
+        from longva_cli.engine.objectives import Generate, Notice, SamplingSettings, Token, drive
 
         job, longva = generation.job, self.longva
-        cache = TenantCache(self.visual_cache, job.tenant)
-        visuals = []
-        for item in job.media:
-            with media_errors(item):
-                visual = drive(encode(longva, MediaSpec(item.path, job.frames, job.fps), cache), stop=generation.cancelled.is_set)
-            if visual is None:
-                return None
-            visuals.append(visual)
-        job.cleanup()  # encoded: the files from data: URLs and the held files are no longer needed
-        sequence = build(longva, prompt_parts(chat_prompt(job.turns, job.system), visuals))
-        check_prompt_length(len(sequence), self.budget.max_tokens, job)
-        warning = check_fits(longva.model.language_model, len(sequence))
-        if warning:
-            log.warning(warning)
-        generation.emit("ready")
         sampling = SamplingSettings.defaults(longva.generation_config, max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k)
         sampling.seed = job.seed
+        media = [MediaSpec(item.path, job.frames, job.fps) for item in job.media]
+        request = Request(job.turns, Generate(sampling), media, job.system)
 
-        def stream(event) -> None:
-            if job.stream and isinstance(event, Token) and event.text:
+        def on_event(event) -> None:
+            if isinstance(event, Built):
+                job.cleanup()  # encoded: the files from data: URLs and the held files are no longer needed
+                check_prompt_length(event.tokens, self.budget.max_tokens, job)
+                generation.emit("ready")
+            elif isinstance(event, Notice):
+                log.warning(event.message)
+            elif job.stream and isinstance(event, Token) and event.text:
                 generation.emit("text", event.text)
 
-        runner = self.runners.acquire(sequence, scope=job.tenant)
-        generated = drive(run(longva, runner, sequence, Generate(sampling)), stream, stop=generation.cancelled.is_set)
-        if generated is None:
+        def runner(sequence):
+            return self.runners.acquire(sequence, scope=job.tenant)
+
+        cache = TenantCache(self.visual_cache, job.tenant)
+        try:
+            answered = drive(answer(longva, request, runner, cache), on_event, stop=generation.cancelled.is_set)
+        except MediaError as err:
+            with media_errors(job.media[err.index]):
+                raise err.__cause__ from None
+        if answered is None:
             return None
-        return generated.text, len(sequence), len(generated.token_ids), generated.reused_tokens
+        generated = answered.result
+        return generated.text, answered.prompt_tokens, len(generated.token_ids), generated.reused_tokens

@@ -14,7 +14,6 @@ is only continued (`--resume`) or replaced (`--overwrite`) when asked.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys

@@ -123,11 +123,12 @@ def test_videomme_prompt_is_the_benchmark_text(videomme_folder):
 
 
 def counting(monkeypatch, longva):
-    """Count the engine's encodings and generations (by the names the counts had before the engine)."""
-    from longva_cli.engine import encoder, objectives
+    """Count the engine's encodings and generations (by the names the counts had before the engine),
+    where the one engine call looks them up."""
+    from longva_cli.engine import answering
 
     calls = {"encode_video": 0, "generate_text": 0}
-    for label, module, name in (("encode_video", encoder, "encode"), ("generate_text", objectives, "run")):
+    for label, module, name in (("encode_video", answering, "encode"), ("generate_text", answering, "run")):
         original = getattr(module, name)
 
         def wrapper(*args, _original=original, _label=label, **kwargs):
@@ -255,13 +256,13 @@ def test_guard_trips_past_the_share_after_enough_samples():
 
 
 def test_degenerate_answers_stop_the_run_or_warn(videomme_folder, tiny_longva, tmp_path, monkeypatch):
-    from longva_cli.engine import objectives
+    from longva_cli.engine import answering, objectives
 
     def degenerate_run(*args, **kwargs):  # the engine's run, answering "!!!!!!!!" at once
         yield from ()
         return objectives.Generated("!!!!!!!!", [0] * 8, "length", prompt_tokens=0, reused_tokens=0, prefill_s=0.0, generate_s=0.0)
 
-    monkeypatch.setattr(objectives, "run", degenerate_run)
+    monkeypatch.setattr(answering, "run", degenerate_run)
     with pytest.raises(LongVAError, match="degenerate.*float16"):
         evaluate_local(videomme_folder, model=tiny_longva, frames=2, output=tmp_path / "stop", degenerate_min_samples=3)
     stopped = json.loads((tmp_path / "stop" / "results.json").read_text())

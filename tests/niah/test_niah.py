@@ -17,6 +17,7 @@ from support.media import write_image, write_video
 from longva_cli.errors import LongVAError
 from longva_cli.engine import PrefixCache, drive
 from longva_cli.engine.encoder import encode_batches
+from longva_cli.engine.runs import append_line, read_lines
 from longva_cli.engine.visual_cache import CacheEntry, VisualCache
 from longva_cli.niah import results as niah_results
 from longva_cli.niah import scoring
@@ -72,7 +73,7 @@ def encode_frames(longva, batches, count, pad_to_square=False):
 
 
 def cell_lines(folder: Path) -> list[dict]:
-    return niah_results.read_lines(folder / "results.jsonl")
+    return read_lines(folder / "results.jsonl")
 
 
 # ---- grids and formats --------------------------------------------------------------------
@@ -360,7 +361,7 @@ def test_a_killed_run_resumes_without_losing_or_recomputing_a_cell(video_run, vi
     monkeypatch.setattr(scoring, "teacher_forced", dies_after_five)
     with pytest.raises(RuntimeError, match="killed"):
         run_video(settings)
-    assert len(niah_results.read_lines(settings.output / "items.jsonl")) == 5
+    assert len(read_lines(settings.output / "items.jsonl")) == 5
     finished_before = cell_lines(settings.output)
     assert len(finished_before) == 2  # the depth-0 cells finish first (the shared-prefix order)
     with open(settings.output / "items.jsonl", "a") as handle:
@@ -432,7 +433,7 @@ def test_resuming_a_finished_run_says_it_is_complete(video_run, video_settings, 
 def test_a_folder_of_other_settings_is_refused_unless_overwrite(tmp_path):
     identity = {"model": "a", "max_frames": 6}
     niah_results.prepare_folder(tmp_path, "video", {}, identity, overwrite=False)
-    niah_results.append_line(tmp_path / "results.jsonl", {"num_frames": 2, "depth": 0.0, "score": 1.0, "items": []})
+    append_line(tmp_path / "results.jsonl", {"num_frames": 2, "depth": 0.0, "score": 1.0, "items": []})
     with pytest.raises(LongVAError, match="other settings.*--overwrite"):
         niah_results.prepare_folder(tmp_path, "video", {}, {**identity, "max_frames": 8}, overwrite=False)
     assert niah_results.prepare_folder(tmp_path, "video", {}, identity, overwrite=False) == 1
@@ -647,5 +648,5 @@ def test_sequence_parallel_ranks_score_like_one_process(text_settings, text_run,
 
     assert len(predictions(text_settings.output)) == 6
     assert predictions(output) == predictions(text_settings.output)
-    assert len(niah_results.read_lines(output / "items.jsonl")) == len(niah_results.read_lines(text_settings.output / "items.jsonl"))
+    assert len(read_lines(output / "items.jsonl")) == len(read_lines(text_settings.output / "items.jsonl"))
 
