@@ -45,6 +45,39 @@ def answered(answer) -> tuple[str, int]:
     return answer.answer, answer.generated_tokens
 
 
+# ---- the one engine call -------------------------------------------------------------------------------
+
+
+def test_the_engine_call_answers_as_the_steps_written_out_do(tiny_longva, video_file, image_file):
+    from longva_cli.engine.answering import Built, Request, answer
+
+    media = [MediaSpec(video_file, frames=3), MediaSpec(image_file)]
+    for question in ("What happens?", "Which colour is the square?"):
+        visuals = [drive(encode(tiny_longva, spec)) for spec in media]
+        prompt = question_prompt("<image>\n" + question)  # the placeholders open the question, one per item
+        by_hand = drive(run(tiny_longva, PrefixCache(tiny_longva.model.language_model), build(tiny_longva, prompt_parts(prompt, visuals)), Generate(GREEDY)))
+        events = []
+        answered = drive(answer(tiny_longva, Request([Turn("user", question)], Generate(GREEDY), media), PrefixCache(tiny_longva.model.language_model)), events.append)
+        assert (answered.result.text, answered.result.token_ids) == (by_hand.text, by_hand.token_ids)
+        built = next(i for i, event in enumerate(events) if isinstance(event, Built))
+        assert events[built].tokens == answered.prompt_tokens == by_hand.prompt_tokens
+        assert not any(isinstance(event, Prefilling) for event in events[:built])  # Built comes before any prefill
+    # Teacher forcing the greedy answer after the same prompt: every answer token is the argmax.
+    scored = drive(answer(tiny_longva, Request([Turn("user", question)], TeacherForce(by_hand.token_ids), media), PrefixCache(tiny_longva.model.language_model)))
+    assert scored.result.greedy and scored.prompt_tokens == by_hand.prompt_tokens + len(by_hand.token_ids)
+
+
+def test_the_engine_call_names_the_media_item_it_cannot_read(tiny_longva, video_file, tmp_path):
+    from longva_cli.engine.answering import MediaError, Request, answer
+
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(64))
+    request = Request([Turn("user", "What happens?")], Generate(GREEDY), [MediaSpec(video_file, frames=2), MediaSpec(broken, frames=2)])
+    with pytest.raises(MediaError) as refused:
+        drive(answer(tiny_longva, request, PrefixCache(tiny_longva.model.language_model)))
+    assert refused.value.index == 1 and "broken.mp4" in str(refused.value)
+
+
 # ---- visual cache --------------------------------------------------------------------------------------
 
 
