@@ -134,9 +134,10 @@ def check_origin(origin: str) -> str:
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
+@options.composed
 def command(
     ctx: typer.Context,
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint folder, hub id or short name."),
+    model: options.Model = DEFAULT_MODEL,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface: set --api-key then)."),
     port: int = typer.Option(8000, "--port", "-p", help="TCP port."),
     served_model_name: str = typer.Option("longva", "--served-model-name", help="Model id in /v1/models and in requests' `model`."),
@@ -153,12 +154,8 @@ def command(
     ui: bool = typer.Option(False, "--ui", help="Also serve a chat page at /ui (upload a video or image, ask, read the streamed answer)."),
     allowed_hosts: List[str] = typer.Option([], "--allowed-hosts", help="Also accept this name in the Host header (repeatable; '*' for any, only behind a proxy that checks it). Always accepted: the --host address, and loopback names when it is a loopback address.", show_default=False),
     cors_origin: List[str] = typer.Option([], "--cors-origin", help="Let web pages from this origin (scheme://host[:port]) call the API from a browser (repeatable; '*' for any). Other sites' requests are refused with 403.", show_default=False),
-    device: options.Device = "auto",
-    dtype: options.Dtype = "auto",
-    attn: options.Attention = "auto",
-    kv_cache: options.KVCache = "auto",
-    device_map: options.DeviceMap = None,
-    quantize: options.Quantize = None,
+    *,
+    loading: options.Loading,
     revision: options.Revision = None,
     prefill_chunk: options.PrefillChunk = defaults.PREFILL_CHUNK,
     cache_gb: float = typer.Option(
@@ -207,9 +204,10 @@ def command(
     chosen = resolve_engine(engine)
     check_engine_flags(
         chosen,
-        native_only={"--device": device not in (None, "auto"), "--attn": attn not in (None, "auto"), "--device-map": device_map is not None,
-                     "--quantize": quantize is not None, "--prefill-chunk": given(ctx, "prefill_chunk"), "--cache-gb": given(ctx, "cache_gb"),
-                     "--kv-cache": kv_cache not in (None, "auto")},
+        native_only={"--device": loading.device not in (None, "auto"), "--attn": loading.attn not in (None, "auto"),
+                     "--device-map": loading.device_map is not None, "--quantize": loading.quantize is not None,
+                     "--quantize-backend": given(ctx, "quantize_backend"), "--prefill-chunk": given(ctx, "prefill_chunk"),
+                     "--cache-gb": given(ctx, "cache_gb"), "--kv-cache": loading.kv_cache not in (None, "auto")},
         vllm_only={"--tensor-parallel": tensor_parallel != 1, "--max-model-len": max_model_len is not None,
                    "--gpu-memory-utilization": gpu_memory_utilization is not None, "--vllm-args": bool(vllm_args.strip())},
     )
@@ -253,7 +251,6 @@ def command(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the worker thread tokenizes; no fork warnings
     vllm = None
     if chosen == "vllm":
-        vllm = VLLMSettings(dtype=vllm_dtype(dtype or "auto"), tensor_parallel=tensor_parallel, max_model_len=max_model_len,
+        vllm = VLLMSettings(dtype=vllm_dtype(loading.dtype or "auto"), tensor_parallel=tensor_parallel, max_model_len=max_model_len,
                             gpu_memory_utilization=gpu_memory_utilization, extra_args=vllm_args)
-    serve(model, settings, engine=chosen, port=port, device=device, dtype=dtype, attn=attn, device_map=device_map,
-          quantize=quantize, revision=revision, vllm=vllm, log_level=log_level, kv_cache=kv_cache)
+    serve(model, settings, engine=chosen, port=port, revision=revision, vllm=vllm, log_level=log_level, **vars(loading))
