@@ -468,16 +468,7 @@ def _train(recipe: AlignRecipe, resume, state: ParallelState, records, missing) 
     precision = resolve_precision(train.precision, device.type == "cuda")
     dtype = torch_dtype(precision)
     parts = tunable_parts(recipe)
-    ds_config = deepspeed_setup.deepspeed_config(
-        micro_batch_size=train.micro_batch_size,
-        grad_accum=train.grad_accum,
-        world_size=state.world_size,
-        zero_stage=par.zero_stage,
-        precision=precision,
-        grad_clip=opt.grad_clip,
-        offload_params=par.offload_params,
-        offload_optimizer=par.offload_optimizer,
-    )
+    ds_config = deepspeed_setup.deepspeed_config(train, par, opt, state.world_size, precision)
     attention = resolve_attention(recipe.model.attn_implementation, device)
     model, tokenizer, processing = build_model(recipe, dtype, attention)
     model.to(device)
