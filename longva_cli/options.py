@@ -16,7 +16,7 @@ from typing import Annotated, Optional, get_args, get_type_hints
 
 import typer
 
-from longva_cli.defaults import FRAMES, TEMPERATURE
+from longva_cli.defaults import FRAMES, MAX_NEW_TOKENS, TEMPERATURE
 
 Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N (under torchrun each rank takes its own GPU).")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32.")]
@@ -98,7 +98,7 @@ class MediaSampling:
 class Sampling:
     """How answers are sampled."""
 
-    max_new_tokens: MaxNewTokens = 1024
+    max_new_tokens: MaxNewTokens = MAX_NEW_TOKENS
     temperature: Temperature = TEMPERATURE
     top_p: TopP = None
     top_k: TopK = None

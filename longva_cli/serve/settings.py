@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from longva_cli.defaults import PREFILL_CHUNK
+from longva_cli.defaults import MAX_NEW_TOKENS, PREFILL_CHUNK
 
 
 @dataclass
@@ -19,7 +19,7 @@ class RequestLimits:
 
     media_roots: tuple[Path, ...] = ()  # resolved folders file:// URLs may point into
     max_frames: int = 256
-    max_tokens: int = 1024
+    max_tokens: int = MAX_NEW_TOKENS
     max_media: int = 8
     max_prompt_tokens: int | None = None  # None: the model's max_position_embeddings
 
