@@ -71,11 +71,10 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed for sampling (eac
 System = Annotated[Optional[str], typer.Option("--system", help="System prompt (default: 'You are a helpful assistant.'; '' for none).")]
 
 
-
 # Parameter groups: each option with its default, in the order the help pages list them.
 @dataclass
 class Loading:
-    """How the model is loaded and run (the keywords of `engine.loader.load` that name them alike)."""
+    """How the model is loaded and run; each field is the `engine.loader.load` keyword of its name."""
 
     device: Device = "auto"
     dtype: Dtype = "auto"
