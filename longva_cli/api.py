@@ -30,26 +30,15 @@ class LongVA(LoadedLongVA):
     """A loaded LongVA model with its tokenizer and preprocessing, and `ask` for one question."""
 
     @classmethod
-    def from_pretrained(
-        cls,
-        model: str | Path = DEFAULT_MODEL,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        attn_implementation: str = "auto",
-        device_map: str | None = None,
-        quantize: str | None = None,
-        quantize_backend: str = "torchao",
-        revision: str | None = None,
-        download: bool = True,
-        kv_cache: str = "auto",
-    ) -> LongVA:
-        """Load a checkpoint folder or hub id (from the local cache, downloading it if missing);
-        `kv_cache` is how the KV cache is stored: auto (the model's dtype), bf16 or fp8."""
-        loaded = load(
-            model, kind="longva", device=device, dtype=dtype, attn=attn_implementation, device_map=device_map,
-            quantize=quantize, quantize_backend=quantize_backend, revision=revision, download=download, kv_cache=kv_cache,
-        )
+    def from_pretrained(cls, model: str | Path = DEFAULT_MODEL, *, attn_implementation: str = "auto", **options) -> LongVA:
+        """Load a checkpoint folder or hub id (from the local cache, downloading it if missing).
+
+        `options` are those of `engine.loader.load`, with their defaults there: device, dtype,
+        device_map, quantize, quantize_backend, revision, download, and kv_cache (how the KV cache
+        is stored: auto (the model's dtype), bf16 or fp8). `attn_implementation` is its `attn`,
+        named as transformers names it.
+        """
+        loaded = load(model, kind="longva", attn=attn_implementation, **options)
         return cls(
             loaded.model, loaded.tokenizer, loaded.processing, loaded.name, loaded.generation_config, loaded.load_seconds,
             folder=loaded.folder, fingerprint=loaded.fingerprint,

@@ -70,26 +70,15 @@ def read_questions(arguments: list[str], questions_file: str | None) -> list[str
 
 
 @dataclass
-class AskSettings:
-    """What `ask` and `chat` share: the model and how to load it, how the media is sampled, how
-    answers are sampled, and the visual cache. `check()` before loading anything."""
+class AskSettings(options.Loading, options.Sampling, options.MediaSampling):
+    """What `ask` and `chat` share: how the media is sampled, how answers are sampled, the model
+    and how to load it, and the visual cache. `check()` before loading anything.
+
+    The groups' fields come first (frames, fps, max_new_tokens, ..., device, ...), each with the
+    default its option shows; all are plain keywords: `AskSettings(device="cpu", frames=8)`.
+    """
 
     model: str = DEFAULT_MODEL
-    frames: int | None = None  # uniform frames (32 when None); with fps, the cap
-    fps: float | None = None
-    system: str | None = None  # None: the original's system prompt
-    max_new_tokens: int = 1024
-    temperature: float = defaults.TEMPERATURE
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    attn: str = "auto"
-    kv_cache: str = "auto"
-    device_map: str | None = None
-    quantize: str | None = None
-    quantize_backend: str = "torchao"
     memory_budget: str | None = None  # None: the device's free memory
     revision: str | None = None
     prefill_chunk: int = defaults.PREFILL_CHUNK
@@ -158,11 +147,16 @@ class AskSettings:
         return session, sampling
 
 
-def checked_settings(media: Path | None, **flags) -> AskSettings:
+def checked_settings(
+    media: Path | None, media_sampling: options.MediaSampling, sampling: options.Sampling, loading: options.Loading,
+    cache: options.EmbeddingCache, **flags,
+) -> AskSettings:
     """The commands' flags as settings, checked with the media file: bad input fails before any model loads."""
     from longva_cli.engine.encoder import media_kind
 
-    settings = AskSettings(**flags)
+    settings = AskSettings(
+        **vars(media_sampling), **vars(sampling), **vars(loading), cache_dir=cache.cache_dir, use_cache=not cache.no_cache, **flags
+    )
     settings.check()
     if media is not None:
         media_kind(media)
@@ -213,32 +207,21 @@ def report(answer) -> None:
     )
 
 
+@options.composed
 def command(
     media: Path = typer.Argument(..., help="A video or image file (recognised by content)."),
     question: Optional[List[str]] = typer.Argument(None, help="One or more questions; '-' reads one from standard input."),
     questions_file: Optional[str] = typer.Option(None, "--questions", help="A file with one question a line ('-': standard input)."),
-    frames: options.Frames = None,
-    fps: options.Fps = None,
-    model: options.Model = DEFAULT_MODEL,
-    max_new_tokens: options.MaxNewTokens = 1024,
-    temperature: options.Temperature = defaults.TEMPERATURE,
-    top_p: options.TopP = None,
-    top_k: options.TopK = None,
-    seed: options.Seed = 0,
-    system: options.System = None,
-    device: options.Device = "auto",
-    dtype: options.Dtype = "auto",
-    attn: options.Attention = "auto",
-    kv_cache: options.KVCache = "auto",
-    device_map: options.DeviceMap = None,
-    quantize: options.Quantize = None,
-    quantize_backend: options.QuantizeBackend = "torchao",
+    *,
+    media_sampling: options.MediaSampling,
+    model: options.Model = AskSettings.model,
+    sampling: options.Sampling,
+    loading: options.Loading,
     memory_budget: options.MemoryBudget = None,
     plan: bool = typer.Option(False, "--plan", help="Print the memory plan (config files only, no weights) and exit."),
     revision: options.Revision = None,
-    prefill_chunk: options.PrefillChunk = defaults.PREFILL_CHUNK,
-    cache_dir: options.CacheDir = None,
-    no_cache: options.NoCache = False,
+    prefill_chunk: options.PrefillChunk = AskSettings.prefill_chunk,
+    cache: options.EmbeddingCache,
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object per question (JSON Lines: answer, counts, timings) and nothing else on stdout."),
 ) -> None:
     """Answer questions about a video or an image.
@@ -257,10 +240,8 @@ def command(
     """
     questions = read_questions(question or [], questions_file)
     settings = checked_settings(
-        media, model=model, frames=frames, fps=fps, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, top_k=top_k, seed=seed, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize,
-        quantize_backend=quantize_backend, memory_budget=memory_budget, revision=revision, prefill_chunk=prefill_chunk,
-        cache_dir=cache_dir, use_cache=not no_cache, kv_cache=kv_cache,
+        media, media_sampling, sampling, loading, cache, model=model, memory_budget=memory_budget, revision=revision,
+        prefill_chunk=prefill_chunk,
     )
     if plan:
         from rich.console import Console

@@ -12,12 +12,11 @@ import sys
 from pathlib import Path
 import typer
 
-from longva_cli import defaults, options
+from longva_cli import options
 from longva_cli.ask import EMPTY_ANSWER, MAX_QUESTION_CHARS, AskSettings, check_question, checked_settings
 from longva_cli.console import escape, stderr
 from longva_cli.display import EventDisplay
 from longva_cli.errors import LongVAError
-from longva_cli.hub import DEFAULT_MODEL
 
 COMMANDS = (
     "/reset forgets the conversation, /save FILE writes it as JSON (/save! FILE replaces an existing file), "
@@ -114,29 +113,18 @@ def chat(media: Path, settings: AskSettings = AskSettings(), *, json_output: boo
     return turns
 
 
+@options.composed
 def command(
     media: Path = typer.Argument(..., help="A video or image file (recognised by content)."),
-    frames: options.Frames = None,
-    fps: options.Fps = None,
-    model: options.Model = DEFAULT_MODEL,
-    max_new_tokens: options.MaxNewTokens = 1024,
-    temperature: options.Temperature = defaults.TEMPERATURE,
-    top_p: options.TopP = None,
-    top_k: options.TopK = None,
-    seed: options.Seed = 0,
-    system: options.System = None,
-    device: options.Device = "auto",
-    dtype: options.Dtype = "auto",
-    attn: options.Attention = "auto",
-    kv_cache: options.KVCache = "auto",
-    device_map: options.DeviceMap = None,
-    quantize: options.Quantize = None,
-    quantize_backend: options.QuantizeBackend = "torchao",
+    *,
+    media_sampling: options.MediaSampling,
+    model: options.Model = AskSettings.model,
+    sampling: options.Sampling,
+    loading: options.Loading,
     memory_budget: options.MemoryBudget = None,
     revision: options.Revision = None,
-    prefill_chunk: options.PrefillChunk = defaults.PREFILL_CHUNK,
-    cache_dir: options.CacheDir = None,
-    no_cache: options.NoCache = False,
+    prefill_chunk: options.PrefillChunk = AskSettings.prefill_chunk,
+    cache: options.EmbeddingCache,
     json_output: bool = typer.Option(False, "--json", help="Print each answer as one JSON line instead of text."),
 ) -> None:
     """Chat about a video or an image: several turns, the history kept in the KV cache.
@@ -150,9 +138,7 @@ def command(
       printf 'What happens?\\nWhy?\\n' | longva chat clip.mp4 --temperature 0
     """
     settings = checked_settings(
-        media, model=model, frames=frames, fps=fps, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, top_k=top_k, seed=seed, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize,
-        quantize_backend=quantize_backend, memory_budget=memory_budget, revision=revision, prefill_chunk=prefill_chunk,
-        cache_dir=cache_dir, use_cache=not no_cache, kv_cache=kv_cache,
+        media, media_sampling, sampling, loading, cache, model=model, memory_budget=memory_budget, revision=revision,
+        prefill_chunk=prefill_chunk,
     )
     chat(media, settings, json_output=json_output)

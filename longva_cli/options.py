@@ -1,15 +1,22 @@
 """Command-line options that several commands share, declared once so they read the same everywhere.
 
-Use as `device: Device = "auto"` in a Typer command's signature.
+One option: `revision: Revision = None` in a Typer command's signature. A parameter group (a
+dataclass of options with their defaults, such as `Loading`): `loading: Loading` in the signature
+of a command wrapped in `composed`, which spells the group's options out in that place and hands
+the command one `Loading`.
 """
 
 import copy
+import dataclasses
+import functools
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional, get_args
+from typing import Annotated, Optional, get_args, get_type_hints
 
 import typer
 
-from longva_cli.defaults import FRAMES
+from longva_cli.defaults import FRAMES, MAX_NEW_TOKENS, TEMPERATURE
 
 Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N (under torchrun each rank takes its own GPU).")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32.")]
@@ -62,6 +69,78 @@ TopP = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling
 TopK = Annotated[Optional[int], typer.Option("--top-k", help="Top-k sampling (default: the checkpoint's generation config, else 50).")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed for sampling (each answer starts from it).")]
 System = Annotated[Optional[str], typer.Option("--system", help="System prompt (default: 'You are a helpful assistant.'; '' for none).")]
+
+
+# Parameter groups: each option with its default, in the order the help pages list them.
+@dataclass
+class Loading:
+    """How the model is loaded and run; each field is the `engine.loader.load` keyword of its name."""
+
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+    attn: Attention = "auto"
+    kv_cache: KVCache = "auto"
+    device_map: DeviceMap = None
+    quantize: Quantize = None
+    quantize_backend: QuantizeBackend = "torchao"
+
+
+@dataclass
+class MediaSampling:
+    """Which frames of a video are encoded (None and None: FRAMES uniform frames)."""
+
+    frames: Frames = None
+    fps: Fps = None
+
+
+@dataclass
+class Sampling:
+    """How answers are sampled."""
+
+    max_new_tokens: MaxNewTokens = MAX_NEW_TOKENS
+    temperature: Temperature = TEMPERATURE
+    top_p: TopP = None
+    top_k: TopK = None
+    seed: Seed = 0
+    system: System = None
+
+
+@dataclass
+class EmbeddingCache:
+    """Where the visual embeddings are kept between runs."""
+
+    cache_dir: CacheDir = None
+    no_cache: NoCache = False
+
+
+def composed(command):
+    """`command` as Typer reads it: each parameter typed with a parameter group is spelled out as
+    the group's options, in its place; the command gets one instance of each group.
+
+    Typer reads a command's options from its signature, so the wrapper shows the spelled-out one.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    groups = {name: p.annotation for name, p in signature.parameters.items() if dataclasses.is_dataclass(p.annotation)}
+    parameters = []
+    for parameter in signature.parameters.values():
+        if parameter.name not in groups:
+            parameters.append(parameter)
+            continue
+        types = get_type_hints(parameter.annotation, include_extras=True)
+        parameters += [
+            inspect.Parameter(field.name, parameter.kind, default=field.default, annotation=types[field.name])
+            for field in dataclasses.fields(parameter.annotation)
+        ]
+
+    @functools.wraps(command)
+    def run(**flags):
+        for name, group in groups.items():
+            flags[name] = group(**{field.name: flags.pop(field.name) for field in dataclasses.fields(group)})
+        return command(**flags)
+
+    run.__signature__ = signature.replace(parameters=parameters)
+    return run
+
 
 # Commands whose result is a table print it on stdout; this prints it as JSON there instead.
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout instead of a table.")]

@@ -31,7 +31,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from longva_cli.defaults import TEMPERATURE
+from longva_cli.defaults import MAX_NEW_TOKENS, TEMPERATURE
 from longva_cli.errors import LongVAError
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class Model(Protocol):
 class SamplingSettings:
     """temperature 0 (or below GREEDY_BELOW) means greedy decoding; the original demo sampled at 0.5."""
 
-    max_new_tokens: int = 1024
+    max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = TEMPERATURE
     top_p: float | None = None
     top_k: int | None = None

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
-from longva_cli.defaults import FRAMES, VISION_BATCH
+from longva_cli.defaults import FRAMES, MAX_NEW_TOKENS, PREFILL_CHUNK, VISION_BATCH
 from longva_cli.errors import LongVAError
 
 GIB = 2**30
@@ -144,8 +144,8 @@ class Workload:
 
     frames: int
     text_tokens: int = TEXT_ALLOWANCE
-    new_tokens: int = 1024
-    chunk: int = 4096
+    new_tokens: int = MAX_NEW_TOKENS
+    chunk: int = PREFILL_CHUNK
     element: int = 2  # bytes of the model dtype
     device_type: str = "cuda"
 
@@ -426,10 +426,10 @@ TABLE_SETTINGS = [
 ]
 
 
-def frames_table(shape: ModelShape, budgets_gib: list[float], chunk: int = 4096) -> str:
+def frames_table(shape: ModelShape, budgets_gib: list[float], chunk: int = PREFILL_CHUNK) -> str:
     """A markdown table of the most frames each of `TABLE_SETTINGS` fits in each budget (GiB) on a
     GPU, with a prompt of `TEXT_ALLOWANCE` tokens and an answer of 1,024."""
-    work = Workload(1, text_tokens=TEXT_ALLOWANCE, new_tokens=1024, chunk=chunk, element=2, device_type="cuda")
+    work = Workload(1, text_tokens=TEXT_ALLOWANCE, new_tokens=MAX_NEW_TOKENS, chunk=chunk, element=2, device_type="cuda")
     lines = [
         "| weights | KV cache | visual tokens, tower | " + " | ".join(f"{b:g} GiB" for b in budgets_gib) + " |",
         "|---|---|---|" + "---:|" * len(budgets_gib),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -13,12 +14,16 @@ from longva_cli import defaults, options
 from longva_cli.console import on_interrupt, progress, stderr, stdout, this_command
 from longva_cli.errors import LongVAError
 from longva_cli.eval.local import DEFAULT_EVAL_MODEL
+from longva_cli.eval.settings import PplSettings
 
 INSTALL_HINT = (
     "lmms-eval is not installed; run `pip install 'longva[eval]'` and then, on a machine without a GPU, "
     "`pip uninstall -y torchvision` (lmms-eval pulls a torchvision that does not import next to the CPU torch), "
     "or use `longva eval local` which needs neither."
 )
+
+# `eval` (lmms-eval) and `eval local` sample every video alike.
+Frames = Annotated[int, typer.Option("--frames", "-n", help="Frames sampled uniformly from each video (144 tokens each).")]
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -30,8 +35,8 @@ app = typer.Typer(
 def lmms_command(
     ctx: typer.Context,
     tasks: str = typer.Option(None, "--tasks", help="Comma-separated lmms-eval task names, e.g. videomme,mme."),
-    model: str = typer.Option(DEFAULT_EVAL_MODEL, "--model", "-m", help="Checkpoint folder, hub id or short name."),
-    frames: int = typer.Option(defaults.FRAMES, "--frames", "-n", help="Frames sampled uniformly from each video (144 tokens each)."),
+    model: options.Model = DEFAULT_EVAL_MODEL,
+    frames: Frames = defaults.FRAMES,
     output: Path = typer.Option(Path("runs/eval"), "--output", "-o", help="Folder for results.json and per-task samples."),
     limit: int = typer.Option(None, "--limit", help="Only the first N documents of each task (for a quick check)."),
     device: options.Device = "auto",
@@ -96,8 +101,8 @@ def print_task_table(results: dict) -> None:
 @app.command("local", no_args_is_help=True)
 def local_command(
     data: Path = typer.Option(..., "--data", "-d", help="Video-MME folder (annotations + data/ videos) or a JSONL file."),
-    model: str = typer.Option(DEFAULT_EVAL_MODEL, "--model", "-m", help="Checkpoint folder, hub id or short name."),
-    frames: int = typer.Option(defaults.FRAMES, "--frames", "-n", help="Frames sampled uniformly from each video (144 tokens each)."),
+    model: options.Model = DEFAULT_EVAL_MODEL,
+    frames: Frames = defaults.FRAMES,
     output: Path = typer.Option(None, "--output", "-o", help="Run folder (default runs/eval-local/<data>-<frames>f); rerun to resume."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results in --output (made with other settings) and start over."),
     annotations: Path = typer.Option(None, "--annotations", "-a", help="Annotation file (parquet, JSON or JSONL) when not found in --data."),
@@ -210,22 +215,22 @@ def ppl_command(
     model: list[str] = typer.Option(None, "--model", "-m", help="Causal LM folder or hub id, or a LongVA checkpoint (its language model); repeat for several."),
     data: str = typer.Option(None, "--data", "-d", help="A .txt/.jsonl/.parquet file or folder of them (.txt: one document a file), a saved `datasets` folder, or a hub dataset name."),
     output: Path = typer.Option(None, "--output", "-o", help="Run folder for ppl.csv, ppl.jsonl and ppl.png (default: runs/ppl-<data name>); rerun to continue."),
-    min_tokens: int = typer.Option(4096, "--min-tokens", help="Smallest context length L."),
-    max_tokens: int = typer.Option(131072, "--max-tokens", help="Largest context length L."),
+    min_tokens: int = typer.Option(PplSettings.min_tokens, "--min-tokens", help="Smallest context length L."),
+    max_tokens: int = typer.Option(PplSettings.max_tokens, "--max-tokens", help="Largest context length L."),
     token_step: int = typer.Option(None, "--token-step", help="Step between context lengths (default: double from --min-tokens)."),
     stride: int = typer.Option(None, "--stride", help="Tokens between window starts; each window scores only tokens no earlier one did (default: L, disjoint windows)."),
-    text_field: str = typer.Option("text", "--text-field", help="Field (.jsonl) or column (.parquet, datasets) holding the text."),
-    split: str = typer.Option("test", "--split", help="Split of a `datasets` name or saved DatasetDict."),
+    text_field: str = typer.Option(PplSettings.text_field, "--text-field", help="Field (.jsonl) or column (.parquet, datasets) holding the text."),
+    split: str = typer.Option(PplSettings.split, "--split", help="Split of a `datasets` name or saved DatasetDict."),
     samples: int = typer.Option(None, "--samples", help="Score only the first N documents (after --min-doc-tokens)."),
-    min_doc_tokens: int = typer.Option(0, "--min-doc-tokens", help="Drop documents shorter than this many tokens."),
+    min_doc_tokens: int = typer.Option(PplSettings.min_doc_tokens, "--min-doc-tokens", help="Drop documents shorter than this many tokens."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Where tokenized documents are cached (default: ~/.cache/longva/ppl)."),
     device: options.Device = "auto",
     device_map: options.DeviceMap = None,
-    sequence_parallel: int = typer.Option(1, "--sequence-parallel", help="Split each window over this many torchrun ranks (DeepSpeed Ulysses)."),
+    sequence_parallel: int = typer.Option(PplSettings.sequence_parallel, "--sequence-parallel", help="Split each window over this many torchrun ranks (DeepSpeed Ulysses)."),
     dtype: options.Dtype = "auto",
     attn: options.Attention = "auto",
     kv_cache: options.KVCache = "auto",
-    prefill_chunk: options.PrefillChunk = defaults.PREFILL_CHUNK,
+    prefill_chunk: options.PrefillChunk = PplSettings.prefill_chunk,
     revision: options.Revision = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results in --output (made with other data, stride or selection) and start over."),
     json_output: options.Json = False,
@@ -251,7 +256,7 @@ def ppl_command(
         return
     from longva_cli.console import progress as progress_bar
     from longva_cli.engine.runs import read_lines
-    from longva_cli.eval.ppl import RESULTS, PplSettings, evaluate_perplexity, run_folder
+    from longva_cli.eval.ppl import RESULTS, evaluate_perplexity, run_folder
 
     if not data:
         raise LongVAError("give --data (text files, a saved `datasets` folder or a hub dataset name); see `longva eval ppl --help`.")

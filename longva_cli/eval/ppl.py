@@ -43,9 +43,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from longva_cli.defaults import PREFILL_CHUNK
 from longva_cli.engine.runs import RunStore, write_atomic
 from longva_cli.errors import LongVAError
+from longva_cli.eval.settings import PplSettings
 from longva_cli.model.config import read_config
 from longva_cli.parallel.ranks import join
 from longva_cli.text_sources import (
@@ -69,30 +69,6 @@ RESULTS = "ppl.jsonl"
 TABLE = "ppl.csv"
 PLOT = "ppl.png"
 DATA_HINT = "give a .txt/.jsonl/.parquet file, a folder of them, a saved `datasets` folder or a hub dataset name such as emozilla/pg19-test"
-
-
-@dataclass
-class PplSettings:
-    models: list[str]
-    data: str
-    output: Path | None = None  # None: runs/ppl-<data name> (see `run_folder`)
-    min_tokens: int = 4096
-    max_tokens: int = 131072
-    token_step: int | None = None  # None: double from min_tokens
-    stride: int | None = None  # None: L (disjoint windows)
-    text_field: str = "text"
-    split: str = "test"
-    samples: int | None = None
-    min_doc_tokens: int = 0
-    cache_dir: Path | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    attn: str = "auto"
-    kv_cache: str = "auto"
-    device_map: str | None = None
-    sequence_parallel: int = 1
-    prefill_chunk: int = PREFILL_CHUNK
-    revision: str | None = None
 
 
 # ---- the grid and the windows --------------------------------------------------------------------

@@ -197,31 +197,17 @@ def load_language_model(
     return language_model
 
 
-def load_longva(
-    folder: Path,
-    *,
-    dtype: torch.dtype,
-    attn_implementation: str,
-    device: torch.device | str = "cpu",
-    device_map: str | dict | None = None,
-    quantization_config=None,
-) -> LongVAForCausalLM:
-    """The LongVA model in a checkpoint folder, strictly loaded, ready for inference."""
+def load_longva(folder: Path, *, dtype: torch.dtype, attn_implementation: str, **placement) -> LongVAForCausalLM:
+    """The LongVA model in a checkpoint folder, strictly loaded, ready for inference. `placement`
+    (device, device_map, quantization_config) is `load_language_model`'s: the tower and the
+    projector go where the language model's embeddings are."""
     folder = Path(folder)
     raw = read_config(folder)
     mm = multimodal_config(raw, folder / "config.json")
     vision_config, _ = vision_settings(mm)
     files = weight_map(folder)
     shapes = check_weight_files(folder, files)
-    language_model = load_language_model(
-        folder,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        device=device,
-        device_map=device_map,
-        quantization_config=quantization_config,
-        shapes=shapes,
-    )
+    language_model = load_language_model(folder, dtype=dtype, attn_implementation=attn_implementation, shapes=shapes, **placement)
     hidden_size = language_model.config.hidden_size
     check_described_size("projector", folder, projector_parameters(mm, hidden_size), _part(shapes, PROJECTOR_PREFIX))
     home = language_model.get_input_embeddings().weight.device

@@ -6,8 +6,8 @@ from a default: defaults < recipe (`--recipe`) < stored settings (`--resume RUN`
 
 from __future__ import annotations
 
-import dataclasses
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,7 +17,7 @@ from rich.markup import escape
 from longva_cli import options
 from longva_cli.console import on_interrupt, stderr, stdout
 from longva_cli.errors import LongVAError
-from longva_cli.niah.settings import VideoSettings
+from longva_cli.niah.settings import TextSettings, VideoSettings
 
 app = typer.Typer(
     help="""Needle-in-a-haystack tests: V-NIAH on any long video, text NIAH on any text, and their heatmaps.
@@ -34,33 +34,95 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-SCORING_HELP = (
-    "teacher-forced (the original: argmax equals the answer at every answer token) or generate (greedy answer, "
-    f"compared as text) [default: {VideoSettings.scoring}]."
-)
-# Options both modes take, spelled once.
-Recipe = Annotated[
-    Optional[str],
-    typer.Option("--recipe", "-r", help="Settings from a recipe: a YAML file or a bundled name (`longva recipes list`); flags override it."),
-]
-Resume = Annotated[
-    Optional[str],
-    typer.Option(
-        "--resume", metavar="RUN", help="Continue the run in this folder with the settings stored there (flags may change --device, "
-        "--attn, --prefill-chunk and --cache-dir); rerunning the same command continues it too.",
-    ),
-]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Delete the results in --output and start over.")]
-SequenceParallel = Annotated[
-    Optional[int],
-    typer.Option("--sequence-parallel", help="Split each sequence over this many torchrun ranks (DeepSpeed Ulysses; teacher-forced) [default: 1]."),
-]
-# The two modes share these defaults (VideoSettings and TextSettings spell them alike).
-Device = options.default_shown(options.Device, VideoSettings.device)
-Dtype = options.default_shown(options.Dtype, VideoSettings.dtype)
-Attention = options.default_shown(options.Attention, VideoSettings.attn)
-PrefillChunk = options.default_shown(options.PrefillChunk, VideoSettings.prefill_chunk)
-KVCache = options.default_shown(options.KVCache, VideoSettings.kv_cache)
+
+# The options of each mode default to None (see above); their help shows the settings' defaults.
+def optional(*names: str, help: str, kind=str) -> object:
+    """A `kind` option that defaults to None: the recipe's, the run's or the settings' value holds then."""
+    return Annotated[Optional[kind], typer.Option(*names, help=help)]
+
+
+# Options of both modes whose defaults differ between them.
+def output_option(settings: type) -> object:
+    return optional("--output", "-o", kind=Path, help=f"Run folder [default: {settings.output}]; rerun the same command to continue.")
+
+
+def depth_step_option(settings: type) -> object:
+    return optional("--depth-step", kind=float, help=f"Step between needle depths from 0 to 1 [default: {settings.depth_step}].")
+
+
+@dataclass
+class VideoGrid:
+    """`niah video`'s own options: the haystack, the needles and the grid of cells."""
+
+    haystack: optional("--haystack", kind=Path, help="A long video you have (a film, a lecture); sampled at 1 frame a second.") = None
+    model: optional("--model", "-m", help=f"LongVA checkpoint folder, hub id or short name [default: {VideoSettings.model}].") = None
+    needles: optional(
+        "--needles", help=f"v_niah_needles (the hub set) or a folder of images + needles.jsonl {{image, question, answer}} [default: {VideoSettings.needles}]."
+    ) = None
+    output: output_option(VideoSettings) = None
+    min_frames: optional("--min-frames", kind=int, help=f"Smallest haystack, in frames [default: {VideoSettings.min_frames}].") = None
+    max_frames: optional("--max-frames", kind=int, help=f"Largest haystack, in frames [default: {VideoSettings.max_frames}].") = None
+    frame_step: optional("--frame-step", kind=int, help=f"Step between haystack sizes [default: {VideoSettings.frame_step}].") = None
+    depth_step: depth_step_option(VideoSettings) = None
+
+
+@dataclass
+class TextGrid:
+    """`niah text`'s own options: the model, the haystack, the needles and the grid of cells."""
+
+    model: optional("--model", "-m", help=f"Causal LM folder or hub id [default: {TextSettings.model}].") = None
+    haystack: optional("--haystack", help=f"A folder of .txt files (repeated past the longest context), or {TextSettings.haystack} [default].") = None
+    output: output_option(TextSettings) = None
+    min_tokens: optional("--min-tokens", kind=int, help=f"Shortest haystack in tokens [default: {TextSettings.min_tokens}].") = None
+    max_tokens: optional("--max-tokens", kind=int, help=f"Longest haystack in tokens [default: {TextSettings.max_tokens}].") = None
+    token_step: optional("--token-step", kind=int, help=f"Step between haystack lengths [default: {TextSettings.token_step}].") = None
+    depth_step: depth_step_option(TextSettings) = None
+    samples: optional("--samples", kind=int, help=f"Needle numbers per cell [default: {TextSettings.samples}].") = None
+    distractors: optional("--distractors", kind=int, help=f"Other cities' numbers hidden too, 0 to 6 [default: {TextSettings.distractors}].") = None
+    seed: optional("--seed", kind=int, help=f"Seed of the numbers and distractor places [default: {TextSettings.seed}].") = None
+
+
+@dataclass
+class Scoring:
+    """How both modes score a cell. This group and `Running` show VideoSettings' defaults:
+    TextSettings spells them alike."""
+
+    scoring: optional(
+        "--scoring", help="teacher-forced (the original: argmax equals the answer at every answer token) or generate (greedy answer, "
+        f"compared as text) [default: {VideoSettings.scoring}].",
+    ) = None
+    max_new_tokens: optional("--max-new-tokens", kind=int, help=f"Longest generated answer (generate scoring) [default: {VideoSettings.max_new_tokens}].") = None
+
+
+@dataclass
+class Running:
+    """Where and how the cells are computed."""
+
+    device: options.default_shown(options.Device, VideoSettings.device) = None
+    device_map: options.DeviceMap = None
+    sequence_parallel: optional(
+        "--sequence-parallel", kind=int,
+        help=f"Split each sequence over this many torchrun ranks (DeepSpeed Ulysses; teacher-forced) [default: {VideoSettings.sequence_parallel}].",
+    ) = None
+    dtype: options.default_shown(options.Dtype, VideoSettings.dtype) = None
+    attn: options.default_shown(options.Attention, VideoSettings.attn) = None
+    kv_cache: options.default_shown(options.KVCache, VideoSettings.kv_cache) = None
+    prefill_chunk: options.default_shown(options.PrefillChunk, VideoSettings.prefill_chunk) = None
+
+
+@dataclass
+class RunFolder:
+    """Which settings a run starts from, and what happens to the results already in its folder."""
+
+    recipe: optional("--recipe", "-r", help="Settings from a recipe: a YAML file or a bundled name (`longva recipes list`); flags override it.") = None
+    resume: Annotated[
+        Optional[str],
+        typer.Option(
+            "--resume", metavar="RUN", help="Continue the run in this folder with the settings stored there (flags may change --device, "
+            "--attn, --prefill-chunk and --cache-dir); rerunning the same command continues it too.",
+        ),
+    ] = None
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the results in --output and start over.")] = False
 
 
 def settings_for(mode: str, recipe: str | None, resume: str | None, flags: dict):
@@ -69,7 +131,7 @@ def settings_for(mode: str, recipe: str | None, resume: str | None, flags: dict)
     `resume` "" stands for the --output folder (the bare `--resume` switch of the last release).
     """
     from longva_cli.niah.results import stored_settings
-    from longva_cli.niah.settings import NiahRecipe, TextSettings, check
+    from longva_cli.niah.settings import NiahRecipe, check
     from longva_cli.recipes import build, load_recipe
 
     schema = VideoSettings if mode == "video" else TextSettings
@@ -90,7 +152,7 @@ def settings_for(mode: str, recipe: str | None, resume: str | None, flags: dict)
             raise LongVAError(f"{folder} holds a {stored_mode} run; resume it with `longva niah {stored_mode} --resume {folder}`.")
         section = build(schema, stored)
         given["output"] = folder
-    settings = dataclasses.replace(section, **given)
+    settings = replace(section, **given)
     if settings.scoring not in ("teacher-forced", "generate"):
         raise LongVAError(f"--scoring must be teacher-forced or generate, got {settings.scoring!r}.")
     return settings
@@ -148,30 +210,14 @@ def report(run, json_output: bool = False) -> None:
 
 
 @app.command("video", no_args_is_help=False)
+@options.composed
 def video_command(
-    haystack: Path | None = typer.Option(None, "--haystack", help="A long video you have (a film, a lecture); sampled at 1 frame a second."),
-    model: str | None = typer.Option(None, "--model", "-m", help="LongVA checkpoint folder, hub id or short name [default: lmms-lab/LongVA-7B]."),
-    needles: str | None = typer.Option(
-        None, "--needles", help=f"v_niah_needles (the hub set) or a folder of images + needles.jsonl {{image, question, answer}} [default: {VideoSettings.needles}]."
-    ),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Run folder [default: runs/niah-video]; rerun the same command to continue."),
-    min_frames: int | None = typer.Option(None, "--min-frames", help=f"Smallest haystack, in frames [default: {VideoSettings.min_frames}]."),
-    max_frames: int | None = typer.Option(None, "--max-frames", help=f"Largest haystack, in frames [default: {VideoSettings.max_frames}]."),
-    frame_step: int | None = typer.Option(None, "--frame-step", help=f"Step between haystack sizes [default: {VideoSettings.frame_step}]."),
-    depth_step: float | None = typer.Option(None, "--depth-step", help="Step between needle depths from 0 to 1 [default: 0.2]."),
-    scoring: str | None = typer.Option(None, "--scoring", help=SCORING_HELP),
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Longest generated answer (generate scoring) [default: 32]."),
-    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where haystack embeddings are cached (the visual cache) [default: ~/.cache/longva/visual]."),
-    device: Device = None,
-    device_map: options.DeviceMap = None,
-    sequence_parallel: SequenceParallel = None,
-    dtype: Dtype = None,
-    attn: Attention = None,
-    kv_cache: KVCache = None,
-    prefill_chunk: PrefillChunk = None,
-    recipe: Recipe = None,
-    resume: Resume = None,
-    overwrite: Overwrite = False,
+    grid: VideoGrid,
+    scoring: Scoring,
+    cache_dir: optional("--cache-dir", kind=Path, help="Where haystack embeddings are cached (the visual cache) [default: ~/.cache/longva/visual].") = None,
+    *,
+    running: Running,
+    run: RunFolder,
     json_output: options.Json = False,
 ) -> None:
     """V-NIAH: can the model find one needle image among N frames of a long video?
@@ -193,41 +239,13 @@ def video_command(
       longva niah video --haystack movie.mp4 --max-frames 5000 --device-map auto
       torchrun --nproc-per-node 4 -m longva_cli niah video --haystack movie.mp4 --max-frames 6000 --sequence-parallel 4
     """
-    flags = {
-        "haystack": haystack, "model": model, "needles": needles, "output": output, "min_frames": min_frames, "max_frames": max_frames,
-        "frame_step": frame_step, "depth_step": depth_step, "scoring": scoring, "max_new_tokens": max_new_tokens, "cache_dir": cache_dir,
-        "device": device, "device_map": device_map, "sequence_parallel": sequence_parallel, "dtype": dtype, "attn": attn,
-        "kv_cache": kv_cache, "prefill_chunk": prefill_chunk,
-    }
-    run_grid("video", settings_for("video", recipe, resume, flags), overwrite, json_output)
+    flags = {**vars(grid), **vars(scoring), "cache_dir": cache_dir, **vars(running)}
+    run_grid("video", settings_for("video", run.recipe, run.resume, flags), run.overwrite, json_output)
 
 
 @app.command("text")
-def text_command(
-    model: str | None = typer.Option(None, "--model", "-m", help="Causal LM folder or hub id [default: lmms-lab/Qwen2-7B-Instrcuct-224K]."),
-    haystack: str | None = typer.Option(None, "--haystack", help="A folder of .txt files (repeated past the longest context), or synthetic [default]."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Run folder [default: runs/niah-text]; rerun the same command to continue."),
-    min_tokens: int | None = typer.Option(None, "--min-tokens", help="Shortest haystack in tokens [default: 32000]."),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Longest haystack in tokens [default: 512000]."),
-    token_step: int | None = typer.Option(None, "--token-step", help="Step between haystack lengths [default: 32000]."),
-    depth_step: float | None = typer.Option(None, "--depth-step", help="Step between needle depths from 0 to 1 [default: 0.1]."),
-    samples: int | None = typer.Option(None, "--samples", help="Needle numbers per cell [default: 5]."),
-    distractors: int | None = typer.Option(None, "--distractors", help="Other cities' numbers hidden too, 0 to 6 [default: 0]."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed of the numbers and distractor places [default: 2024]."),
-    scoring: str | None = typer.Option(None, "--scoring", help=SCORING_HELP),
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Longest generated answer (generate scoring) [default: 32]."),
-    device: Device = None,
-    device_map: options.DeviceMap = None,
-    sequence_parallel: SequenceParallel = None,
-    dtype: Dtype = None,
-    attn: Attention = None,
-    kv_cache: KVCache = None,
-    prefill_chunk: PrefillChunk = None,
-    recipe: Recipe = None,
-    resume: Resume = None,
-    overwrite: Overwrite = False,
-    json_output: options.Json = False,
-) -> None:
+@options.composed
+def text_command(grid: TextGrid, scoring: Scoring, running: Running, run: RunFolder, json_output: options.Json = False) -> None:
     """Text NIAH: find "The special magic Singapore number is: NNNNNNN." in a long book.
 
     The original LongVA text test (prompt, needle, distractors, teacher-forced scoring) on any
@@ -239,13 +257,8 @@ def text_command(
       longva niah text --model Qwen/Qwen2-7B-Instruct --max-tokens 128000 --token-step 16000 --output runs/niah-qwen2
       longva niah text --recipe niah/text-qwen2-224k --haystack essays/
     """
-    flags = {
-        "model": model, "haystack": haystack, "output": output, "min_tokens": min_tokens, "max_tokens": max_tokens, "token_step": token_step,
-        "depth_step": depth_step, "samples": samples, "distractors": distractors, "seed": seed, "scoring": scoring,
-        "max_new_tokens": max_new_tokens, "device": device, "device_map": device_map, "sequence_parallel": sequence_parallel,
-        "dtype": dtype, "attn": attn, "kv_cache": kv_cache, "prefill_chunk": prefill_chunk,
-    }
-    run_grid("text", settings_for("text", recipe, resume, flags), overwrite, json_output)
+    flags = {**vars(grid), **vars(scoring), **vars(running)}
+    run_grid("text", settings_for("text", run.recipe, run.resume, flags), run.overwrite, json_output)
 
 
 @app.command("plot", no_args_is_help=True)

@@ -539,17 +539,15 @@ def serve(
     *,
     engine: str = "native",
     port: int = 8000,
-    device: str = "auto",
-    dtype: str = "auto",
-    attn: str = "auto",
-    device_map: str | None = None,
-    quantize: str | None = None,
     revision: str | None = None,
     vllm: VLLMSettings | None = None,
     log_level: str = "info",
-    kv_cache: str = "auto",
+    **loading,
 ) -> None:
-    """Load `model` on `engine` ("native" or "vllm") and serve it on `settings.host` until SIGINT/SIGTERM."""
+    """Load `model` on `engine` ("native" or "vllm") and serve it on `settings.host` until SIGINT/SIGTERM.
+
+    `loading`: how the native engine loads the model, as `engine.loader.load` takes it (device,
+    dtype, attn, kv_cache, ...); vLLM is set up by `vllm` instead."""
     if engine == "vllm":
         # vLLM reads its log level when it is imported.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", {"trace": "DEBUG"}.get(log_level, log_level.upper()))
@@ -560,5 +558,5 @@ def serve(
     from longva_cli.display import load_model
     from longva_cli.serve.native import NativeWorker
 
-    longva = load_model(model, device=device, dtype=dtype, attn=attn, device_map=device_map, quantize=quantize, revision=revision, kv_cache=kv_cache)
+    longva = load_model(model, revision=revision, **loading)
     run_server(lambda: NativeWorker(longva, settings), settings, port, log_level)

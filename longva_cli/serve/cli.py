@@ -13,11 +13,12 @@ from urllib.parse import urlsplit
 
 import typer
 
-from longva_cli import defaults, options
+from longva_cli import options
 from longva_cli.checks import check_flags
 from longva_cli.console import stderr
 from longva_cli.errors import LongVAError
 from longva_cli.hub import DEFAULT_MODEL
+from longva_cli.serve.settings import RequestLimits, ServeSettings, VLLMSettings
 
 HELD_FILES = Path("/proc/self/fd")  # how the server reads a file:// file it holds open
 
@@ -134,40 +135,37 @@ def check_origin(origin: str) -> str:
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
+@options.composed
 def command(
     ctx: typer.Context,
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint folder, hub id or short name."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface: set --api-key then)."),
+    model: options.Model = DEFAULT_MODEL,
+    host: str = typer.Option(ServeSettings.host, "--host", help="Address to listen on (0.0.0.0 for every interface: set --api-key then)."),
     port: int = typer.Option(8000, "--port", "-p", help="TCP port."),
-    served_model_name: str = typer.Option("longva", "--served-model-name", help="Model id in /v1/models and in requests' `model`."),
+    served_model_name: str = typer.Option(ServeSettings.served_model_name, "--served-model-name", help="Model id in /v1/models and in requests' `model`."),
     media_root: List[Path] = typer.Option([], "--media-root", help="Folder whose files requests may name as file:// URLs (repeatable; none: file:// is refused)."),
     api_key: List[str] = typer.Option([], "--api-key", envvar="LONGVA_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (repeatable; also from $LONGVA_API_KEY, several separated by spaces). Each key is a tenant: follow-up reuse never crosses keys.", show_default=False),
-    max_frames: int = typer.Option(256, "--max-frames", help="Most video frames one request may ask for (144 tokens each)."),
-    max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit", help="Most new tokens one request may ask for; also the default max_tokens."),
-    max_media: int = typer.Option(8, "--max-media", help="Most images and videos in one request."),
-    max_request_mb: float = typer.Option(64, "--max-request-mb", help="Largest request body in MiB (data: URLs are in it, base64 adds a third)."),
-    max_queue: int = typer.Option(32, "--max-queue", help="Requests that may wait for the model once their body is read; more get 503 before their body is read. Bodies being received hold at most this many times --max-request-mb."),
+    max_frames: int = typer.Option(RequestLimits.max_frames, "--max-frames", help="Most video frames one request may ask for (144 tokens each)."),
+    max_tokens_limit: int = typer.Option(RequestLimits.max_tokens, "--max-tokens-limit", help="Most new tokens one request may ask for; also the default max_tokens."),
+    max_media: int = typer.Option(RequestLimits.max_media, "--max-media", help="Most images and videos in one request."),
+    max_request_mb: float = typer.Option(ServeSettings.max_request_bytes // 2**20, "--max-request-mb", help="Largest request body in MiB (data: URLs are in it, base64 adds a third)."),
+    max_queue: int = typer.Option(ServeSettings.max_queue, "--max-queue", help="Requests that may wait for the model once their body is read; more get 503 before their body is read. Bodies being received hold at most this many times --max-request-mb."),
     max_prompt_tokens: int = typer.Option(None, "--max-prompt-tokens", help="Longest prompt in tokens (text + 144 per frame or image crop), checked before any work (default: the model's max_position_embeddings).", show_default=False),
-    queue_timeout: float = typer.Option(300, "--queue-timeout", help="Seconds a request may wait for the model before it gets 503."),
-    read_timeout: float = typer.Option(30, "--read-timeout", help="Seconds a client may take to send a request's headers, and the most its body may pause (the body as a whole: this plus one second per 64 KiB); slower clients get 408."),
-    ui: bool = typer.Option(False, "--ui", help="Also serve a chat page at /ui (upload a video or image, ask, read the streamed answer)."),
+    queue_timeout: float = typer.Option(ServeSettings.queue_timeout, "--queue-timeout", help="Seconds a request may wait for the model before it gets 503."),
+    read_timeout: float = typer.Option(ServeSettings.read_timeout, "--read-timeout", help="Seconds a client may take to send a request's headers, and the most its body may pause (the body as a whole: this plus one second per 64 KiB); slower clients get 408."),
+    ui: bool = typer.Option(ServeSettings.ui, "--ui", help="Also serve a chat page at /ui (upload a video or image, ask, read the streamed answer)."),
     allowed_hosts: List[str] = typer.Option([], "--allowed-hosts", help="Also accept this name in the Host header (repeatable; '*' for any, only behind a proxy that checks it). Always accepted: the --host address, and loopback names when it is a loopback address.", show_default=False),
     cors_origin: List[str] = typer.Option([], "--cors-origin", help="Let web pages from this origin (scheme://host[:port]) call the API from a browser (repeatable; '*' for any). Other sites' requests are refused with 403.", show_default=False),
-    device: options.Device = "auto",
-    dtype: options.Dtype = "auto",
-    attn: options.Attention = "auto",
-    kv_cache: options.KVCache = "auto",
-    device_map: options.DeviceMap = None,
-    quantize: options.Quantize = None,
+    *,
+    loading: options.Loading,
     revision: options.Revision = None,
-    prefill_chunk: options.PrefillChunk = defaults.PREFILL_CHUNK,
+    prefill_chunk: options.PrefillChunk = ServeSettings.prefill_chunk,
     cache_gb: float = typer.Option(
-        8.0, "--cache-gb", help="With the native engine: memory kept for the visual embeddings and KV caches of recent requests, so a follow-up (same video, or the same conversation plus a turn) prefills only its new tokens; 0 keeps nothing."
+        ServeSettings.cache_bytes / 2**30, "--cache-gb", help="With the native engine: memory kept for the visual embeddings and KV caches of recent requests, so a follow-up (same video, or the same conversation plus a turn) prefills only its new tokens; 0 keeps nothing."
     ),
     engine: str = typer.Option(
         "native", "--engine", help="native (this package's engine, one request at a time), vllm (vLLM's engine: requests batched; pip install 'longva[vllm]') or auto (vllm when a GPU is visible and vLLM imports, else native)."
     ),
-    tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="With --engine vllm: GPUs one model is split over (vLLM's --tensor-parallel-size)."),
+    tensor_parallel: int = typer.Option(VLLMSettings.tensor_parallel, "--tensor-parallel", help="With --engine vllm: GPUs one model is split over (vLLM's --tensor-parallel-size)."),
     max_model_len: int = typer.Option(None, "--max-model-len", help="With --engine vllm: the longest sequence, prompt and answer (default: the model's max_position_embeddings).", show_default=False),
     gpu_memory_utilization: float = typer.Option(None, "--gpu-memory-utilization", help="With --engine vllm: the share of each GPU's memory vLLM may take, weights and KV cache (default: vLLM's, 0.92).", show_default=False),
     vllm_args: str = typer.Option("", "--vllm-args", help="With --engine vllm: more engine arguments as `vllm serve` spells them, e.g. \"--pipeline-parallel-size 2 --distributed-executor-backend ray\".", show_default=False),
@@ -207,10 +205,11 @@ def command(
     chosen = resolve_engine(engine)
     check_engine_flags(
         chosen,
-        native_only={"--device": device not in (None, "auto"), "--attn": attn not in (None, "auto"), "--device-map": device_map is not None,
-                     "--quantize": quantize is not None, "--prefill-chunk": given(ctx, "prefill_chunk"), "--cache-gb": given(ctx, "cache_gb"),
-                     "--kv-cache": kv_cache not in (None, "auto")},
-        vllm_only={"--tensor-parallel": tensor_parallel != 1, "--max-model-len": max_model_len is not None,
+        native_only={"--device": loading.device not in (None, "auto"), "--attn": loading.attn not in (None, "auto"),
+                     "--device-map": loading.device_map is not None, "--quantize": loading.quantize is not None,
+                     "--quantize-backend": given(ctx, "quantize_backend"), "--prefill-chunk": given(ctx, "prefill_chunk"),
+                     "--cache-gb": given(ctx, "cache_gb"), "--kv-cache": loading.kv_cache not in (None, "auto")},
+        vllm_only={"--tensor-parallel": tensor_parallel != VLLMSettings.tensor_parallel, "--max-model-len": max_model_len is not None,
                    "--gpu-memory-utilization": gpu_memory_utilization is not None, "--vllm-args": bool(vllm_args.strip())},
     )
     roots = []
@@ -230,8 +229,6 @@ def command(
         stderr.print(f"[yellow]warning:[/yellow] listening on {host} without --api-key: anyone who can reach this port can use the model.")
 
     from longva_cli.serve.app import serve
-    from longva_cli.serve.openai_format import RequestLimits
-    from longva_cli.serve.settings import ServeSettings, VLLMSettings
 
     settings = ServeSettings(
         served_model_name=served_model_name,
@@ -253,7 +250,6 @@ def command(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the worker thread tokenizes; no fork warnings
     vllm = None
     if chosen == "vllm":
-        vllm = VLLMSettings(dtype=vllm_dtype(dtype or "auto"), tensor_parallel=tensor_parallel, max_model_len=max_model_len,
+        vllm = VLLMSettings(dtype=vllm_dtype(loading.dtype or "auto"), tensor_parallel=tensor_parallel, max_model_len=max_model_len,
                             gpu_memory_utilization=gpu_memory_utilization, extra_args=vllm_args)
-    serve(model, settings, engine=chosen, port=port, device=device, dtype=dtype, attn=attn, device_map=device_map,
-          quantize=quantize, revision=revision, vllm=vllm, log_level=log_level, kv_cache=kv_cache)
+    serve(model, settings, engine=chosen, port=port, revision=revision, vllm=vllm, log_level=log_level, **vars(loading))

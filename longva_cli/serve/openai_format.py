@@ -39,6 +39,7 @@ from longva_cli.checks import INT64_MAX, INT64_MIN, check_number, checked_text
 from longva_cli.defaults import FRAMES
 from longva_cli.errors import LongVAError
 from longva_cli.model.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, Turn
+from longva_cli.serve.settings import RequestLimits
 
 MEDIA_PART_TYPES = {"image_url": "image", "video_url": "video"}
 # Sniffed by content after decoding, like `longva ask` does with files.
@@ -123,17 +124,6 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     tools: list[Any] | None = None
     video: VideoOptions | None = None
-
-
-@dataclass
-class RequestLimits:
-    """What one request may ask for; set by `longva serve` flags."""
-
-    media_roots: tuple[Path, ...] = ()  # resolved folders file:// URLs may point into
-    max_frames: int = 256
-    max_tokens: int = 1024
-    max_media: int = 8
-    max_prompt_tokens: int | None = None  # None: the model's max_position_embeddings
 
 
 @dataclass

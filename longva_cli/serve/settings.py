@@ -1,15 +1,27 @@
 """What `longva serve` is started with: the server's settings and, for `--engine vllm`, vLLM's.
 
 Its own module so that the server (`app`), the workers and the command line read the same
-settings without importing one another.
+settings without importing one another; it imports nothing heavy, so the command's options
+show these defaults without loading torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from longva_cli.defaults import PREFILL_CHUNK
-from longva_cli.serve.openai_format import RequestLimits
+from longva_cli.defaults import MAX_NEW_TOKENS, PREFILL_CHUNK
+
+
+@dataclass
+class RequestLimits:
+    """What one request may ask for; set by `longva serve` flags."""
+
+    media_roots: tuple[Path, ...] = ()  # resolved folders file:// URLs may point into
+    max_frames: int = 256
+    max_tokens: int = MAX_NEW_TOKENS
+    max_media: int = 8
+    max_prompt_tokens: int | None = None  # None: the model's max_position_embeddings
 
 
 @dataclass
@@ -21,8 +33,8 @@ class ServeSettings:
     limits: RequestLimits = field(default_factory=RequestLimits)
     max_request_bytes: int = 64 * 2**20
     api_keys: tuple[str, ...] = ()  # --api-key: none lets every client in, as one tenant
-    read_timeout: float = 30.0  # --read-timeout: for a request's headers, and its body (see app.MIN_BODY_RATE)
-    queue_timeout: float = 300.0
+    read_timeout: float = 30  # --read-timeout: for a request's headers, and its body (see app.MIN_BODY_RATE)
+    queue_timeout: float = 300
     max_queue: int = 32
     ui: bool = False
     prefill_chunk: int = PREFILL_CHUNK

@@ -25,6 +25,7 @@ import typer
 
 from longva_cli import options
 from longva_cli.checks import check_number, require_extra, shown_value
+from longva_cli.defaults import FRAMES
 from longva_cli.errors import LongVAError
 from longva_cli.train import loop
 from longva_cli.train.settings import (
@@ -71,7 +72,7 @@ class DataSettings:
     video_folder: Optional[Path] = None  # `video` names are relative to this
     template: Literal["qwen_1_5", "plain"] = "qwen_1_5"
     system: Optional[str] = "You are a helpful assistant."
-    frames: int = 32  # uniform frames per video, 144 tokens each
+    frames: int = FRAMES  # uniform frames per video, 144 tokens each (as `longva ask` samples them)
     max_length: int = 32768  # tokens per sequence (visual included); longer ones are cut and counted
     group_by_length: bool = True  # batches of samples of similar length (less padding)
     num_workers: int = 4  # DataLoader processes decoding media
@@ -467,16 +468,7 @@ def _train(recipe: AlignRecipe, resume, state: ParallelState, records, missing) 
     precision = resolve_precision(train.precision, device.type == "cuda")
     dtype = torch_dtype(precision)
     parts = tunable_parts(recipe)
-    ds_config = deepspeed_setup.deepspeed_config(
-        micro_batch_size=train.micro_batch_size,
-        grad_accum=train.grad_accum,
-        world_size=state.world_size,
-        zero_stage=par.zero_stage,
-        precision=precision,
-        grad_clip=opt.grad_clip,
-        offload_params=par.offload_params,
-        offload_optimizer=par.offload_optimizer,
-    )
+    ds_config = deepspeed_setup.deepspeed_config(train, par, opt, state.world_size, precision)
     attention = resolve_attention(recipe.model.attn_implementation, device)
     model, tokenizer, processing = build_model(recipe, dtype, attention)
     model.to(device)

@@ -14,31 +14,25 @@ from typing import Any
 
 import torch
 
+from longva_cli.train.settings import OptimizerSettings, ParallelSettings, TrainSettings
+
+
 def deepspeed_config(
-    *,
-    micro_batch_size: int,
-    grad_accum: int,
-    world_size: int,
-    zero_stage: int,
-    precision: str,
-    grad_clip: float | None,
-    offload_params: bool = False,
-    offload_optimizer: bool = False,
-    optimizer: dict[str, Any] | None = None,
+    train: TrainSettings, parallel: ParallelSettings, optimizer: OptimizerSettings, world_size: int, precision: str
 ) -> dict[str, Any]:
-    """The DeepSpeed JSON config for these settings (the optimizer only when DeepSpeed builds it)."""
-    zero: dict[str, Any] = {"stage": zero_stage}
-    if zero_stage == 3:
+    """The DeepSpeed JSON config for a recipe's sections (`precision` resolved: bf16, fp16 or fp32)."""
+    zero: dict[str, Any] = {"stage": parallel.zero_stage}
+    if parallel.zero_stage == 3:
         # gather full weights on save, so checkpoints are plain HF safetensors
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if offload_params:
+    if parallel.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if offload_optimizer:
+    if parallel.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
@@ -48,10 +42,8 @@ def deepspeed_config(
         # a torch optimizer with optimizer offload is allowed (slower than DeepSpeedCPUAdam)
         "zero_force_ds_cpu_optimizer": False,
     }
-    if grad_clip:
-        config["gradient_clipping"] = grad_clip
-    if optimizer is not None:
-        config["optimizer"] = optimizer
+    if optimizer.grad_clip:
+        config["gradient_clipping"] = optimizer.grad_clip
     return config
 
 

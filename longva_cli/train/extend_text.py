@@ -261,16 +261,7 @@ def _train(recipe: ExtendTextRecipe, resume, state: ParallelState) -> dict[str, 
     train, par, opt = recipe.train, recipe.parallel, recipe.optimizer
     L = recipe.data.seq_len
     precision = resolve_precision(train.precision, torch.cuda.is_available())
-    ds_config = deepspeed_setup.deepspeed_config(
-        micro_batch_size=train.micro_batch_size,
-        grad_accum=train.grad_accum,
-        world_size=state.world_size,
-        zero_stage=par.zero_stage,
-        precision=precision,
-        grad_clip=opt.grad_clip,
-        offload_params=par.offload_params,
-        offload_optimizer=par.offload_optimizer,
-    )
+    ds_config = deepspeed_setup.deepspeed_config(train, par, opt, state.world_size, precision)
     model = build_model(recipe, ds_config, torch_dtype(precision))
     sequence_attention.check_layout(L, state.sp_degree, par.backend, model.config.num_key_value_heads)
     sequence_attention.enable(model, state)
