@@ -75,7 +75,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from media import write_video
+    from support.media import write_video
 
     from longva_cli.model.tiny import write_tiny_checkpoint
 

@@ -168,7 +168,7 @@ def main() -> None:
     args = parse_args(parser, SMOKE, records=True)
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from media import write_video
+    from support.media import write_video
 
     from longva_cli.model.tiny import write_tiny_checkpoint
 

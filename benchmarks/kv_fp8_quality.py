@@ -85,13 +85,15 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from media import write_video
+    from support.media import write_video
 
-    from longva_cli.engine import MediaSpec, PrefixCache, Session, drive
+    from longva_cli.engine import MediaSpec, PrefixCache, drive
+    from longva_cli.engine.answering import encode_media
     from longva_cli.engine.memory import kv_bytes_per_token
     from longva_cli.engine.objectives import Generate, SamplingSettings, run
     from longva_cli.engine.sequence import build, prompt_parts
     from longva_cli.model.kv_cache import KVCache
+    from longva_cli.model.prompt import question_prompt
     from longva_cli import LongVA
     from longva_cli.model.tiny import write_tiny_checkpoint
 
@@ -123,9 +125,8 @@ def main() -> None:
     answers = 0
     for frames in args.frames:
         video = write_video(work / f"clip-{frames}.mp4", frames=frames * 2, width=160, height=96)
-        session = Session(longva, [MediaSpec(video, frames, None)])
-        visuals = drive(session.encode())
-        prompts = [session.prompt(question)[1] for question in QUESTIONS[: args.questions]]
+        visuals = drive(encode_media(longva, [MediaSpec(video, frames, None)]))
+        prompts = [question_prompt(question) for question in QUESTIONS[: args.questions]]
         runners = {way: runner(way) for way in ways}
         for prompt in prompts:
             sequence = build(longva, prompt_parts(prompt, visuals))

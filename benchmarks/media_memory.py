@@ -90,7 +90,7 @@ def measure(kind: str, way: str, path: Path, frames: int = 16) -> dict:
 
 
 def pattern_video(path: Path, width: int, height: int, frames: int) -> Path:
-    from media import write_video
+    from support.media import write_video
 
     return write_video(path, frames=frames, width=width, height=height, fps=8)
 
@@ -105,7 +105,7 @@ def bomb_png(path: Path, side: int) -> Path:
 
 def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
-    from media import write_blank_video  # all-black H.264: a small file whatever the frame size
+    from support.media import write_blank_video  # all-black H.264: a small file whatever the frame size
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the video past 4K (the slowest to encode and decode)")

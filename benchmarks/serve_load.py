@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
     args = parse_args(parser, SMOKE, records=True)
     sys.path.insert(0, str(ROOT / "tests"))
-    from media import write_image, write_video
+    from support.media import write_image, write_video
 
     engines = ["native", "vllm"] if args.engine == "both" else [args.engine]
     with tempfile.TemporaryDirectory(prefix="longva-serve-bench-") as tmp:

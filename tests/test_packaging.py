@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from support import REPO
+from support.cli import readme_block, run_lines
+from support.media import write_image, write_video
 
 
 
@@ -74,15 +76,6 @@ def test_the_wheel_carries_the_recipes_and_runs_one_from_anywhere(installed, tmp
     assert (tmp_path / "run" / "latest").read_text().strip() == "step_1"
 
 
-def readme_commands(heading: str) -> list[str]:
-    """The shell lines of the first ```bash block under a README heading (comments dropped)."""
-    import re
-
-    text = (REPO / "README.md").read_text()
-    block = re.search(r"```bash\n(.*?)```", text.split(f"\n{heading}\n", 1)[1], re.S).group(1)
-    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
-
-
 def fake_hub_cache(root: Path, repo: str) -> Path:
     """A Hugging Face hub cache in which `repo` is "downloaded": a tiny checkpoint in its layout."""
     from longva_cli.model.tiny import write_tiny_checkpoint
@@ -99,23 +92,19 @@ def fake_hub_cache(root: Path, repo: str) -> Path:
 def test_the_readme_ask_and_chat_examples_run_as_written_from_the_wheel(installed, tmp_path):
     """Every `ask` and `chat` example of the README, word for word, in a folder holding the files
     they name, with LongVA-7B-DPO in the hub cache as a tiny checkpoint of its exact layout."""
-    import sys as _sys
-
-    _sys.path.insert(0, str(REPO / "tests"))
-    from support.media import write_image, write_video
-
     write_video(tmp_path / "movie.mp4", frames=100, fps=10)
     write_video(tmp_path / "clip.mp4", frames=30, fps=10)
     write_image(tmp_path / "photo.jpg")
     (tmp_path / "questions.txt").write_text("Who drives?\nWhere are they going?\n")
     env = {**clean_env(), "PATH": f"{installed}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
            "HF_HUB_CACHE": str(fake_hub_cache(tmp_path / "hub", "lmms-lab/LongVA-7B-DPO")), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    lines = readme_commands("## Ask about a video or an image") + readme_commands("## Chat about a video or an image")
+    lines = readme_block("## Ask about a video or an image") + readme_block("## Chat about a video or an image")
     assert len(lines) >= 8 and any("longva chat" in line for line in lines)
-    for line in lines:
-        if line.endswith("| jq .answer") and shutil.which("jq") is None:
-            line = line.removesuffix("| jq .answer")
-        done = subprocess.run(["bash", "-o", "pipefail", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    if shutil.which("jq") is None:
+        lines = [line.removesuffix("| jq .answer") for line in lines]
+    download, *asks = lines  # the download puts the model in place; the questions need nothing of one another
+    assert download.startswith("longva download")
+    for line, done in zip(lines, run_lines([download], tmp_path, env, 300) + run_lines(asks, tmp_path, env, 300)):
         assert done.returncode == 0, f"{line}\n{done.stderr[-3000:]}"
         assert "Traceback" not in done.stderr
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]

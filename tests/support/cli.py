@@ -29,8 +29,21 @@ def assert_clean_error(result: subprocess.CompletedProcess, fragment: str) -> No
 
 
 def readme_block(heading: str) -> list[str]:
-    """The command lines of the first ```bash block under a README heading."""
+    """The command lines of the first ```bash block under a README heading (comments dropped)."""
     text = (REPO / "README.md").read_text()
     section = text.split(f"\n{heading}\n", 1)[1]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def run_lines(lines: list[str], cwd, env: dict, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Shell lines that do not depend on one another, two at a time (most of each is single-threaded
+    imports, so two cores run two of them in about the time of one), with their results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(line: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-o", "pipefail", "-c", line], cwd=cwd, env={**env, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=timeout)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(run, lines))
