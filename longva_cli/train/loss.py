@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from longva_cli.defaults import LOSS_CHUNK
+
 
 def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
     logits = head(hidden).float()  # fp32 softmax for a stable loss in bf16 training
@@ -18,7 +20,7 @@ def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Modul
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_size: int = 4096
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_size: int = LOSS_CHUNK
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed loss and the number of counted tokens, for hidden [..., d] and labels [...].
 
@@ -45,7 +47,7 @@ class CausalLMLoss(torch.nn.Module):
     over all ranks equals the gradient of the loss averaged over the whole sequence and batch.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int = 4096) -> None:
+    def __init__(self, model: torch.nn.Module, chunk_size: int = LOSS_CHUNK) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size

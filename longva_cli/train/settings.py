@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
 from longva_cli.checks import check_number
+from longva_cli.defaults import LOSS_CHUNK
 from longva_cli.errors import LongVAError
 
 
@@ -43,7 +44,7 @@ class TrainSettings:
     seed: int = 42
     save_every: int = 1000  # optimizer steps between checkpoints (the last step is always saved)
     output_dir: Path = Path("runs/train")  # --output overrides it
-    loss_chunk: int = 4096  # tokens per cross-entropy chunk (bounds the logits in memory)
+    loss_chunk: int = LOSS_CHUNK  # tokens per cross-entropy chunk (bounds the logits in memory)
 
 
 @dataclass
