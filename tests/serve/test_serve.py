@@ -3,7 +3,6 @@ official `openai` client, raw HTTP for malformed requests, and a headless Chromi
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import os
@@ -23,7 +22,7 @@ pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'longv
 openai = pytest.importorskip("openai", reason="needs the dev extra (openai client)")
 
 from support.media import write_image, write_video  # noqa: E402
-from support.server import API_KEY, HOST, Server, authorized, data_url, media_part, request, text, user  # noqa: E402
+from support.server import API_KEY, HOST, Server, authorized, corrupt_video_url, data_url, media_part, request, text, user  # noqa: E402
 
 from longva_cli.model.prompt import DEFAULT_SYSTEM, Turn, chat_prompt  # noqa: E402
 from longva_cli.serve.openai_format import APIError, RequestLimits, parse_chat_request  # noqa: E402
@@ -217,10 +216,6 @@ def test_follow_up_requests_prefill_only_their_new_tokens_and_answer_as_cold_one
         seconds.append(next_turn.choices[0].message.content)
         assert seconds[-1] == cold("And then?", [Turn("user", "<image>\n" + opening), Turn("assistant", said)])
     assert seconds[0] != seconds[1]  # one question, two histories: a mixed-up cache would show
-
-
-def corrupt_video_url() -> str:
-    return "data:video/mp4;base64," + base64.b64encode(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000)).decode()
 
 
 def malformed_cases(root: Path):

@@ -14,21 +14,11 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'longva[serve]'")
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'longva[serve]'")
 
-from support.server import HOST, Server, request, text, user, wait_until  # noqa: E402
+from support.server import HOST, Server, request, sse_events, text, user, wait_until  # noqa: E402
 
 # About 30,000 prompt tokens: on the tiny model, a prefill of tens of seconds on two cores.
 LONG_QUESTION = "Summarise:" + " fox" * 30_000
 CHAT = "/v1/chat/completions"
-
-
-def sse_events(raw: bytes) -> list:
-    """The payloads of a server-sent event stream, JSON decoded except `[DONE]`."""
-    events = []
-    for line in raw.decode().splitlines():
-        if line.startswith("data: "):
-            payload = line[len("data: "):]
-            events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
 
 
 @pytest.mark.integration

@@ -116,3 +116,17 @@ def text(value: str) -> dict:
 
 def media_part(kind: str, url: str) -> dict:
     return {"type": kind, kind: {"url": url}}
+
+
+def corrupt_video_url() -> str:
+    return "data:video/mp4;base64," + base64.b64encode(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000)).decode()
+
+
+def sse_events(raw: bytes) -> list:
+    """The payloads of a server-sent event stream, JSON decoded except `[DONE]`."""
+    events = []
+    for line in raw.decode().splitlines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events

@@ -566,7 +566,7 @@ def test_an_answer_that_fills_the_engines_length_ends_with_length(longva_server,
 @pytest.mark.slow
 def test_sigterm_ends_streams_with_an_error_event_and_exits_0(longva_server, media):
     # Last in this module: it stops the module's server.
-    from test_serve_shutdown import sse_events
+    from support.server import sse_events
 
     connection, response = start_long_stream(longva_server, media)
     assert longva_server.stop(signal.SIGTERM) == 0, longva_server.log()
