@@ -16,7 +16,7 @@ import typer
 from longva_cli import defaults, options
 from longva_cli.checks import INT64_MAX, INT64_MIN, check_flags
 from longva_cli.console import stderr
-from longva_cli.display import EventDisplay, load_model
+from longva_cli.display import EventDisplay, load_model, say_plan
 from longva_cli.errors import LongVAError
 from longva_cli.hub import DEFAULT_MODEL
 
@@ -119,28 +119,23 @@ class AskSettings(options.Loading, options.Sampling, options.MediaSampling):
         """Load the model; a `Session` about `media` and the sampling settings of its answers."""
         from longva_cli.engine.encoder import MediaSpec
         from longva_cli.engine.objectives import SamplingSettings
+        from longva_cli.engine.plan import fit_budget
         from longva_cli.engine.session import Session
         from longva_cli.engine.visual_cache import disk_cache
         from longva_cli.model.prompt import DEFAULT_SYSTEM
 
         cache = disk_cache(self.cache_dir, self.use_cache)  # a bad $LONGVA_CACHE_MAX_GB fails before the model loads
-        quantize, on_host, kv_cache = self.quantize, False, self.kv_cache
-        if self.device_map is None:  # a model split over GPUs has no one device to plan for
-            plan = self.memory_plan(media)
-            if plan.chosen is None:
-                raise LongVAError(plan.refusal())
-            stderr.print(f"[dim]{plan.stderr_line()}[/dim]")
-            chosen = plan.chosen.settings
-            quantize, on_host = chosen.quantize, chosen.visual_tokens == "host"
-            kv_cache = "fp8" if chosen.kv_cache == "fp8" else kv_cache
+        fitted = fit_budget(
+            lambda: self.memory_plan(media), say_plan, quantize=self.quantize, kv_cache=self.kv_cache, device_map=self.device_map
+        )
         longva = load_model(
             self.model, device=self.device, dtype=self.dtype, attn=self.attn, device_map=self.device_map,
-            quantize=quantize, quantize_backend=self.quantize_backend, revision=self.revision, kv_cache=kv_cache,
+            quantize=fitted.quantize, quantize_backend=self.quantize_backend, revision=self.revision, kv_cache=fitted.kv_cache,
         )
         session = Session(
             longva, [MediaSpec(media, self.frames, self.fps)] if media is not None else [],
             system=DEFAULT_SYSTEM if self.system is None else self.system, cache=cache,
-            prefill_chunk=self.prefill_chunk, keep_history=keep_history, visual_tokens_on_host=on_host,
+            prefill_chunk=self.prefill_chunk, keep_history=keep_history, visual_tokens_on_host=fitted.visual_tokens_on_host,
         )
         sampling = SamplingSettings.defaults(longva.generation_config, max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         sampling.seed = self.seed

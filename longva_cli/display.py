@@ -26,6 +26,11 @@ def load_model(name: str, *, kind: str = "longva", **options):
     return model
 
 
+def say_plan(line: str) -> None:
+    """The memory plan's one line (engine/plan.py `fit_budget`), dim on stderr."""
+    stderr.print(f"[dim]{line}[/dim]")
+
+
 class EventDisplay:
     """Shows engine events: progress bars (encoding, prefill) and notices on stderr, answer text
     on stdout as it is generated (`stream_text`). Call `close()` when the work is done."""

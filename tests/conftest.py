@@ -42,6 +42,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wide_checkpoint(tmp_path_factory) -> Path:
+    """Tiny in depth, wide enough (hidden 512, head dim 128) that weights, KV cache, visual tokens
+    and activations are each megabytes, as their shares of a 7B run are gigabytes: the memory
+    plan's tests (tests/engine/test_plan.py, and each command's --memory-budget)."""
+    from longva_cli.model.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("wide") / "wide-longva", hidden_size=512, max_shard_size="50MB")
+
+
+@pytest.fixture(scope="session")
 def tiny_longva(tiny_checkpoint):
     from longva_cli import LongVA
 

@@ -5,7 +5,8 @@
     plan.chosen      # the estimate of the first settings of the ladder that fit, or None
     plan.largest     # the most frames each setting fits in the budget
 
-`plan_for` does the same for a command's flags (`ask`, `chat`), and `plan_table` shows it.
+`plan_for` does the same for a command's flags (`ask`, `chat`, `eval local`, `serve`), `fit_budget`
+turns its choice into the settings a run loads with (or refuses the run), and `plan_table` shows it.
 
 A run's peak on the device is the larger of its two phases:
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -293,11 +295,12 @@ class Plan:
     def chosen(self) -> Estimate | None:
         return next((e for e in self.estimates if e.peak <= self.budget), None)
 
-    def refusal(self) -> str:
-        """The sentence that refuses a run nothing fits, naming the most frames that would."""
+    def refusal(self, frames_flag: str = "--frames") -> str:
+        """The sentence that refuses a run nothing fits, naming the most frames that would (as
+        `frames_flag`, the command's flag for them)."""
         most = max(self.largest.values())
         leanest = min(self.estimates, key=lambda e: e.peak)
-        advice = f"ask for fewer frames (at most {most:,} fit: --frames {most}) or raise --memory-budget" if most else (
+        advice = f"ask for fewer frames (at most {most:,} fit: {frames_flag} {most}) or raise --memory-budget" if most else (
             "not even one frame fits; raise --memory-budget"
         )
         return (
@@ -382,14 +385,17 @@ def planned_device(device: str):
 
 
 def plan_for(
-    model: str, media: Path | None, *, frames: int | None, fps: float | None, max_new_tokens: int, prefill_chunk: int,
-    device: str, dtype: str, quantize: str | None, budget: str | None, revision: str | None = None, only_planning: bool = False,
-    kv_cache: str = "auto",
+    model: str, media: Path | None, *, max_new_tokens: int, prefill_chunk: int, device: str, dtype: str, quantize: str | None,
+    budget: str | None, frames: int | None = None, fps: float | None = None, images: int = 0, revision: str | None = None,
+    only_planning: bool = False, kv_cache: str = "auto",
 ) -> Plan:
-    """The plan of an `ask` or `chat` run, from the checkpoint's config files and the media's header.
+    """The plan of a run, from the checkpoint's config files and the media's header.
 
-    `only_planning` (`--plan`) plans for `device` without opening it, and downloads nothing.
-    Without `budget`, the device's free memory is the budget (the device must then be here).
+    The frames come from `media` sampled by `frames` and `fps` (`ask`, `chat`), or are `images`
+    when there is no one file to read them from (`eval local`'s --frames for each video, `serve`'s
+    --max-frames for its largest request). `only_planning` (`--plan`) plans for `device` without
+    opening it, and downloads nothing. Without `budget`, the device's free memory is the budget
+    (the device must then be here).
     """
     import torch
 
@@ -407,12 +413,42 @@ def plan_for(
     torch_dtype = resolve_dtype(dtype, target)
     folder = locate_model(model, revision=revision, allow_download=not only_planning, kind="causal-lm" if only_planning else "longva")
     shape = ModelShape.from_folder(folder)
-    images = media_images(media, frames, fps, shape) if media is not None else 0
+    if media is not None:
+        images = media_images(media, frames, fps, shape)
     work = Workload(
         images, text_tokens=TEXT_ALLOWANCE, new_tokens=max_new_tokens, chunk=prefill_chunk,
         element=torch.tensor([], dtype=torch_dtype).element_size(), device_type=target.type,
     )
     return plan_run(shape, work, budget_bytes, target.type, DTYPE_LABELS[str(torch_dtype)], quantize, kv_cache=kv_cache)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What a run loads and encodes with: the loader's `quantize` and `kv_cache`, and whether the
+    visual tokens stay in host memory (`encode_media`'s `on_host`, which also releases the tower)."""
+
+    quantize: str | None
+    kv_cache: str
+    visual_tokens_on_host: bool = False
+
+
+def fit_budget(
+    plan_of: Callable[[], Plan], say: Callable[[str], None], *, quantize: str | None, kv_cache: str,
+    device_map: str | None = None, frames_flag: str = "--frames",
+) -> Fitted:
+    """The cheapest settings whose planned peak fits the budget, said in one line through `say`
+    before anything loads; a LongVAError naming the most frames that fit (as `frames_flag`) when
+    none does. `plan_of` makes the plan (`plan_for` with the command's flags). With a `device_map`
+    the flags as given: a model split over GPUs has no one device to plan for."""
+    if device_map is not None:
+        return Fitted(quantize, kv_cache)
+    plan = plan_of()
+    if plan.chosen is None:
+        raise LongVAError(plan.refusal(frames_flag))
+    say(plan.stderr_line())
+    chosen = plan.chosen.settings
+    # The ladder names the model's dtype (bf16, fp32...) where the loader's "auto" means the same.
+    return Fitted(chosen.quantize, "fp8" if chosen.kv_cache == "fp8" else kv_cache, chosen.visual_tokens == "host")
 
 
 # The rows of README's "Long videos" table: what runs today, then with the fp8 KV cache.

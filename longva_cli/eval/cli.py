@@ -113,6 +113,7 @@ def local_command(
     dtype: options.Dtype = "auto",
     attn: options.Attention = "auto",
     kv_cache: options.KVCache = "auto",
+    memory_budget: options.MemoryBudget = None,
     revision: options.Revision = None,
     prefill_chunk: options.PrefillChunk = defaults.PREFILL_CHUNK,
     cache_dir: options.CacheDir = None,
@@ -139,6 +140,7 @@ def local_command(
       longva eval local --data my-questions.jsonl --frames 32 --output runs/mine
       longva eval local --data ~/datasets/Video-MME --limit 30 --dtype float16 --no-stop-on-degenerate
     """
+    from longva_cli.display import say_plan
     from longva_cli.engine.runs import read_lines
     from longva_cli.engine.visual_cache import disk_cache
     from longva_cli.eval.local import SAMPLES_FILE, evaluate_local, run_folder
@@ -156,8 +158,8 @@ def local_command(
             max_new_tokens=max_new_tokens, limit=limit, device=device, dtype=dtype, attn=attn, revision=revision,
             prefill_chunk=prefill_chunk, cache=disk_cache(cache_dir, not no_cache), overwrite=overwrite,
             stop_on_degenerate=stop_on_degenerate, degenerate_threshold=degenerate_threshold,
-            degenerate_min_samples=degenerate_min_samples, kv_cache=kv_cache,
-            on_warning=lambda message: stderr.print(f"[bold red]warning:[/bold red] {message}"),
+            degenerate_min_samples=degenerate_min_samples, kv_cache=kv_cache, memory_budget=memory_budget,
+            on_warning=lambda message: stderr.print(f"[bold red]warning:[/bold red] {message}"), on_plan=say_plan,
             progress=progress(unit="questions"),
         )
     if json_output:

@@ -283,6 +283,7 @@ def evaluate_local(
     dtype: str = "auto",
     attn: str = "auto",
     kv_cache: str = "auto",
+    memory_budget: str | None = None,
     revision: str | None = None,
     prefill_chunk: int = defaults.PREFILL_CHUNK,
     cache=None,
@@ -291,6 +292,7 @@ def evaluate_local(
     degenerate_threshold: float = 0.3,
     degenerate_min_samples: int = 10,
     on_warning: Callable[[str], None] | None = None,
+    on_plan: Callable[[str], None] = lambda line: None,
     progress=None,
 ) -> dict:
     """Answer every question greedily, score, and write samples.jsonl, run.json and results.json.
@@ -298,6 +300,10 @@ def evaluate_local(
     `model` is a checkpoint folder, hub id or short name, or a loaded `LongVA`; `cache` a
     `VisualCache` for the videos' embeddings. Returns the content of results.json. Questions
     already in `output/samples.jsonl` are not asked again.
+
+    A model given by name is planned for `frames` frames a video before it loads (engine/plan.py):
+    the cheapest settings that fit `memory_budget` (None: the device's free memory) are taken and
+    `on_plan` gets the line that says so; a LongVAError names the most frames that fit when none do.
     """
     from longva_cli.engine.runs import RunStore
 
@@ -308,6 +314,10 @@ def evaluate_local(
     check_number("--degenerate-min-samples", degenerate_min_samples, integer=True, at_least=1)
     if prompt not in PROMPTS:
         raise LongVAError(f"--prompt {prompt!r} is not known; use {' or '.join(PROMPTS)}.")
+    if memory_budget is not None:
+        from longva_cli.engine.plan import parse_size
+
+        parse_size(memory_budget)
     data = Path(data).expanduser()
     samples, source = load_samples(data, annotations)
     if limit is not None:
@@ -333,7 +343,13 @@ def evaluate_local(
         from longva_cli.engine.objectives import SamplingSettings
         from longva_cli.engine.runner import PrefixCache
 
-        longva, model_path = load_model(model, device=device, dtype=dtype, attn=attn, revision=revision, kv_cache=kv_cache)
+        fitted = plan_loading(
+            model, frames=frames, max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, device=device, dtype=dtype,
+            kv_cache=kv_cache, memory_budget=memory_budget, revision=revision, on_plan=on_plan,
+        )
+        longva, model_path = load_model(
+            model, device=device, dtype=dtype, attn=attn, revision=revision, kv_cache=fitted.kv_cache, quantize=fitted.quantize
+        )
         run = run_info(
             model=str(model_name),
             model_path=model_path,
@@ -348,9 +364,11 @@ def evaluate_local(
         with progress or contextlib.nullcontext():  # the bar shows only while questions are answered
             task = progress.add_task("Answering", total=len(todo)) if progress else None
             for video, group in group_by_video(todo):
-                visual, reason = encode_once(longva, video, group[0], frames, cache)
                 # The video's questions share the system prompt and video tokens: prefill them once.
+                # Made before the video is encoded, so that the last video's KV cache is freed first
+                # (the plan counts one video's).
                 runner = PrefixCache(longva.model.language_model, prefill_chunk)
+                visual, reason = encode_once(longva, video, group[0], frames, cache, on_host=fitted.visual_tokens_on_host)
                 for sample in group:
                     if visual is None:
                         record = skipped_record(sample, reason)
@@ -380,13 +398,32 @@ def run_folder(data: Path, frames: int, output: Path | None) -> Path:
     return Path(output) if output else Path("runs") / "eval-local" / f"{Path(data).expanduser().stem}-{frames}f"
 
 
-def load_model(model, *, device: str, dtype: str, attn: str, revision: str | None, kv_cache: str = "auto"):
+def plan_loading(
+    model, *, frames: int, max_new_tokens: int, prefill_chunk: int, device: str, dtype: str, kv_cache: str,
+    memory_budget: str | None, revision: str | None, on_plan: Callable[[str], None],
+):
+    """The settings to load `model` with for `frames` frames a video (`plan.fit_budget`); a model
+    handed in ready is taken as it is."""
+    from longva_cli.engine.plan import Fitted, fit_budget, plan_for
+
+    if not isinstance(model, str):
+        return Fitted(None, kv_cache)
+    return fit_budget(
+        lambda: plan_for(
+            model, None, images=frames, max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, device=device, dtype=dtype,
+            quantize=None, kv_cache=kv_cache, budget=memory_budget, revision=revision,
+        ),
+        on_plan, quantize=None, kv_cache=kv_cache,
+    )
+
+
+def load_model(model, *, device: str, dtype: str, attn: str, revision: str | None, kv_cache: str = "auto", quantize: str | None = None):
     """A LongVA and the folder it came from (None when it was handed in ready)."""
     if not isinstance(model, str):
         return model, None
     from longva_cli.engine.loader import load
 
-    longva = load(model, device=device, dtype=dtype, attn=attn, revision=revision, kv_cache=kv_cache)
+    longva = load(model, device=device, dtype=dtype, attn=attn, revision=revision, kv_cache=kv_cache, quantize=quantize)
     return longva, longva.folder
 
 
@@ -398,8 +435,9 @@ def group_by_video(samples: list[Sample]) -> list[tuple[Path | None, list[Sample
     return [(group[0].video, group) for group in groups.values()]
 
 
-def encode_once(longva, video: Path | None, sample: Sample, frames: int, cache):
-    """(Visual, None), or (None, why it was skipped) for a missing or unreadable video."""
+def encode_once(longva, video: Path | None, sample: Sample, frames: int, cache, on_host: bool = False):
+    """(Visual, None), or (None, why it was skipped) for a missing or unreadable video; with
+    `on_host` its visual tokens stay in host memory (`encode_media`)."""
     from longva_cli.engine.answering import encode_media
     from longva_cli.engine.encoder import MediaSpec
     from longva_cli.engine.objectives import drive
@@ -407,7 +445,7 @@ def encode_once(longva, video: Path | None, sample: Sample, frames: int, cache):
     if video is None:
         return None, f"video {sample.video_name} not found"
     try:
-        return drive(encode_media(longva, [MediaSpec(video, frames)], cache))[0], None
+        return drive(encode_media(longva, [MediaSpec(video, frames)], cache, on_host))[0], None
     except LongVAError as err:
         return None, str(err)
 

@@ -41,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -542,12 +543,16 @@ def serve(
     revision: str | None = None,
     vllm: VLLMSettings | None = None,
     log_level: str = "info",
+    memory_budget: str | None = None,
     **loading,
 ) -> None:
     """Load `model` on `engine` ("native" or "vllm") and serve it on `settings.host` until SIGINT/SIGTERM.
 
     `loading`: how the native engine loads the model, as `engine.loader.load` takes it (device,
-    dtype, attn, kv_cache, ...); vLLM is set up by `vllm` instead."""
+    dtype, attn, kv_cache, ...); vLLM is set up by `vllm` instead. The native engine is first
+    planned for the largest request the limits let in (`--max-frames` frames, `--max-tokens-limit`
+    new tokens) and loaded with the cheapest settings that fit `memory_budget` (None: the
+    device's free memory; engine/plan.py)."""
     if engine == "vllm":
         # vLLM reads its log level when it is imported.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", {"trace": "DEBUG"}.get(log_level, log_level.upper()))
@@ -555,8 +560,20 @@ def serve(
 
         run_server(lambda: vllm_worker.start(model, settings, vllm or VLLMSettings(), revision), settings, port, log_level)
         return
-    from longva_cli.display import load_model
+    from longva_cli.display import load_model, say_plan
+    from longva_cli.engine.plan import fit_budget, plan_for
+    from longva_cli.options import Loading
     from longva_cli.serve.native import NativeWorker
 
-    longva = load_model(model, revision=revision, **loading)
-    run_server(lambda: NativeWorker(longva, settings), settings, port, log_level)
+    asked, limits = Loading(**loading), settings.limits  # what is not given takes its default
+    fitted = fit_budget(
+        lambda: plan_for(
+            model, None, images=limits.max_frames, max_new_tokens=limits.max_tokens, prefill_chunk=settings.prefill_chunk,
+            device=asked.device, dtype=asked.dtype, quantize=asked.quantize, kv_cache=asked.kv_cache, budget=memory_budget,
+            revision=revision,
+        ),
+        say_plan, quantize=asked.quantize, kv_cache=asked.kv_cache, device_map=asked.device_map, frames_flag="--max-frames",
+    )
+    loaded = replace(asked, quantize=fitted.quantize, kv_cache=fitted.kv_cache)
+    longva = load_model(model, revision=revision, **vars(loaded))
+    run_server(lambda: NativeWorker(longva, settings, fitted.visual_tokens_on_host), settings, port, log_level)

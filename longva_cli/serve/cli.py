@@ -157,6 +157,7 @@ def command(
     cors_origin: List[str] = typer.Option([], "--cors-origin", help="Let web pages from this origin (scheme://host[:port]) call the API from a browser (repeatable; '*' for any). Other sites' requests are refused with 403.", show_default=False),
     *,
     loading: options.Loading,
+    memory_budget: options.MemoryBudget = None,
     revision: options.Revision = None,
     prefill_chunk: options.PrefillChunk = ServeSettings.prefill_chunk,
     cache_gb: float = typer.Option(
@@ -208,7 +209,8 @@ def command(
         native_only={"--device": loading.device not in (None, "auto"), "--attn": loading.attn not in (None, "auto"),
                      "--device-map": loading.device_map is not None, "--quantize": loading.quantize is not None,
                      "--quantize-backend": given(ctx, "quantize_backend"), "--prefill-chunk": given(ctx, "prefill_chunk"),
-                     "--cache-gb": given(ctx, "cache_gb"), "--kv-cache": loading.kv_cache not in (None, "auto")},
+                     "--cache-gb": given(ctx, "cache_gb"), "--kv-cache": loading.kv_cache not in (None, "auto"),
+                     "--memory-budget": memory_budget is not None},
         vllm_only={"--tensor-parallel": tensor_parallel != VLLMSettings.tensor_parallel, "--max-model-len": max_model_len is not None,
                    "--gpu-memory-utilization": gpu_memory_utilization is not None, "--vllm-args": bool(vllm_args.strip())},
     )
@@ -252,4 +254,5 @@ def command(
     if chosen == "vllm":
         vllm = VLLMSettings(dtype=vllm_dtype(loading.dtype or "auto"), tensor_parallel=tensor_parallel, max_model_len=max_model_len,
                             gpu_memory_utilization=gpu_memory_utilization, extra_args=vllm_args)
-    serve(model, settings, engine=chosen, port=port, revision=revision, vllm=vllm, log_level=log_level, **vars(loading))
+    serve(model, settings, engine=chosen, port=port, revision=revision, vllm=vllm, log_level=log_level, memory_budget=memory_budget,
+          **vars(loading))

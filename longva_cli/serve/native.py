@@ -47,13 +47,14 @@ class NativeWorker(Admission):
 
     engine = "native"
 
-    def __init__(self, longva, settings) -> None:
+    def __init__(self, longva, settings, visual_tokens_on_host: bool = False) -> None:
         from longva_cli.engine.runner import RunnerPool
         from longva_cli.engine.visual_cache import VisualCache
         from longva_cli.serve.budget import PromptBudget
 
         super().__init__(settings.max_queue)
         self.longva = longva
+        self.visual_tokens_on_host = visual_tokens_on_host  # the memory plan's choice (app.serve)
         self.model_root = longva.name
         self.budget = PromptBudget.of(longva, settings.limits.max_prompt_tokens)
         # Recent media and prompts, for follow-ups: a quarter of the budget for embeddings, the rest for KV.
@@ -134,7 +135,10 @@ class NativeWorker(Admission):
 
         cache = TenantCache(self.visual_cache, job.tenant)
         try:
-            answered = drive(answer(longva, request, runner, cache), on_event, stop=generation.cancelled.is_set)
+            answered = drive(
+                answer(longva, request, runner, cache, visual_tokens_on_host=self.visual_tokens_on_host), on_event,
+                stop=generation.cancelled.is_set,
+            )
         except MediaError as err:
             with media_errors(job.media[err.index]):
                 raise err.__cause__ from None

@@ -300,6 +300,41 @@ def test_bad_inputs_fail_with_one_sentence(tmp_path, videomme_folder, longva_mai
         assert message in done.stderr and done.stderr.startswith("error:") and "Traceback" not in done.stderr
 
 
+# ---- --memory-budget -----------------------------------------------------------------------------------
+
+# On the wide checkpoint (tests/conftest.py) at 2 new tokens, 48 MiB holds 2 frames a video only
+# with an fp8 KV cache (their fp32 cache would not fit), and 4 frames under no setting.
+BUDGET = "48MiB"
+
+
+def budgeted_eval(longva_main, videomme_folder, checkpoint, output: Path, frames: int, *flags: str):
+    return longva_main("eval", "local", "--data", videomme_folder, "--model", checkpoint, "--device", "cpu", "--frames", frames,
+                       "--max-new-tokens", "2", "--output", output, "--no-cache", "--json", *flags)
+
+
+def test_a_video_too_long_for_the_memory_budget_is_refused_before_loading(videomme_folder, wide_checkpoint, tmp_path, monkeypatch, longva_main):
+    monkeypatch.setattr("longva_cli.engine.loader.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    refused = budgeted_eval(longva_main, videomme_folder, wide_checkpoint, tmp_path / "run", 4, "--memory-budget", BUDGET)
+    assert refused.returncode == 1 and refused.stdout == "" and "Traceback" not in refused.stderr
+    sentence = " ".join(refused.stderr.split())
+    assert sentence.startswith("error: 4 frames need about") and sentence.count(". ") == 0
+    assert sentence.endswith("ask for fewer frames (at most 2 fit: --frames 2) or raise --memory-budget.")
+
+
+def test_a_budget_that_needs_an_fp8_kv_cache_loads_with_one_and_scores_every_question(
+    videomme_folder, wide_checkpoint, tmp_path, monkeypatch, longva_main
+):
+    from longva_cli.engine import loader
+
+    loaded_with, real_load = [], loader.load
+    monkeypatch.setattr(loader, "load", lambda *a, **k: loaded_with.append(k) or real_load(*a, **k))
+    planned = budgeted_eval(longva_main, videomme_folder, wide_checkpoint, tmp_path / "run", 2, "--memory-budget", BUDGET)
+    assert planned.returncode == 0, planned.stderr
+    assert "Memory plan for 2 frames on cpu: fp32 weights, fp8 KV cache, visual tokens on the device: about" in " ".join(planned.stderr.split())
+    assert [(k["kv_cache"], k["quantize"]) for k in loaded_with] == [("fp8", None)]
+    assert json.loads(planned.stdout)["summary"]["overall"]["total"] == 5
+
+
 # ---- lmms-eval wiring ------------------------------------------------------------------------------------
 
 
