@@ -90,6 +90,8 @@ def encode_media(
     memory and the vision tower leaves the device once they are encoded, so that long videos fit
     small GPUs (the prefill takes them a chunk at a time)."""
     visuals = []
+    if on_host and any(not isinstance(item, Visual) for item in media):
+        restore_vision_tower(model)  # an earlier item's encoding released it; encoding on the host would be far slower
     for index, item in enumerate(media):
         if isinstance(item, Visual):
             visuals.append(item)
@@ -103,6 +105,14 @@ def encode_media(
     if on_host and any(not isinstance(item, Visual) for item in media):
         release_vision_tower(model)
     return visuals
+
+
+def restore_vision_tower(model: "LoadedLongVA") -> None:
+    """Bring a released vision tower and projector back to the language model's device."""
+    network = model.model
+    if network.device.type == "cuda" and next(network.vision_tower.parameters()).device != network.device:
+        network.vision_tower.to(network.device)
+        network.mm_projector.to(network.device)
 
 
 def release_vision_tower(model: "LoadedLongVA") -> None:

@@ -387,7 +387,7 @@ def planned_device(device: str):
 def plan_for(
     model: str, media: Path | None, *, max_new_tokens: int, prefill_chunk: int, device: str, dtype: str, quantize: str | None,
     budget: str | None, frames: int | None = None, fps: float | None = None, images: int = 0, revision: str | None = None,
-    only_planning: bool = False, kv_cache: str = "auto",
+    only_planning: bool = False, kv_cache: str = "auto", kept_aside: int = 0,
 ) -> Plan:
     """The plan of a run, from the checkpoint's config files and the media's header.
 
@@ -395,7 +395,8 @@ def plan_for(
     when there is no one file to read them from (`eval local`'s --frames for each video, `serve`'s
     --max-frames for its largest request). `only_planning` (`--plan`) plans for `device` without
     opening it, and downloads nothing. Without `budget`, the device's free memory is the budget
-    (the device must then be here).
+    (the device must then be here). `kept_aside` bytes of it are not the run's (`serve`'s cache of
+    recent requests, `--cache-gb`, which lives on the same device).
     """
     import torch
 
@@ -410,6 +411,12 @@ def plan_for(
         raise LongVAError("planning for cuda on a machine without a GPU needs that GPU's memory: give --memory-budget, e.g. 24GiB.")
     else:
         budget_bytes = available_memory(target)
+    if kept_aside >= budget_bytes:
+        raise LongVAError(
+            f"the cache of recent requests (--cache-gb, {shown(kept_aside)}) takes the whole {shown(budget_bytes)} memory budget; "
+            "lower --cache-gb or raise --memory-budget."
+        )
+    budget_bytes -= kept_aside
     torch_dtype = resolve_dtype(dtype, target)
     folder = locate_model(model, revision=revision, allow_download=not only_planning, kind="causal-lm" if only_planning else "longva")
     shape = ModelShape.from_folder(folder)

@@ -552,7 +552,7 @@ def serve(
     dtype, attn, kv_cache, ...); vLLM is set up by `vllm` instead. The native engine is first
     planned for the largest request the limits let in (`--max-frames` frames, `--max-tokens-limit`
     new tokens) and loaded with the cheapest settings that fit `memory_budget` (None: the
-    device's free memory; engine/plan.py)."""
+    device's free memory; engine/plan.py) less the cache of recent requests (`--cache-gb`)."""
     if engine == "vllm":
         # vLLM reads its log level when it is imported.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", {"trace": "DEBUG"}.get(log_level, log_level.upper()))
@@ -570,7 +570,7 @@ def serve(
         lambda: plan_for(
             model, None, images=limits.max_frames, max_new_tokens=limits.max_tokens, prefill_chunk=settings.prefill_chunk,
             device=asked.device, dtype=asked.dtype, quantize=asked.quantize, kv_cache=asked.kv_cache, budget=memory_budget,
-            revision=revision,
+            revision=revision, kept_aside=settings.cache_bytes,
         ),
         say_plan, quantize=asked.quantize, kv_cache=asked.kv_cache, device_map=asked.device_map, frames_flag="--max-frames",
     )

@@ -167,3 +167,21 @@ def test_measured_kernels_and_the_preallocated_cache_give_the_logits_of_dynamic_
         before.model.language_model(inputs_embeds=embeds, **cache_kwargs(reference))
         expected_step = before.model.language_model(input_ids=torch.tensor([[7]], device="cuda"), **cache_kwargs(reference)).logits[0, -1].float()
     torch.testing.assert_close(step, expected_step, rtol=2e-2, atol=2e-2)
+
+
+def test_host_visual_tokens_release_the_tower_and_bring_it_back_for_the_next_media(tiny_checkpoint, video_file, image_file):
+    """`eval local` and `serve` encode media after media with visual tokens on the host: the
+    tower leaves the GPU after each encoding and comes back for the next (not encoding on the CPU)."""
+    from longva_cli.engine import MediaSpec, drive
+    from longva_cli.engine.answering import encode_media
+
+    longva = LongVA.from_pretrained(str(tiny_checkpoint), device="cuda")
+
+    def tower() -> str:
+        return next(longva.model.vision_tower.parameters()).device.type
+
+    for spec in (MediaSpec(video_file, frames=3), MediaSpec(image_file), MediaSpec(video_file, frames=5)):
+        seen = []
+        (visual,) = drive(encode_media(longva, [spec], on_host=True), lambda event: seen.append(tower()))
+        assert seen and set(seen) == {"cuda"}  # every frame batch ran on the GPU
+        assert tower() == "cpu" and visual.embeds.device.type == "cpu"
