@@ -64,6 +64,7 @@ class VideoGrid:
     max_frames: optional("--max-frames", kind=int, help=f"Largest haystack, in frames [default: {VideoSettings.max_frames}].") = None
     frame_step: optional("--frame-step", kind=int, help=f"Step between haystack sizes [default: {VideoSettings.frame_step}].") = None
     depth_step: depth_step_option(VideoSettings) = None
+    memory_budget: options.MemoryBudget = None
 
 
 @dataclass

@@ -43,6 +43,7 @@ class VideoSettings:
     attn: str = "auto"
     kv_cache: str = "auto"  # auto (the model's dtype), bf16 or fp8: it moves scores a little, so it is part of the identity
     prefill_chunk: int = PREFILL_CHUNK
+    memory_budget: str | None = None  # e.g. 24GiB; default the device's free memory (the plan's KV choice is in the identity)
 
 
 @dataclass
@@ -76,7 +77,7 @@ class NiahRecipe:
 
 
 # Settings that do not change a single score: a run may continue with other values of these.
-RUNTIME_FIELDS = {"output", "cache_dir", "device", "device_map", "sequence_parallel", "attn", "prefill_chunk"}
+RUNTIME_FIELDS = {"output", "cache_dir", "device", "device_map", "sequence_parallel", "attn", "prefill_chunk", "memory_budget"}
 
 
 def identity(settings: VideoSettings | TextSettings) -> dict:
@@ -140,6 +141,10 @@ def video_grid(settings: VideoSettings) -> tuple[list[int], list[float]]:
     still be missing: a recipe leaves it to --haystack)."""
     sizes = size_grid(settings.min_frames, settings.max_frames, settings.frame_step, "frame")
     _check_common(settings)
+    if settings.memory_budget is not None:
+        from longva_cli.engine.plan import parse_size
+
+        parse_size(settings.memory_budget)
     return sizes, depth_grid(settings.depth_step)
 
 

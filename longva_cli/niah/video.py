@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -271,6 +271,26 @@ def video_units(sizes: list[int], depths: list[float], needles: int) -> list[Uni
 # ---- the run ----------------------------------------------------------------------------
 
 
+def plan_haystack(settings, frames: int, ranks):
+    """The settings the run loads with (`plan.fit_budget`), planned for the largest haystack (the
+    needle frame and the question are within the plan's allowance for text): the model's dtype, then an fp8 KV cache, then the haystack in host memory with
+    the tower released, then 4-bit weights. Not planned where one sequence spans several devices
+    (--device-map, --sequence-parallel): there is no one device to plan for."""
+    from longva_cli.display import say_plan
+    from longva_cli.engine.plan import Fitted, fit_budget, plan_for
+
+    if settings.device_map is not None or settings.sequence_parallel > 1:
+        return Fitted(None, settings.kv_cache)
+    return fit_budget(
+        lambda: plan_for(
+            settings.model, None, images=frames, max_new_tokens=settings.max_new_tokens, prefill_chunk=settings.prefill_chunk,
+            device=str(ranks.device(settings.device)), dtype=settings.dtype, quantize=None, kv_cache=settings.kv_cache,
+            budget=settings.memory_budget,
+        ),
+        say_plan if ranks.is_main else (lambda line: None), quantize=None, kv_cache=settings.kv_cache, frames_flag="--max-frames",
+    )
+
+
 def run_video(settings, *, overwrite: bool = False):
     """V-NIAH over the settings' grid; resumes a folder of the same settings. -> GridRun (rank 0) or None."""
     from longva_cli.niah.settings import check_video, identity
@@ -280,7 +300,8 @@ def run_video(settings, *, overwrite: bool = False):
     haystack_frame_ids(path, max(sizes))  # bad input fails before torch and the model load
     needles = load_needles(settings.needles)
     from longva_cli.console import progress
-    from longva_cli.engine.encoder import encode_batches
+    from longva_cli.engine.answering import release_vision_tower
+    from longva_cli.engine.encoder import embeddings_home, encode_batches
     from longva_cli.engine.loader import load
     from longva_cli.engine.objectives import drive
     from longva_cli.engine.sequence import identity_of
@@ -294,14 +315,18 @@ def run_video(settings, *, overwrite: bool = False):
 
     cache = VisualCache(settings.cache_dir or default_cache_dir())  # checks $LONGVA_CACHE_MAX_GB before any work
     ranks = join(settings.sequence_parallel)
+    fitted = plan_haystack(settings, max(sizes), ranks)
+    settings = replace(settings, kv_cache=fitted.kv_cache)  # the plan's KV storage moves scores: it is in the identity
     run_identity = {**identity(settings), "haystack": f"{path.name} (content {cache.file_hash(path)})"}
+    if fitted.quantize:
+        run_identity["quantize"] = fitted.quantize
     if ranks.is_main:
         prepare_folder(settings.output, "video", to_dict(settings), run_identity, overwrite)
     ranks.barrier()  # no rank reads the folder before rank 0 has checked (or cleared) it
     check_device_map(ranks, settings.device_map)
     longva = load(
         settings.model, device=ranks.device(settings.device), device_map=settings.device_map, dtype=settings.dtype, attn=settings.attn,
-        kv_cache=settings.kv_cache,
+        kv_cache=settings.kv_cache, quantize=fitted.quantize,
     )
     entry = haystack_entry(cache, longva, path)
     if ranks.is_main and entry.stored() < max(sizes):  # one rank embeds, the others wait and read the cache
@@ -316,8 +341,12 @@ def run_video(settings, *, overwrite: bool = False):
     if ranks.is_main:
         cache.evict(keep=entry)
     ranks.barrier()
-    haystack = load_haystack(entry, max(sizes), longva.model.device)  # [frames, 144, d]
+    haystack = load_haystack(entry, max(sizes), embeddings_home(longva, fitted.visual_tokens_on_host))  # [frames, 144, d]
+    if fitted.visual_tokens_on_host and longva.model.device.type == "cuda":
+        haystack = haystack.pin_memory()  # each prefill chunk copies from here
     needle_embeds = drive(encode_batches(longva, [[n.image for n in needles]], len(needles), pad_to_square=True))  # [needles, 144, d]
+    if fitted.visual_tokens_on_host:
+        release_vision_tower(longva)  # every frame the run needs is encoded
     prompts = VideoNeedlePrompts(longva, haystack, needles, needle_embeds, haystack_identity=identity_of(json.dumps(entry.key, sort_keys=True)))
     runner = runner_for(longva.model.language_model, settings)
 

@@ -185,3 +185,27 @@ def test_host_visual_tokens_release_the_tower_and_bring_it_back_for_the_next_med
         (visual,) = drive(encode_media(longva, [spec], on_host=True), lambda event: seen.append(tower()))
         assert seen and set(seen) == {"cuda"}  # every frame batch ran on the GPU
         assert tower() == "cpu" and visual.embeds.device.type == "cpu"
+
+
+def test_a_v_niah_haystack_held_on_the_host_scores_as_one_on_the_gpu(tiny_checkpoint, tmp_path, monkeypatch):
+    """The memory plan's host step for `niah video`: the haystack in pinned host memory, copied a
+    prefill chunk at a time, and the tower released; the same predictions as a haystack on the GPU."""
+    import json
+
+    from longva_cli.engine.plan import Fitted
+    from longva_cli.niah import video as niah_video
+    from longva_cli.niah.settings import VideoSettings
+    from support.media import write_image, write_video
+
+    (tmp_path / "needles").mkdir()
+    write_image(tmp_path / "needles" / "needle.png", 120, 90)
+    (tmp_path / "needles" / "needles.jsonl").write_text(json.dumps({"image": "needle.png", "question": "\nWhat is it?", "answer": "A"}) + "\n")
+    haystack = write_video(tmp_path / "haystack.mp4", frames=60, fps=10)
+
+    def run(where: str, on_host: bool) -> list:
+        monkeypatch.setattr(niah_video, "plan_haystack", lambda *args: Fitted(None, "auto", on_host))
+        settings = VideoSettings(haystack=haystack, model=str(tiny_checkpoint), needles=str(tmp_path / "needles"), output=tmp_path / where,
+                                 min_frames=2, max_frames=6, frame_step=2, depth_step=0.5, cache_dir=tmp_path / "cache", device="cuda")
+        return [item["predicted_ids"] for cell in niah_video.run_video(settings).cells for item in cell["items"]]
+
+    assert run("host", True) == run("device", False)

@@ -453,6 +453,44 @@ def test_ranks_split_cells_without_overlap():
 # ---- text NIAH ----------------------------------------------------------------------------
 
 
+# ---- --memory-budget ---------------------------------------------------------------------------------
+
+# On the wide checkpoint (tests/conftest.py), 48 MiB holds a 2-frame haystack only with an fp8 KV
+# cache (its fp32 cache would not fit), and a 4-frame one under no setting.
+BUDGET = "48MiB"
+
+
+def budgeted_niah(longva_main, checkpoint, haystack, needle_dir, output: Path, max_frames: int, budget: str = BUDGET):
+    return longva_main("niah", "video", "--haystack", haystack, "--model", checkpoint, "--needles", needle_dir, "--output", output,
+                       "--min-frames", "2", "--max-frames", max_frames, "--frame-step", "2", "--depth-step", "0.5", "--device", "cpu",
+                       "--cache-dir", output.parent / "cache", "--memory-budget", budget, "--json")
+
+
+def test_a_haystack_too_long_for_the_memory_budget_is_refused_before_loading(wide_checkpoint, haystack, needle_dir, tmp_path, monkeypatch, longva_main):
+    monkeypatch.setattr("longva_cli.engine.loader.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    refused = budgeted_niah(longva_main, wide_checkpoint, haystack, needle_dir, tmp_path / "run", 4)
+    assert refused.returncode == 1 and refused.stdout == "" and "Traceback" not in refused.stderr
+    sentence = " ".join(refused.stderr.split())
+    assert sentence.startswith("error: 4 frames need about") and sentence.count(". ") == 0
+    assert sentence.endswith("ask for fewer frames (at most 2 fit: --max-frames 2) or raise --memory-budget.")
+
+
+def test_a_budget_that_needs_an_fp8_kv_cache_scores_with_one_and_keeps_it_in_the_identity(
+    wide_checkpoint, haystack, needle_dir, tmp_path, longva_main
+):
+    planned = budgeted_niah(longva_main, wide_checkpoint, haystack, needle_dir, tmp_path / "run", 2)
+    assert planned.returncode == 0, planned.stderr
+    assert "Memory plan for 2 frames on cpu: fp32 weights, fp8 KV cache, visual tokens on the device: about" in " ".join(planned.stderr.split())
+    stored = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert stored["identity"]["kv_cache"] == "fp8" and "memory_budget" not in stored["identity"]
+    assert len(json.loads(planned.stdout)["cells"]) == 3  # one haystack size, depths 0, 0.5 and 1
+    # --resume keeps the stored fp8 KV cache whatever the budget; the same command with a budget
+    # that plans the model's own KV storage would score differently, and is refused
+    assert longva_main("niah", "video", "--resume", tmp_path / "run", "--memory-budget", "1GiB").returncode == 0
+    roomier = budgeted_niah(longva_main, wide_checkpoint, haystack, needle_dir, tmp_path / "run", 2, budget="1GiB")
+    assert roomier.returncode == 1 and "kv_cache = 'fp8', not 'auto'" in " ".join(roomier.stderr.split())
+
+
 @pytest.fixture(scope="module")
 def tiny_text_model(tmp_path_factory) -> Path:
     from transformers import Qwen2ForCausalLM
