@@ -23,7 +23,7 @@ from collections.abc import Callable, Generator, Sequence as Items
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from longva_cli.engine.encoder import MediaSpec, encode
+from longva_cli.engine.encoder import MediaSpec, encode, release_vision_tower
 from longva_cli.engine.memory import check_fits
 from longva_cli.engine.objectives import Generate, Generated, Notice, Scored, TeacherForce, run
 from longva_cli.engine.sequence import Sequence, Visual, build, prompt_parts
@@ -90,8 +90,6 @@ def encode_media(
     memory and the vision tower leaves the device once they are encoded, so that long videos fit
     small GPUs (the prefill takes them a chunk at a time)."""
     visuals = []
-    if on_host and any(not isinstance(item, Visual) for item in media):
-        restore_vision_tower(model)  # an earlier item's encoding released it; encoding on the host would be far slower
     for index, item in enumerate(media):
         if isinstance(item, Visual):
             visuals.append(item)
@@ -102,28 +100,9 @@ def encode_media(
             raise
         except LongVAError as err:
             raise MediaError(index, err) from err
-    if on_host and any(not isinstance(item, Visual) for item in media):
-        release_vision_tower(model)
+    if on_host:
+        release_vision_tower(model)  # a no-op where nothing was encoded from pixels (cache hits, Visuals)
     return visuals
-
-
-def restore_vision_tower(model: "LoadedLongVA") -> None:
-    """Bring a released vision tower and projector back to the language model's device."""
-    network = model.model
-    if network.device.type == "cuda" and next(network.vision_tower.parameters()).device != network.device:
-        network.vision_tower.to(network.device)
-        network.mm_projector.to(network.device)
-
-
-def release_vision_tower(model: "LoadedLongVA") -> None:
-    """Move the vision tower and projector to host memory (later media are encoded there, slower)."""
-    import torch
-
-    network = model.model
-    if network.device.type == "cuda":
-        network.vision_tower.to("cpu")
-        network.mm_projector.to("cpu")
-        torch.cuda.empty_cache()
 
 
 def answer(

@@ -142,6 +142,30 @@ def embeddings_home(model: "LoadedLongVA", on_host: bool) -> torch.device:
     return torch.device("cpu") if on_host else model.model.device
 
 
+def kept(model: "LoadedLongVA", embeds: torch.Tensor, on_host: bool) -> torch.Tensor:
+    """`embeds` where the run keeps them: on the model's device, or in host memory, pinned beside
+    a GPU so that each prefill chunk copies from there fast."""
+    embeds = embeds.to(embeddings_home(model, on_host))
+    return embeds.pin_memory() if on_host and model.model.device.type == "cuda" else embeds
+
+
+def restore_vision_tower(model: "LoadedLongVA") -> None:
+    """Bring a released vision tower and projector back to the language model's device."""
+    network = model.model
+    if network.device.type == "cuda" and next(network.vision_tower.parameters()).device != network.device:
+        network.vision_tower.to(network.device)
+        network.mm_projector.to(network.device)
+
+
+def release_vision_tower(model: "LoadedLongVA") -> None:
+    """Move the vision tower and projector to host memory, where they wait for the next media."""
+    network = model.model
+    if network.device.type == "cuda" and next(network.vision_tower.parameters()).device.type == "cuda":
+        network.vision_tower.to("cpu")
+        network.mm_projector.to("cpu")
+        torch.cuda.empty_cache()
+
+
 @torch.inference_mode()
 def encode_batches(
     model: "LoadedLongVA", batches, count: int, pad_to_square: bool = False, on_host: bool = False
@@ -212,11 +236,11 @@ def encode(
             found = None
         if found is not None:
             embeds, info = found
-            embeds = embeds.to(embeddings_home(model, on_host))
-            if on_host and model.model.device.type == "cuda":
-                embeds = embeds.pin_memory()  # each prefill chunk copies from here
+            embeds = kept(model, embeds, on_host)
             cache.remember(key, found, embeds.numel() * embeds.element_size())
             return Visual(embeds.flatten(0, 1), info["kind"], info["images"], info["frame_ids"], tuple(info["grid"]) if info["grid"] else None, identity)
+    if on_host:
+        restore_vision_tower(model)  # an earlier item's encoding released it: encoding on the host would be far slower
     source = pixels(spec, model.processing, model.model.mm.image_grid_pinpoints)
     if source.kind == "video" and spec.fps is not None:
         check_memory(model, source.count, on_host)

@@ -300,8 +300,7 @@ def run_video(settings, *, overwrite: bool = False):
     haystack_frame_ids(path, max(sizes))  # bad input fails before torch and the model load
     needles = load_needles(settings.needles)
     from longva_cli.console import progress
-    from longva_cli.engine.answering import release_vision_tower
-    from longva_cli.engine.encoder import embeddings_home, encode_batches
+    from longva_cli.engine.encoder import embeddings_home, encode_batches, kept, release_vision_tower
     from longva_cli.engine.loader import load
     from longva_cli.engine.objectives import drive
     from longva_cli.engine.sequence import identity_of
@@ -341,11 +340,10 @@ def run_video(settings, *, overwrite: bool = False):
     if ranks.is_main:
         cache.evict(keep=entry)
     ranks.barrier()
-    haystack = load_haystack(entry, max(sizes), embeddings_home(longva, fitted.visual_tokens_on_host))  # [frames, 144, d]
-    if fitted.visual_tokens_on_host and longva.model.device.type == "cuda":
-        haystack = haystack.pin_memory()  # each prefill chunk copies from here
+    on_host = fitted.visual_tokens_on_host
+    haystack = kept(longva, load_haystack(entry, max(sizes), embeddings_home(longva, on_host)), on_host)  # [frames, 144, d]
     needle_embeds = drive(encode_batches(longva, [[n.image for n in needles]], len(needles), pad_to_square=True))  # [needles, 144, d]
-    if fitted.visual_tokens_on_host:
+    if on_host:
         release_vision_tower(longva)  # every frame the run needs is encoded
     prompts = VideoNeedlePrompts(longva, haystack, needles, needle_embeds, haystack_identity=identity_of(json.dumps(entry.key, sort_keys=True)))
     runner = runner_for(longva.model.language_model, settings)

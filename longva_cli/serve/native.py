@@ -141,7 +141,7 @@ class NativeWorker(Admission):
             )
         except MediaError as err:
             with media_errors(job.media[err.index]):
-                raise err.__cause__ from None
+                raise err  # the 400 naming that item's field
         if answered is None:
             return None
         generated = answered.result
