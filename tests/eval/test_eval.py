@@ -12,6 +12,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+from support.cli import fail_after
 from support.media import write_video
 
 from longva_cli.errors import LongVAError
@@ -151,16 +152,7 @@ def test_each_video_is_encoded_once_and_a_rerun_recomputes_nothing(videomme_fold
 def test_ctrl_c_on_the_command_line_says_how_many_answers_are_saved(videomme_folder, tiny_checkpoint, tmp_path, monkeypatch, longva_main):
     from longva_cli.eval import local
 
-    real_answer = local.answer_one
-    answered = []
-
-    def ctrl_c_on_the_third(*args, **kwargs):
-        if len(answered) == 2:
-            raise KeyboardInterrupt
-        answered.append(1)
-        return real_answer(*args, **kwargs)
-
-    monkeypatch.setattr(local, "answer_one", ctrl_c_on_the_third)
+    fail_after(monkeypatch, local, "answer_one", 2)
     command = ["eval", "local", "--data", videomme_folder, "--model", tiny_checkpoint, "--device", "cpu", "--frames", "2",
                "--max-new-tokens", "2", "--output", tmp_path / "run", "--no-cache"]
     stopped = longva_main(*command)

@@ -20,6 +20,7 @@ from longva_cli.errors import LongVAError
 from longva_cli.eval import ppl
 from longva_cli.eval.ppl import PplSettings, evaluate_perplexity, window_spans
 from support import REPO
+from support.cli import fail_after
 
 GRID = dict(min_tokens=32, max_tokens=128)  # 32, 64, 128
 
@@ -268,16 +269,7 @@ def test_plot_redraws_the_curve_from_the_csv(run, tmp_path):
 
 def test_a_killed_run_continues_where_it_stopped(run, models, books, tmp_path, monkeypatch):
     output = tmp_path / "killed"
-    measured = []
-    real_measure = ppl.measure
-
-    def killed_on_the_third(*args, **kwargs):
-        if len(measured) == 2:
-            raise KeyboardInterrupt
-        measured.append(args[3])
-        return real_measure(*args, **kwargs)
-
-    monkeypatch.setattr(ppl, "measure", killed_on_the_third)
+    real_measure = fail_after(monkeypatch, ppl, "measure", 2)  # killed on the third
     with pytest.raises(KeyboardInterrupt):
         evaluate_perplexity(settings(models, books, output, samples=3, min_doc_tokens=40))
     with open(output / "ppl.jsonl", "ab") as handle:
@@ -297,16 +289,7 @@ def test_a_killed_run_continues_where_it_stopped(run, models, books, tmp_path, m
 
 
 def test_ctrl_c_on_the_command_line_says_what_is_saved_and_how_to_continue(models, books, tmp_path, monkeypatch, longva_main):
-    real_measure = ppl.measure
-    measured = []
-
-    def ctrl_c_on_the_third(*args, **kwargs):
-        if len(measured) == 2:
-            raise KeyboardInterrupt
-        measured.append(1)
-        return real_measure(*args, **kwargs)
-
-    monkeypatch.setattr(ppl, "measure", ctrl_c_on_the_third)
+    fail_after(monkeypatch, ppl, "measure", 2)
     output = tmp_path / "run"
     command = ["eval", "ppl", "--model", models[0], "--data", books, "--min-tokens", "32", "--max-tokens", "128", "--samples", "3",
                "--min-doc-tokens", "40", "--device", "cpu", "--output", output]

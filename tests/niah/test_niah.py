@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from support import REPO
+from support.cli import fail_after
 from support.media import write_image, write_video
 
 from longva_cli.errors import LongVAError
@@ -349,16 +350,7 @@ def test_needles_from_parquet_like_the_hub_set(tmp_path, needle_dir):
 
 def test_a_killed_run_resumes_without_losing_or_recomputing_a_cell(video_run, video_settings, tmp_path, monkeypatch):
     settings = replace(video_settings, output=tmp_path / "run", max_frames=4, depth_step=0.5)
-    original = scoring.teacher_forced
-    calls = []
-
-    def dies_after_five(*args, **kwargs):
-        if len(calls) == 5:
-            raise RuntimeError("killed")
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(scoring, "teacher_forced", dies_after_five)
+    original = fail_after(monkeypatch, scoring, "teacher_forced", 5, RuntimeError("killed"))
     with pytest.raises(RuntimeError, match="killed"):
         run_video(settings)
     assert len(read_lines(settings.output / "items.jsonl")) == 5
@@ -367,7 +359,7 @@ def test_a_killed_run_resumes_without_losing_or_recomputing_a_cell(video_run, vi
     with open(settings.output / "items.jsonl", "a") as handle:
         handle.write('{"num_frames": 4, "dep')  # a write cut by the kill
 
-    calls.clear()
+    calls = []
     monkeypatch.setattr(scoring, "teacher_forced", lambda *a, **k: calls.append(1) or original(*a, **k))
     resumed = run_video(settings)
     assert len(calls) == 12 - 5 and resumed.scored_now == 7
@@ -399,16 +391,7 @@ def test_a_damaged_middle_line_is_set_aside_and_no_cell_is_lost_or_counted_twice
 def test_ctrl_c_says_what_is_kept_and_the_rerun_says_it_is_resuming(video_settings, tmp_path, monkeypatch, longva_main):
     s = video_settings
     output = tmp_path / "run"
-    original = scoring.teacher_forced
-    calls = []
-
-    def ctrl_c_after_five(*args, **kwargs):
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(scoring, "teacher_forced", ctrl_c_after_five)
+    original = fail_after(monkeypatch, scoring, "teacher_forced", 5)
     command = ["niah", "video", "--haystack", s.haystack, "--needles", s.needles, "--model", s.model, "--device", "cpu",
                "--cache-dir", s.cache_dir, "--min-frames", "2", "--max-frames", "4", "--frame-step", "2", "--depth-step", "0.5",
                "--output", output]

@@ -47,3 +47,19 @@ def run_lines(lines: list[str], cwd, env: dict, timeout: float = 600) -> list[su
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(run, lines))
+
+
+def fail_after(monkeypatch, owner, name: str, calls: int, error: BaseException | type = KeyboardInterrupt):
+    """Patch `owner.name` so that its first `calls` calls run as usual and the next one raises
+    `error` (Ctrl-C by default: a run stopped part-way); the real function, to put back for a rerun."""
+    real = getattr(owner, name)
+    made = []
+
+    def failing(*args, **kwargs):
+        if len(made) == calls:
+            raise error
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+    return real
